@@ -1,0 +1,48 @@
+# edgefleet: `make demo` and `make test` work on a fresh machine; everything installs into .venv.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+SUDO   := $(shell [ "$$(id -u)" = "0" ] || echo sudo)
+PYTEST_ARGS ?=
+
+BENCHES := $(patsubst bench/bench_%.py,%,$(wildcard bench/bench_*.py))
+comma  := ,
+
+.PHONY: demo test bench lint services venv clean $(addprefix bench-,$(BENCHES))
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+
+# One stamp per set of extras, redone when pyproject.toml changes.
+$(VENV)/.installed-%: pyproject.toml | $(BIN)/python
+	$(BIN)/pip install --quiet --disable-pip-version-check -e ".[$(subst +,$(comma),$*)]"
+	touch $@
+
+venv: $(VENV)/.installed-train+data
+
+demo: $(VENV)/.installed-train+data
+	$(BIN)/edgefleet demo
+
+# Debian's Mosquitto for the integration tests; the tests start it themselves on free loopback ports.
+services:
+	@command -v mosquitto >/dev/null 2>&1 || [ -x /usr/sbin/mosquitto ] || { \
+	  $(SUDO) apt-get update -qq && \
+	  DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq mosquitto mosquitto-clients >/dev/null; }
+	@# the package may start a system broker on 1883; the tests never use it, and it must not hold the port
+	@-$(SUDO) service mosquitto stop >/dev/null 2>&1 || true
+
+test: $(VENV)/.installed-dev+train+data services
+	$(BIN)/pytest -q $(PYTEST_ARGS)
+
+lint: $(VENV)/.installed-dev+train+data
+	$(BIN)/ruff check src tests bench
+	$(BIN)/mypy
+
+bench: $(VENV)/.installed-dev+train+data services
+	@for b in $(BENCHES); do $(MAKE) --no-print-directory bench-$$b || exit 1; done
+
+bench-%: $(VENV)/.installed-dev+train+data services
+	$(BIN)/python bench/bench_$*.py
+
+clean:
+	rm -rf $(VENV) build .pytest_cache .mypy_cache .ruff_cache src/*.egg-info

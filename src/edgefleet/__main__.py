@@ -1,0 +1,5 @@
+"""``python -m edgefleet``."""
+
+from edgefleet.cli import main
+
+main()

@@ -1,0 +1,194 @@
+"""The edge agent: local inference on a sensor stream, telemetry through a durable outbox, model updates."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from typing import Any
+
+from edgefleet import __version__
+from edgefleet.agent.config import AgentConfig
+from edgefleet.agent.fetch import ArtifactFetcher, Fetcher
+from edgefleet.agent.model import LoadedModel, load_model
+from edgefleet.agent.sources import SensorSource
+from edgefleet.agent.state import AgentState
+from edgefleet.agent.stats import WindowStats
+from edgefleet.agent.updater import ERROR_KEY, STEP_KEY, Updater
+from edgefleet.core.update import TrustState, decide
+from edgefleet.errors import EdgefleetError, ModelError, TransportError
+from edgefleet.runtime.preprocess import StreamWindower
+from edgefleet.transport import topics
+from edgefleet.transport.link import MqttLink
+from edgefleet.transport.messages import DesiredState, Event, ReportedState, parse
+
+log = logging.getLogger(__name__)
+
+
+class Agent:
+    """One device. ``run`` blocks on the sensor loop; MQTT, the outbox and updates run on their own threads."""
+
+    def __init__(self, config: AgentConfig, fetcher: Fetcher | None = None) -> None:
+        self.config = config
+        config.data_dir.mkdir(parents=True, exist_ok=True)
+        self.state = AgentState(config.data_dir)
+        self.device = config.device_id
+        self._stop = threading.Event()
+        self._outbox_wake = threading.Event()
+        self.link = MqttLink(config.mqtt, f"ef-agent-{self.device}", clean_session=False,
+                             subscriptions=[(topics.desired(self.device), 1)], on_message=self._on_message)
+        fetcher = fetcher or ArtifactFetcher(config.server_url, config.token)
+        self.updater = Updater(self.state, fetcher, self.trust,
+                               self._activate, self.event, self.report)
+        self.model: LoadedModel | None = self._restore_active()
+        self._outbox_thread = threading.Thread(target=self._drain_outbox, name="outbox", daemon=True)
+
+    # lifecycle --------------------------------------------------------------------------------
+    def start(self, connect_timeout_s: float = 10.0) -> None:
+        """Start the outbox and the updater, and connect; an unreachable broker is not fatal (offline mode)."""
+        self._outbox_thread.start()
+        self.updater.start()
+        try:
+            self.link.start(connect_timeout_s)
+        except TransportError as exc:  # the network thread keeps trying: run offline meanwhile
+            log.warning("starting offline: %s", exc)
+        self.report()
+
+    def stop(self, drain_timeout_s: float = 10.0) -> None:
+        """Stop the loop, give the outbox time to deliver what is queued, and disconnect."""
+        self._stop.set()
+        deadline = time.monotonic() + drain_timeout_s
+        while self.state.pending_count() and time.monotonic() < deadline:
+            self._outbox_wake.set()
+            time.sleep(0.05)
+        self.updater.stop()
+        self.report()
+        time.sleep(0.1)
+        self.link.stop()
+        self._outbox_wake.set()
+        self._outbox_thread.join(timeout=5)
+        self.state.close()
+
+    def request_stop(self) -> None:
+        self._stop.set()
+
+    # trust and models -------------------------------------------------------------------------
+    def trust(self) -> TrustState:
+        return TrustState(keys=self.config.trusted_keys, highest_release=self.state.highest_releases(),
+                          hardware=self.config.hardware, agent_version=__version__)
+
+    def _restore_active(self) -> LoadedModel | None:
+        for slot_name in ("active", "previous"):
+            slot = self.state.slot(slot_name)
+            if slot is None:
+                continue
+            try:
+                data = self.state.bundle_path(slot.sha256).read_bytes()
+                return load_model(decide(data, self.trust(), allow_rollback=slot_name == "previous"))
+            except (OSError, EdgefleetError) as exc:
+                log.error("cannot restore %s model %s: %s", slot_name, slot.ref, exc)
+        return None
+
+    def _activate(self, model: LoadedModel) -> None:
+        self.model = model
+
+    def _on_message(self, topic: str, payload: bytes) -> None:
+        if topic != topics.desired(self.device):
+            return
+        try:
+            desired = parse(DesiredState, payload)
+        except TransportError as exc:
+            self.event("rejected_desired", {"error": str(exc)})
+            return
+        if desired.device == self.device:
+            self.updater.request(desired.model)
+
+    # uplink -----------------------------------------------------------------------------------
+    def event(self, name: str, detail: dict[str, Any]) -> None:
+        self.state.enqueue(topics.events(self.device), "events", lambda seq: Event(
+            device=self.device, seq=seq, kind="update" if name != "alert" else "alert", name=name,
+            detail=detail).to_bytes())
+        self._outbox_wake.set()
+
+    def report(self) -> None:
+        active, previous = self.state.slot("active"), self.state.slot("previous")
+        reported = ReportedState(device=self.device, agent_version=__version__,
+                                 active=active.ref if active else None,
+                                 active_sha256=active.sha256 if active else None,
+                                 previous=previous.ref if previous else None,
+                                 update_state=self.state.get(STEP_KEY, "idle"),
+                                 last_error=self.state.get(ERROR_KEY))
+        self.link.publish(topics.reported(self.device), reported.to_bytes(), qos=1, retain=True)
+
+    def _drain_outbox(self) -> None:
+        while True:
+            self._outbox_wake.wait(timeout=1.0)
+            self._outbox_wake.clear()
+            if self._stop.is_set() and not self.state.pending_count():
+                return
+            if not self.link.connected:
+                continue
+            for item in self.state.pending():
+                try:
+                    self.link.publish_and_wait(item.topic, item.payload, qos=1, timeout_s=10.0)
+                except TransportError as exc:
+                    log.info("outbox waits: %s", exc)
+                    break
+                self.state.delivered(item.id)
+
+    def _flush(self, stats: WindowStats, skipped: int) -> None:
+        if stats.empty and not skipped:
+            return
+        self.state.enqueue(topics.telemetry(self.device), "telemetry",
+                           lambda seq: stats.batch(self.device, seq, time.time(), skipped).to_bytes())
+        self._outbox_wake.set()
+
+    # inference --------------------------------------------------------------------------------
+    def run(self, source: SensorSource, duration_s: float | None = None) -> None:
+        """Infer on every window of ``source`` until it ends, ``duration_s`` passes, or a stop is requested."""
+        started = time.monotonic()
+        next_flush = started + self.config.telemetry_interval_s
+        model = self.model
+        windower = StreamWindower(model.window) if model else None
+        stats = WindowStats(model.ref if model else None)
+        skipped_before = 0
+        for reading in source.readings():
+            now = time.monotonic()
+            if self._stop.is_set() or (duration_s is not None and now - started >= duration_s):
+                break
+            if self.model is not model:  # an update was activated: flush what the old model did
+                self._flush(stats, source.skipped - skipped_before)
+                skipped_before = source.skipped
+                model = self.model
+                windower = StreamWindower(model.window) if model else None
+                stats = WindowStats(model.ref if model else None)
+            if model is not None and windower is not None:
+                if reading.values.shape != (model.window.channels,):
+                    source.skipped += 1
+                else:
+                    window = windower.push(reading.values, reading.label)
+                    if window is not None:
+                        self._infer(model, window.x, window.label, source, stats)
+            if now >= next_flush:
+                self._flush(stats, source.skipped - skipped_before)
+                skipped_before = source.skipped
+                stats = WindowStats(model.ref if model else None)
+                next_flush = now + self.config.telemetry_interval_s
+        self._flush(stats, source.skipped - skipped_before)
+
+    def _infer(self, model: LoadedModel, x: Any, label: int | None, source: SensorSource,
+               stats: WindowStats) -> None:
+        labels = model.manifest.labels
+        started = time.perf_counter()
+        try:
+            probs = model.runner.run(x)[0]
+        except ModelError as exc:
+            stats.errors += 1
+            log.warning("inference failed: %s", exc)
+            return
+        latency_ms = (time.perf_counter() - started) * 1000.0
+        best = int(probs.argmax())
+        predicted = labels[best] if best < len(labels) else str(best)
+        names = source.labels or tuple(labels)
+        truth = names[label] if label is not None and 0 <= label < len(names) else None
+        stats.record(predicted, float(probs[best]), latency_ms, truth)

@@ -1,0 +1,54 @@
+"""The device's credentials file (written by ``edgefleet device add``) and agent settings."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from edgefleet.bundle.signing import PublicKey
+from edgefleet.errors import ConfigError
+from edgefleet.transport.mqtt_url import MqttEndpoint, parse_mqtt_url
+
+
+@dataclass(frozen=True)
+class AgentConfig:
+    """Who the device is, where its control plane is, and what it trusts."""
+
+    device_id: str
+    server_url: str
+    mqtt: MqttEndpoint
+    token: str
+    trusted_keys: dict[str, PublicKey]
+    data_dir: Path
+    hardware: str = "generic"
+    telemetry_interval_s: float = 2.0
+
+
+def load_config(credentials: Path, data_dir: Path, *, device_id: str | None = None,
+                server_url: str | None = None, telemetry_interval_s: float = 2.0) -> AgentConfig:
+    """Read the credentials JSON; flags given on the command line override what it says."""
+    try:
+        raw = json.loads(credentials.read_text())
+    except OSError as exc:
+        raise ConfigError(f"cannot read credentials {credentials}: {exc.strerror}") from exc
+    except ValueError as exc:
+        raise ConfigError(f"credentials {credentials} are not JSON: {exc}") from exc
+    try:
+        file_device = str(raw["device_id"])
+        if device_id is not None and device_id != file_device:
+            raise ConfigError(f"--device-id {device_id} does not match the credentials' {file_device}")
+        endpoint = parse_mqtt_url(str(raw["mqtt_url"]))
+        mqtt = MqttEndpoint(endpoint.host, endpoint.port, raw.get("mqtt_username"), raw.get("mqtt_password"))
+        keys = [PublicKey.from_text(str(text)) for text in dict(raw["trusted_keys"]).values()]
+        token = str(raw["token"])
+        url = server_url or str(raw["server_url"])
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ConfigError(f"credentials {credentials} lack a valid {exc}") from exc
+    if not keys:
+        raise ConfigError(f"credentials {credentials} name no trusted signing key")
+    if telemetry_interval_s <= 0:
+        raise ConfigError("telemetry interval must be positive")
+    return AgentConfig(device_id=file_device, server_url=url, mqtt=mqtt, token=token,
+                       trusted_keys={k.key_id: k for k in keys}, data_dir=data_dir,
+                       telemetry_interval_s=telemetry_interval_s)

@@ -1,0 +1,148 @@
+"""The agent's durable state in one SQLite file: model slots, trusted release counters, update state, outbox.
+
+Every change is one transaction (WAL, synchronous=FULL), so a kill -9 at any point leaves either the state
+before it or the state after it. Bundle files live beside the database, named by their SHA-256, and are
+written crash-safely before any slot points at them.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from edgefleet.storage import atomic_write
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS slots (name TEXT PRIMARY KEY, sha256 TEXT NOT NULL, ref TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS releases (model TEXT PRIMARY KEY, highest INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS kv (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS counters (name TEXT PRIMARY KEY, value INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS outbox (id INTEGER PRIMARY KEY AUTOINCREMENT, topic TEXT NOT NULL,
+                                   payload BLOB NOT NULL, created REAL NOT NULL);
+"""
+SLOTS = ("active", "previous", "candidate")
+
+
+@dataclass(frozen=True)
+class Slot:
+    """A model the agent holds: its bundle's SHA-256 and ``name@version``."""
+
+    sha256: str
+    ref: str
+
+
+@dataclass(frozen=True)
+class OutboxItem:
+    id: int
+    topic: str
+    payload: bytes
+
+
+class AgentState:
+    """Thread-safe access to the agent's SQLite state."""
+
+    def __init__(self, data_dir: Path) -> None:
+        self.data_dir = data_dir
+        self.bundles_dir = data_dir / "bundles"
+        self.bundles_dir.mkdir(parents=True, exist_ok=True)
+        self._lock = threading.Lock()
+        self._db = sqlite3.connect(data_dir / "agent.db", check_same_thread=False, isolation_level=None)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=FULL")
+        self._db.executescript(_SCHEMA)
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    # slots ------------------------------------------------------------------------------------
+    def slot(self, name: str) -> Slot | None:
+        row = self._one("SELECT sha256, ref FROM slots WHERE name = ?", (name,))
+        return Slot(row[0], row[1]) if row else None
+
+    def stage(self, slot: Slot) -> None:
+        self._write([("INSERT OR REPLACE INTO slots VALUES ('candidate', ?, ?)", (slot.sha256, slot.ref))])
+
+    def activate_candidate(self, model: str, release: int) -> None:
+        """candidate -> active, active -> previous, and raise the model's trusted release: one transaction."""
+        self._write([
+            ("DELETE FROM slots WHERE name = 'previous'", ()),
+            ("UPDATE slots SET name = 'previous' WHERE name = 'active'", ()),
+            ("UPDATE slots SET name = 'active' WHERE name = 'candidate'", ()),
+            ("INSERT INTO releases VALUES (?, ?) ON CONFLICT(model) DO UPDATE SET highest = "
+             "max(highest, excluded.highest)", (model, release)),
+        ])
+
+    def drop_candidate(self) -> None:
+        self._write([("DELETE FROM slots WHERE name = 'candidate'", ())])
+
+    def highest_releases(self) -> dict[str, int]:
+        with self._lock:
+            return dict(self._db.execute("SELECT model, highest FROM releases").fetchall())
+
+    def bundle_path(self, sha256: str) -> Path:
+        return self.bundles_dir / f"{sha256}.bundle"
+
+    def save_bundle(self, sha256: str, data: bytes) -> Path:
+        path = self.bundle_path(sha256)
+        atomic_write(path, data)
+        return path
+
+    # key-value --------------------------------------------------------------------------------
+    def get(self, key: str, default: Any = None) -> Any:
+        row = self._one("SELECT value FROM kv WHERE key = ?", (key,))
+        return json.loads(row[0]) if row else default
+
+    def put(self, key: str, value: Any) -> None:
+        self._write([("INSERT OR REPLACE INTO kv VALUES (?, ?)", (key, json.dumps(value)))])
+
+    # outbox -----------------------------------------------------------------------------------
+    def enqueue(self, topic: str, counter: str, make_payload: Any) -> int:
+        """Take the next sequence number of ``counter``, build the payload with it, and queue it: atomically."""
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                row = self._db.execute("SELECT value FROM counters WHERE name = ?", (counter,)).fetchone()
+                seq = row[0] + 1 if row else 0
+                self._db.execute("INSERT OR REPLACE INTO counters VALUES (?, ?)", (counter, seq))
+                self._db.execute("INSERT INTO outbox (topic, payload, created) VALUES (?, ?, ?)",
+                                 (topic, make_payload(seq), time.time()))
+                self._db.execute("COMMIT")
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+        return int(seq)
+
+    def pending(self, limit: int = 100) -> list[OutboxItem]:
+        with self._lock:
+            rows = self._db.execute("SELECT id, topic, payload FROM outbox ORDER BY id LIMIT ?", (limit,)).fetchall()
+        return [OutboxItem(r[0], r[1], bytes(r[2])) for r in rows]
+
+    def pending_count(self) -> int:
+        row = self._one("SELECT count(*) FROM outbox", ())
+        return int(row[0]) if row else 0
+
+    def delivered(self, item_id: int) -> None:
+        self._write([("DELETE FROM outbox WHERE id = ?", (item_id,))])
+
+    # helpers ----------------------------------------------------------------------------------
+    def _one(self, sql: str, args: tuple[Any, ...]) -> tuple[Any, ...] | None:
+        with self._lock:
+            row: tuple[Any, ...] | None = self._db.execute(sql, args).fetchone()
+            return row
+
+    def _write(self, statements: list[tuple[str, tuple[Any, ...]]]) -> None:
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                for sql, args in statements:
+                    self._db.execute(sql, args)
+                self._db.execute("COMMIT")
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise

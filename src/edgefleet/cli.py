@@ -1,0 +1,150 @@
+"""``edgefleet``: one command with subcommands. Errors print one line and exit non-zero."""
+
+from __future__ import annotations
+
+import logging
+import signal
+import sys
+from pathlib import Path
+from types import FrameType
+from typing import Annotated
+
+import typer
+from rich.console import Console
+
+from edgefleet.errors import EdgefleetError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Take a trained model to a fleet of edge devices and keep it healthy there.")
+keys_app = typer.Typer(no_args_is_help=True, help="Signing keys.")
+bundle_app = typer.Typer(no_args_is_help=True, help="Signed model bundles.")
+app.add_typer(keys_app, name="keys")
+app.add_typer(bundle_app, name="bundle")
+console = Console(stderr=True)
+
+
+@keys_app.command("init")
+def keys_init(directory: Annotated[Path, typer.Option("--dir", help="where to write signing.key/.pub")],
+              force: Annotated[bool, typer.Option(help="overwrite an existing key")] = False) -> None:
+    """Create an Ed25519 signing key pair: DIR/signing.key and DIR/signing.pub."""
+    from edgefleet.bundle.signing import write_keypair
+
+    key = write_keypair(directory, overwrite=force)
+    typer.echo(f"key id {key.public.key_id}: {directory / 'signing.key'} and {directory / 'signing.pub'}")
+
+
+@bundle_app.command("pack")
+def bundle_pack(model: Annotated[Path, typer.Argument(help="an ONNX model file")],
+                name: Annotated[str, typer.Option(help="model name")],
+                version: Annotated[str, typer.Option(help="semantic version, e.g. 1.0.0")],
+                key: Annotated[Path, typer.Option(help="signing.key")],
+                out: Annotated[Path, typer.Option(help="bundle file to write")],
+                release: Annotated[int, typer.Option(help="monotonic release counter")] = 1) -> None:
+    """Sign an already built ONNX model as a bundle (no compression)."""
+    from edgefleet.bundle.pack import BundleSpec, pack_bundle, write_bundle
+    from edgefleet.bundle.signing import load_signing_key
+
+    data = _read(model)
+    bundle = pack_bundle(data, load_signing_key(key), BundleSpec(name=name, version=version, release=release))
+    write_bundle(out, bundle)
+    typer.echo(f"{name}@{version} -> {out} ({len(bundle)} bytes)")
+
+
+@bundle_app.command("inspect")
+def bundle_inspect(bundle: Annotated[Path, typer.Argument(help="bundle file")]) -> None:
+    """Print a bundle's manifest (not verified: use `bundle verify` for that)."""
+    from edgefleet.bundle.pack import peek_manifest
+
+    typer.echo(peek_manifest(_read(bundle)).model_dump_json(indent=2))
+
+
+@bundle_app.command("verify")
+def bundle_verify(bundle: Annotated[Path, typer.Argument(help="bundle file")],
+                  pub: Annotated[list[Path], typer.Option(help="trusted signing.pub (repeatable)")]) -> None:
+    """Check a bundle's signature and hashes as a device would."""
+    from edgefleet.bundle.signing import load_public_key
+    from edgefleet.core.update import TrustState, decide
+
+    keys = {k.key_id: k for k in (load_public_key(p) for p in pub)}
+    accepted = decide(_read(bundle), TrustState(keys=keys))
+    typer.echo(f"ok: {accepted.manifest.ref} release {accepted.manifest.release}, signed by {accepted.key_id}")
+
+
+@app.command("server")
+def server(data_dir: Annotated[Path, typer.Option(help="state, artifacts and the SQLite database")],
+           port: Annotated[int, typer.Option(help="HTTP port (0 = any free port)")] = 8080,
+           host: Annotated[str, typer.Option(help="address to bind")] = "127.0.0.1",
+           mqtt_url: Annotated[str | None, typer.Option(help="external broker; default: embedded")] = None,
+           db_url: Annotated[str | None, typer.Option(help="SQLAlchemy URL; default: SQLite in DATA_DIR")] = None,
+           trusted_key: Annotated[list[Path] | None, typer.Option(help="signing.pub to trust")] = None) -> None:
+    """Run the control plane: REST API, MQTT ingest, and (by default) an embedded broker."""
+    from edgefleet.server.main import ServerSettings, run_server
+
+    _logging()
+    run_server(ServerSettings(data_dir=data_dir, host=host, port=port, mqtt_url=mqtt_url, db_url=db_url,
+                              trusted_keys=trusted_key or []))
+
+
+@app.command("agent")
+def agent(credentials: Annotated[Path, typer.Option(help="credentials JSON from provisioning")],
+          data_dir: Annotated[Path, typer.Option(help="the agent's state directory")],
+          source: Annotated[str, typer.Option(help="sensor source: npz:PATH?shard=I/N, jsonl:-, csv:PATH")],
+          server: Annotated[str | None, typer.Option(help="control plane URL (default: from credentials)")] = None,
+          device_id: Annotated[str | None, typer.Option(help="must match the credentials")] = None,
+          duration: Annotated[float | None, typer.Option(help="stop after this many seconds")] = None,
+          telemetry_interval: Annotated[float, typer.Option(help="seconds between telemetry batches")] = 2.0,
+          ) -> None:
+    """Run the edge agent: infer on a sensor stream, report telemetry, apply model updates."""
+    from edgefleet.agent.agent import Agent
+    from edgefleet.agent.config import load_config
+    from edgefleet.agent.sources import open_source
+
+    _logging()
+    config = load_config(credentials, data_dir, device_id=device_id, server_url=server,
+                         telemetry_interval_s=telemetry_interval)
+    stream = open_source(source)
+    device = Agent(config)
+
+    def _stop(_signum: int, _frame: FrameType | None) -> None:
+        device.request_stop()
+
+    signal.signal(signal.SIGTERM, _stop)
+    signal.signal(signal.SIGINT, _stop)
+    device.start()
+    try:
+        device.run(stream, duration)
+    finally:
+        device.stop()
+
+
+@app.command("demo")
+def demo(workdir: Annotated[Path | None, typer.Option(help="keep everything here (default: a temp dir)")] = None,
+         devices: Annotated[int, typer.Option(min=1, max=20, help="number of agent processes")] = 5,
+         duration: Annotated[float, typer.Option(min=5, help="seconds each agent streams")] = 20.0,
+         epochs: Annotated[int, typer.Option(min=1, help="training epochs")] = 60) -> None:
+    """Train, quantize, sign, serve and roll out a BasicMotions model to local agents, then summarize."""
+    from edgefleet.demo import DemoSettings, run_demo
+
+    run_demo(DemoSettings(workdir=workdir, devices=devices, duration_s=duration, epochs=epochs))
+
+
+def _read(path: Path) -> bytes:
+    try:
+        return path.read_bytes()
+    except OSError as exc:
+        raise EdgefleetError(f"cannot read {path}: {exc.strerror}") from exc
+
+
+def _logging() -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    for noisy in ("httpx", "amqtt", "transitions"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def main() -> None:
+    """Console entry point: run the command, turning edgefleet errors into one line and an exit code."""
+    try:
+        app(prog_name="edgefleet")  # usage errors: typer prints them and exits 2
+    except EdgefleetError as exc:
+        console.print(f"[red]edgefleet: error:[/red] {exc}", highlight=False, soft_wrap=True)
+        sys.exit(exc.exit_code)

@@ -1,0 +1,63 @@
+"""A small client for the control plane's operator API."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import httpx
+
+from edgefleet.errors import TransportError
+
+
+class ControlPlane:
+    """Operator calls over HTTP; every failure is a TransportError with the server's reason."""
+
+    def __init__(self, base_url: str, token: str, *, timeout_s: float = 30.0) -> None:
+        self._http = httpx.Client(base_url=base_url.rstrip("/"), timeout=timeout_s,
+                                  headers={"Authorization": f"Bearer {token}"})
+
+    def close(self) -> None:
+        self._http.close()
+
+    def health(self) -> Any:
+        return self._call("GET", "/api/v1/health")
+
+    def push_model(self, bundle: bytes) -> Any:
+        return self._call("POST", "/api/v1/models", content=bundle,
+                          headers={"Content-Type": "application/octet-stream"})
+
+    def models(self) -> Any:
+        return self._call("GET", "/api/v1/models")
+
+    def add_device(self, device_id: str, tags: dict[str, str] | None = None,
+                   profile: str | None = None) -> Any:
+        return self._call("POST", "/api/v1/devices", json={"id": device_id, "tags": tags or {}, "profile": profile})
+
+    def device(self, device_id: str) -> Any:
+        return self._call("GET", f"/api/v1/devices/{device_id}")
+
+    def devices(self) -> Any:
+        return self._call("GET", "/api/v1/devices")
+
+    def deploy(self, model: str, devices: list[str]) -> Any:
+        return self._call("POST", "/api/v1/deployments", json={"model": model, "devices": devices})
+
+    def telemetry(self, device_id: str) -> Any:
+        return self._call("GET", f"/api/v1/devices/{device_id}/telemetry")
+
+    def events(self, device_id: str) -> Any:
+        return self._call("GET", f"/api/v1/devices/{device_id}/events")
+
+    def _call(self, method: str, path: str, **kwargs: Any) -> Any:
+        """One request; the decoded JSON body, or TransportError with the server's reason."""
+        try:
+            response = self._http.request(method, path, **kwargs)
+        except httpx.HTTPError as exc:
+            raise TransportError(f"{method} {path} failed: {exc}") from exc
+        if response.status_code >= 400:
+            try:
+                detail = response.json().get("detail", response.text)
+            except ValueError:
+                detail = response.text
+            raise TransportError(f"{method} {path} refused: HTTP {response.status_code}: {detail}")
+        return response.json()

@@ -1,0 +1,172 @@
+"""The server's embedded MQTT broker: amqtt, run in a child process of its own.
+
+amqtt shares an event loop with nothing else there: in the same process as paho clients it times out
+under QoS 1 load. :class:`EmbeddedBroker` writes the config, starts the child, waits until a real MQTT
+CONNECT succeeds, and stops it with SIGTERM (then SIGKILL).
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+import yaml
+
+import edgefleet
+from edgefleet.errors import TransportError
+from edgefleet.transport.mqtt_url import MqttEndpoint
+from edgefleet.transport.ports import free_port, wait_for_mqtt
+
+CONFIG_NAME = "broker.yaml"
+LOG_NAME = "broker.log"
+
+
+def broker_config(host: str, port: int) -> dict[str, Any]:
+    """amqtt configuration: one TCP listener, anonymous access, no $SYS topics, no packet logging."""
+    return {
+        "listeners": {"default": {"type": "tcp", "bind": f"{host}:{port}"}},
+        "plugins": {
+            # Per-device authentication replaces this later.
+            "amqtt.plugins.authentication.AnonymousAuthPlugin": {"allow_anonymous": True},
+        },
+    }
+
+
+def ready_path(config_path: Path) -> Path:
+    """The file the broker process writes its pid to once its listeners are bound."""
+    return config_path.with_suffix(".ready")
+
+
+class EmbeddedBroker:
+    """An amqtt broker in a child process, bound to one loopback address."""
+
+    def __init__(self, data_dir: Path, host: str = "127.0.0.1", port: int | None = None) -> None:
+        self.data_dir = Path(data_dir)
+        self.host = host
+        self._port = port
+        self._process: subprocess.Popen[bytes] | None = None
+        self._endpoint: MqttEndpoint | None = None
+        self.exit_code: int | None = None
+        """Exit status of the last broker process that was stopped (0 after a clean SIGTERM shutdown)."""
+
+    @property
+    def endpoint(self) -> MqttEndpoint:
+        """Where the running broker listens; TransportError if it is not started."""
+        if self._endpoint is None:
+            raise TransportError("the embedded broker is not running")
+        return self._endpoint
+
+    @property
+    def log_path(self) -> Path:
+        """The child's combined stdout and stderr."""
+        return self.data_dir / LOG_NAME
+
+    @property
+    def pid(self) -> int | None:
+        """Process id of the running broker, if any."""
+        return self._process.pid if self._process is not None else None
+
+    def start(self, timeout_s: float = 15) -> MqttEndpoint:
+        """Start the broker and return its endpoint once it accepts MQTT connections."""
+        if self._process is not None:
+            return self.endpoint
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        port = self._port if self._port is not None else free_port(self.host)
+        config_path = self.data_dir / CONFIG_NAME
+        config_path.write_text(yaml.safe_dump(broker_config(self.host, port)), encoding="utf-8")
+        ready_path(config_path).unlink(missing_ok=True)
+        with self.log_path.open("ab") as log:
+            self._process = subprocess.Popen(
+                [sys.executable, "-m", "edgefleet.server.broker_process", str(config_path)],
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env=_child_env(),
+            )
+        endpoint = MqttEndpoint(self.host, port)
+        try:
+            self._wait_ready(endpoint, ready_path(config_path), timeout_s)
+        except BaseException:
+            self.stop()
+            raise
+        self._endpoint = endpoint
+        return endpoint
+
+    def _wait_ready(self, endpoint: MqttEndpoint, ready_file: Path, timeout_s: float) -> None:
+        """Wait until our child says it is listening and a CONNECT succeeds; fail fast if it exits.
+
+        The ready file guards against a CONNECT that another process on the same port answered.
+        """
+        assert self._process is not None
+        deadline = time.monotonic() + timeout_s
+        while True:
+            code = self._process.poll()
+            if code is not None:
+                raise TransportError(f"embedded broker exited with code {code} on start:\n{self._log_tail()}")
+            if not _is_ready(ready_file, self._process.pid):
+                if time.monotonic() >= deadline:
+                    raise TransportError(
+                        f"embedded broker did not start listening within {timeout_s:g}s:\n{self._log_tail()}"
+                    )
+                time.sleep(0.05)
+                continue
+            try:
+                wait_for_mqtt(endpoint, timeout_s=min(0.5, max(0.05, deadline - time.monotonic())))
+                return
+            except TransportError as exc:
+                if time.monotonic() >= deadline:
+                    raise TransportError(
+                        f"embedded broker did not accept MQTT connections within {timeout_s:g}s: {exc}\n"
+                        f"{self._log_tail()}"
+                    ) from exc
+
+    def stop(self, timeout_s: float = 5) -> None:
+        """SIGTERM the broker, SIGKILL it if it lingers past ``timeout_s``; safe to call twice."""
+        process, self._process, self._endpoint = self._process, None, None
+        if process is None:
+            return
+        if process.poll() is None:
+            process.terminate()
+            try:
+                process.wait(timeout=timeout_s)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait(timeout=timeout_s)
+        self.exit_code = process.returncode
+
+    def _log_tail(self, lines: int = 20) -> str:
+        try:
+            text = self.log_path.read_text(encoding="utf-8", errors="replace")
+        except OSError:
+            return "(no broker log)"
+        return "\n".join(text.splitlines()[-lines:]) or "(broker log is empty)"
+
+    def __enter__(self) -> EmbeddedBroker:
+        self.start()
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.stop()
+
+
+def _is_ready(ready_file: Path, pid: int) -> bool:
+    try:
+        return ready_file.read_text(encoding="utf-8").strip() == str(pid)
+    except OSError:
+        return False
+
+
+def _child_env() -> dict[str, str]:
+    """Our environment, with the directory this edgefleet was imported from first on PYTHONPATH."""
+    env = dict(os.environ)
+    root = str(Path(edgefleet.__file__).resolve().parent.parent)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
+    env["PYTHONUNBUFFERED"] = "1"
+    return env

@@ -1,0 +1,1 @@
+"""Helpers that run real services (brokers, ...) for tests and benchmarks."""

@@ -1,0 +1,98 @@
+"""Message schemas on the MQTT topics; both ends validate what they receive with these."""
+
+from __future__ import annotations
+
+import time
+from typing import Literal, TypeVar
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from edgefleet.errors import TransportError
+
+MAX_MESSAGE_BYTES = 256 * 1024
+M = TypeVar("M", bound=BaseModel)
+
+
+class _Message(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    def to_bytes(self) -> bytes:
+        return self.model_dump_json().encode()
+
+
+class ModelRef(BaseModel):
+    """A model version as the device sees it: where to fetch it and what it must hash to."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    name: str
+    version: str
+    release: int
+    sha256: str
+    size: int
+    url: str = Field(description="artifact URL, relative to the server's base URL")
+
+    @property
+    def ref(self) -> str:
+        return f"{self.name}@{self.version}"
+
+
+class DesiredState(_Message):
+    """Server -> device (retained): which model to run, or None for no change requested."""
+
+    device: str
+    model: ModelRef | None = None
+    issued_at: float = Field(default_factory=time.time)
+
+
+class ReportedState(_Message):
+    """Device -> server (retained): the model it runs and where its update stands."""
+
+    device: str
+    agent_version: str
+    active: str | None = None
+    active_sha256: str | None = None
+    previous: str | None = None
+    update_state: str = "idle"
+    last_error: str | None = None
+    ts: float = Field(default_factory=time.time)
+
+
+class TelemetryBatch(_Message):
+    """Device -> server (QoS 1): inference statistics since the previous batch."""
+
+    device: str
+    seq: int = Field(ge=0)
+    ts: float
+    model: str | None
+    windows: int = Field(ge=0)
+    labelled: int = Field(ge=0, default=0)
+    correct: int = Field(ge=0, default=0)
+    classes: dict[str, int] = Field(default_factory=dict)
+    latency_ms: dict[str, int] = Field(default_factory=dict, description="LatencyHistogram buckets")
+    confidence: list[int] = Field(default_factory=list, description="CONFIDENCE_BINS counts")
+    skipped: int = Field(ge=0, default=0, description="sensor samples dropped as malformed")
+    errors: int = Field(ge=0, default=0, description="inference calls that failed")
+
+
+class Event(_Message):
+    """Device -> server (QoS 1): an update step, a refusal or an alert."""
+
+    device: str
+    seq: int = Field(ge=0)
+    ts: float = Field(default_factory=time.time)
+    kind: Literal["update", "alert", "agent"]
+    name: str
+    detail: dict[str, str | int | float | None] = Field(default_factory=dict)
+
+
+def parse(model: type[M], payload: bytes) -> M:
+    """Validate a payload, raising TransportError with one line for anything malformed."""
+    if len(payload) > MAX_MESSAGE_BYTES:
+        raise TransportError(f"message of {len(payload)} bytes is over the {MAX_MESSAGE_BYTES} limit")
+    try:
+        return model.model_validate_json(payload)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(p) for p in first["loc"]) or model.__name__
+        raise TransportError(f"malformed {model.__name__}: {where}: {first['msg']}") from exc

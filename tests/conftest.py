@@ -1,0 +1,55 @@
+"""Shared fixtures. Real services are session-scoped and bound to 127.0.0.1 on free ports.
+
+Sections: brokers (below). Add new sections after it, each with its own helpers.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from edgefleet.errors import ConfigError
+from edgefleet.server.broker import EmbeddedBroker
+from edgefleet.testing.mosquitto import Mosquitto, find_mosquitto
+from edgefleet.transport.mqtt_url import MqttEndpoint
+
+# --- brokers ------------------------------------------------------------------------------------------------
+
+BROKER_KINDS = ["mosquitto", "embedded"]
+
+
+@pytest.fixture(scope="session")
+def mosquitto_binary() -> Path:
+    """Path of mosquitto; skips the test when it is missing, but fails in CI (CI=true), where it must be."""
+    try:
+        return find_mosquitto()
+    except ConfigError as exc:
+        if os.environ.get("CI", "").lower() == "true":
+            pytest.fail(str(exc))
+        pytest.skip(str(exc))
+
+
+@pytest.fixture(scope="session")
+def mosquitto_broker(
+    mosquitto_binary: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[MqttEndpoint]:
+    """A mosquitto broker shared by the whole session."""
+    with Mosquitto(tmp_path_factory.mktemp("mosquitto")) as broker:
+        yield broker.endpoint
+
+
+@pytest.fixture(scope="session")
+def embedded_broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MqttEndpoint]:
+    """The server's embedded amqtt broker (a child process) shared by the whole session."""
+    with EmbeddedBroker(tmp_path_factory.mktemp("amqtt")) as broker:
+        yield broker.endpoint
+
+
+@pytest.fixture(params=BROKER_KINDS)
+def any_broker(request: pytest.FixtureRequest) -> MqttEndpoint:
+    """Each broker kind in turn: the test runs once against mosquitto and once against amqtt."""
+    endpoint: MqttEndpoint = request.getfixturevalue(f"{request.param}_broker")
+    return endpoint

@@ -1,0 +1,58 @@
+"""Mergeable latency histograms: quantiles within the bucket resolution, merges equal to one big histogram."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from edgefleet.core.telemetry import CONFIDENCE_BINS, LatencyHistogram, confidence_bin
+from edgefleet.server.aggregate import sequence_gaps, summarize
+from edgefleet.transport.messages import TelemetryBatch
+
+
+def test_quantiles_are_within_resolution_of_numpy() -> None:
+    values = np.random.default_rng(1).lognormal(mean=0.0, sigma=1.0, size=5000)
+    hist = LatencyHistogram()
+    for v in values:
+        hist.add(float(v))
+    for q in (0.5, 0.95, 0.99):
+        exact = float(np.quantile(values, q))
+        assert hist.quantile(q) == pytest.approx(exact, rel=0.05)
+
+
+def test_merged_halves_equal_the_whole_and_survive_json() -> None:
+    values = np.random.default_rng(2).uniform(0.1, 20.0, size=1000)
+    whole, first, second = LatencyHistogram(), LatencyHistogram(), LatencyHistogram()
+    for i, v in enumerate(values):
+        whole.add(float(v))
+        (first if i % 2 else second).add(float(v))
+    merged = LatencyHistogram.from_json(first.to_json())
+    merged.merge(LatencyHistogram.from_json(second.to_json()))
+    assert merged.buckets == whole.buckets and merged.count == 1000
+
+
+def test_empty_histogram_and_extremes() -> None:
+    hist = LatencyHistogram()
+    assert hist.quantile(0.99) is None
+    hist.add(float("inf"))
+    hist.add(0.0)
+    assert hist.count == 2
+    with pytest.raises(ValueError):
+        LatencyHistogram.from_json({"-1": 3})
+
+
+def test_confidence_bins_cover_zero_to_one() -> None:
+    assert confidence_bin(0.0) == 0
+    assert confidence_bin(1.0) == CONFIDENCE_BINS - 1
+    assert confidence_bin(float("nan")) == 0
+
+
+def test_summaries_add_batches_per_model_and_count_gaps() -> None:
+    def batch(seq: int, model: str, correct: int) -> TelemetryBatch:
+        return TelemetryBatch(device="d", seq=seq, ts=0.0, model=model, windows=10, labelled=10,
+                              correct=correct, classes={"a": 10}, latency_ms={"100": 10})
+
+    summaries = summarize([batch(0, "m@1", 9), batch(1, "m@1", 7), batch(3, "m@2", 10)])
+    assert summaries["m@1"].windows == 20 and summaries["m@1"].accuracy == pytest.approx(0.8)
+    assert summaries["m@2"].accuracy == 1.0
+    assert sequence_gaps([0, 1, 3]) == 1 and sequence_gaps([]) == 0

@@ -42,7 +42,7 @@ bench: $(VENV)/.installed-dev+train+data services
 	@for b in $(BENCHES); do $(MAKE) --no-print-directory bench-$$b || exit 1; done
 
 bench-%: $(VENV)/.installed-dev+train+data services
-	$(BIN)/python bench/bench_$*.py
+	$(BIN)/python -m bench.bench_$*
 
 clean:
 	rm -rf $(VENV) build .pytest_cache .mypy_cache .ruff_cache src/*.egg-info

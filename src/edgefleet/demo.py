@@ -6,6 +6,7 @@ train (BasicMotions) -> int8 -> sign -> server -> provision -> assign -> agents 
 from __future__ import annotations
 
 import json
+import sys
 import tempfile
 import time
 from collections.abc import Iterator
@@ -65,7 +66,7 @@ class DemoResult:
 
 def run_demo(settings: DemoSettings, console: Console | None = None) -> DemoResult:
     """Run the demo end to end; every process it starts is stopped before it returns."""
-    console = console or Console()
+    console = console or Console(width=None if sys.stdout.isatty() else 120)
     started = time.monotonic()
     with _workdir(settings.workdir) as work, ProcessGroup() as group, _progress(console) as progress:
         step = progress.add_task("loading BasicMotions (sktime)", total=None)

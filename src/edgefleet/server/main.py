@@ -6,6 +6,8 @@ import json
 import logging
 import os
 import secrets
+import socket
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -83,16 +85,28 @@ def run_server(settings: ServerSettings) -> None:
         ctx = ServerContext(store=store, artifacts=ArtifactStore(settings.data_dir / "artifacts"),
                             trusted_keys=trusted, operator_token=token, public_url=public_url,
                             device_mqtt_url=endpoint.url, publish_desired=ingest.publish_desired)
-        atomic_write(settings.data_dir / INFO_FILE, json.dumps(
-            {"api_url": public_url, "mqtt_url": endpoint.url, "pid": os.getpid()}).encode())
+        info = json.dumps({"api_url": public_url, "mqtt_url": endpoint.url, "pid": os.getpid()}).encode()
         config = uvicorn.Config(create_app(ctx), host=settings.host, port=port, log_level="warning",
                                 access_log=False)
-        uvicorn.Server(config).run()
+        _Server(config, lambda: atomic_write(settings.data_dir / INFO_FILE, info)).run()
     finally:
         (settings.data_dir / INFO_FILE).unlink(missing_ok=True)
         ingest.stop()
         if broker is not None:
             broker.stop()
+
+
+class _Server(uvicorn.Server):
+    """uvicorn, announcing itself (server.json) only once its socket accepts connections."""
+
+    def __init__(self, config: uvicorn.Config, on_started: Callable[[], None]) -> None:
+        super().__init__(config)
+        self._on_started = on_started
+
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        await super().startup(sockets)
+        if self.started:
+            self._on_started()
 
 
 def republish_desired(store: Store, ingest: Ingest) -> None:

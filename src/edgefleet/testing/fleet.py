@@ -1,0 +1,83 @@
+"""A local fleet of real processes for tests and benchmarks: one server and any number of agents."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from edgefleet.bundle.pack import BundleSpec, pack_bundle
+from edgefleet.bundle.signing import PUBLIC_KEY_FILE, SigningKey, write_keypair
+from edgefleet.client import ControlPlane
+from edgefleet.data.basicmotions import save_npz
+from edgefleet.errors import EdgefleetError
+from edgefleet.processes import ManagedProcess, ProcessGroup, wait_until
+from edgefleet.testing import synthetic
+
+
+@dataclass
+class LocalFleet:
+    """Starts ``edgefleet server`` (embedded broker unless ``mqtt_url``) and ``edgefleet agent`` processes."""
+
+    root: Path
+    mqtt_url: str | None = None
+    group: ProcessGroup = field(default_factory=ProcessGroup)
+    api: ControlPlane | None = None
+    key: SigningKey | None = None
+    server: ManagedProcess | None = None
+
+    def start_server(self, timeout_s: float = 60.0) -> ControlPlane:
+        self.key = write_keypair(self.root / "keys", overwrite=True)
+        data_dir = self.root / "server"
+        args = ["server", "--data-dir", str(data_dir), "--port", "0",
+                "--trusted-key", str(self.root / "keys" / PUBLIC_KEY_FILE)]
+        if self.mqtt_url:
+            args += ["--mqtt-url", self.mqtt_url]
+        self.server = self.group.start(ManagedProcess.edgefleet(args, self.root / "logs" / "server.log"))
+        info_file = data_dir / "server.json"
+        server = self.server
+
+        def ready() -> bool:
+            if not server.running:
+                raise EdgefleetError(f"server exited: {server.log_tail(10)}")
+            return info_file.exists()
+
+        wait_until(ready, timeout_s, "the server to start")
+        info = json.loads(info_file.read_text())
+        self.api = ControlPlane(info["api_url"], (data_dir / "operator.token").read_text().strip())
+        return self.api
+
+    def bundle(self, version: str, release: int, model: bytes | None = None) -> bytes:
+        """A signed bundle of the synthetic classifier (or ``model``) with the synthetic preprocessing."""
+        assert self.key is not None, "start_server first"
+        return pack_bundle(model or synthetic.channel_mean_model(), self.key, BundleSpec(
+            name="clf", version=version, release=release, labels=list(synthetic.LABELS),
+            preprocess=synthetic.preprocess_spec()))
+
+    def provision(self, device: str) -> Path:
+        assert self.api is not None, "start_server first"
+        path = self.root / "devices" / f"{device}.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(self.api.add_device(device)))
+        return path
+
+    def data_file(self) -> Path:
+        path = self.root / "recordings.npz"
+        if not path.exists():
+            save_npz(synthetic.recordings(per_class=2, length=60), path)
+        return path
+
+    def start_agent(self, device: str, *, shard: str = "0/1", speed: float = 20.0,
+                    duration_s: float | None = None, telemetry_interval_s: float = 0.5) -> ManagedProcess:
+        args = ["agent", "--credentials", str(self.root / "devices" / f"{device}.json"),
+                "--data-dir", str(self.root / "agents" / device),
+                "--source", f"npz:{self.data_file()}?shard={shard}&speed={speed}",
+                "--telemetry-interval", str(telemetry_interval_s)]
+        if duration_s is not None:
+            args += ["--duration", str(duration_s)]
+        return self.group.start(ManagedProcess.edgefleet(args, self.root / "logs" / f"{device}.log"))
+
+    def close(self) -> None:
+        self.group.stop_all()
+        if self.api is not None:
+            self.api.close()

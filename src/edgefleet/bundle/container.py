@@ -7,7 +7,8 @@ Layout (all integers big-endian)::
 
 Members are never written to disk by name. The reader accepts only the known member names, each at
 most once, caps every size before reading it, and requires the file to end exactly after the last
-member, so a truncated, padded or spliced file is refused.
+member, so a truncated, padded or spliced file is refused. A bundle holds the manifest, the signatures
+and exactly one model member: ``model.onnx`` in the clear or ``model.onnx.enc`` (AES-256-GCM).
 """
 
 from __future__ import annotations
@@ -23,8 +24,10 @@ FORMAT = 1
 MANIFEST = "manifest.json"
 SIGNATURES = "signatures.json"
 MODEL = "model.onnx"
+MODEL_ENC = "model.onnx.enc"
 REQUIRED = (MANIFEST, SIGNATURES, MODEL)
-KNOWN = frozenset(REQUIRED)
+ORDER = (MANIFEST, SIGNATURES, MODEL, MODEL_ENC)
+KNOWN = frozenset(ORDER)
 
 _HEADER = struct.Struct(">8sBH")
 _NAME_LEN = struct.Struct(">H")
@@ -45,7 +48,7 @@ def write_container(members: Mapping[str, bytes]) -> bytes:
     unknown = set(members) - KNOWN
     if unknown:
         raise BundleError(f"unknown bundle member {sorted(unknown)[0]!r}", reason="unexpected_member")
-    order = [name for name in REQUIRED if name in members]
+    order = [name for name in ORDER if name in members]
     parts = [_HEADER.pack(MAGIC, FORMAT, len(order))]
     for name in order:
         encoded = name.encode()
@@ -84,10 +87,20 @@ def read_container(data: bytes, limits: Limits = Limits()) -> dict[str, bytes]:
         offset += size
     if offset != len(view):
         raise BundleError(f"bundle has {len(view) - offset} unexpected trailing bytes", reason="malformed")
-    for name in REQUIRED:
+    for name in (MANIFEST, SIGNATURES):
         if name not in members:
             raise BundleError(f"bundle member {name!r} is missing", reason="missing_member")
+    models = [name for name in (MODEL, MODEL_ENC) if name in members]
+    if not models:
+        raise BundleError(f"bundle member {MODEL!r} is missing", reason="missing_member")
+    if len(models) > 1:
+        raise BundleError("bundle holds both a clear and an encrypted model", reason="unexpected_member")
     return members
+
+
+def model_member(members: Mapping[str, bytes]) -> str:
+    """The name of the model member a parsed container holds."""
+    return MODEL_ENC if MODEL_ENC in members else MODEL
 
 
 def _read_name(view: memoryview, offset: int) -> tuple[str, int]:

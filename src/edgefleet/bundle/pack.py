@@ -1,19 +1,37 @@
-"""Pack a model into a signed bundle (build plane) and read a bundle's manifest without trusting it."""
+"""Pack a model into a signed bundle (build plane) and read a bundle's manifest without trusting it.
+
+The packer refuses what a device would refuse (external data, pickles, models that fail
+``onnx.checker``), computes the golden samples' expected outputs itself by running the model with
+ONNX Runtime, and optionally encrypts the model member (AES-256-GCM, see ``bundle.encrypt``).
+"""
 
 from __future__ import annotations
 
 import base64
 import hashlib
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from pydantic import ValidationError
 
-from edgefleet.bundle.container import MANIFEST, MODEL, SIGNATURES, read_container, write_container
+from edgefleet.bundle.container import MANIFEST, MODEL, MODEL_ENC, SIGNATURES, read_container, write_container
+from edgefleet.bundle.encrypt import ModelKey, encrypt_model, release_aad
+from edgefleet.bundle.safe_onnx import check_onnx
 from edgefleet.bundle.signing import SigningKey
-from edgefleet.core.manifest import Manifest, MemberDigest, TensorSpec
+from edgefleet.core.manifest import (
+    MAX_GOLDEN_SAMPLES,
+    Encryption,
+    GoldenSample,
+    GoldenSet,
+    Manifest,
+    MemberDigest,
+    TensorSpec,
+    numpy_dtype,
+)
 from edgefleet.errors import BundleError, ConfigError, ModelError
 from edgefleet.storage import atomic_write
 
@@ -32,25 +50,74 @@ class BundleSpec:
     profiles: list[str] = field(default_factory=list)
     hardware: list[str] = field(default_factory=list)
     expires: str | None = None
+    golden: np.ndarray | Sequence[np.ndarray] | None = None
+    """Golden inputs: one array per sample, or one array whose first axis lists the samples."""
+    golden_atol: float = 1e-3
+    golden_rtol: float = 1e-3
+    min_agent_version: str = "0.1.0"
+    created: str | None = None
+    """Creation time (ISO 8601); now when None."""
+    encrypt_key: ModelKey | None = None
 
 
 def pack_bundle(model: bytes, key: SigningKey, spec: BundleSpec) -> bytes:
     """Describe, sign and serialize ``model`` as one bundle file's bytes."""
+    check_onnx(model)
     inputs, outputs = model_schema(model)
+    member, payload, encryption = MODEL, model, None
+    if spec.encrypt_key is not None:
+        member, payload = MODEL_ENC, encrypt_model(model, spec.encrypt_key,
+                                                   release_aad(spec.name, spec.version, spec.release))
+        encryption = {"key_id": spec.encrypt_key.key_id, "plaintext_size": len(model),
+                      "plaintext_sha256": hashlib.sha256(model).hexdigest()}
     try:
+        golden = None if spec.golden is None else golden_set(model, spec.golden, inputs[0], spec.golden_atol,
+                                                              spec.golden_rtol)
+        optional: dict[str, Any] = {"created": spec.created} if spec.created else {}
         manifest = Manifest(
             name=spec.name, version=spec.version, release=spec.release, expires=spec.expires,
-            members={MODEL: MemberDigest(size=len(model), sha256=hashlib.sha256(model).hexdigest())},
+            members={member: MemberDigest(size=len(payload), sha256=hashlib.sha256(payload).hexdigest())},
             inputs=inputs, outputs=outputs, labels=spec.labels, preprocess=spec.preprocess,
             thresholds=spec.thresholds, metrics=spec.metrics, profiles=spec.profiles, hardware=spec.hardware,
+            min_agent_version=spec.min_agent_version, golden=golden,
+            encryption=None if encryption is None else Encryption.model_validate(encryption), **optional,
         )
+        manifest_bytes = manifest.canonical_bytes()
     except ValidationError as exc:
         first = exc.errors()[0]
-        raise ConfigError(f"bundle {first['loc'][0]} is invalid: {first['msg']}") from exc
-    manifest_bytes = manifest.canonical_bytes()
+        raise ConfigError(f"bundle {'.'.join(map(str, first['loc']))} is invalid: {first['msg']}") from exc
+    except BundleError as exc:
+        raise ConfigError(str(exc)) from exc
     signatures = {"signatures": [{"keyid": key.public.key_id,
                                   "sig": base64.b64encode(key.sign(manifest_bytes)).decode()}]}
-    return write_container({MANIFEST: manifest_bytes, SIGNATURES: json.dumps(signatures).encode(), MODEL: model})
+    return write_container({MANIFEST: manifest_bytes, SIGNATURES: json.dumps(signatures).encode(), member: payload})
+
+
+def golden_set(model: bytes, golden: np.ndarray | Sequence[np.ndarray], first_input: TensorSpec,
+               atol: float = 1e-3, rtol: float = 1e-3) -> GoldenSet:
+    """Run each golden input through ``model`` (ONNX Runtime) and record its first output as expected."""
+    from edgefleet.runtime.runner import OnnxRuntimeRunner
+
+    rank = len(first_input.shape)
+    if isinstance(golden, np.ndarray) and golden.ndim == rank:
+        arrays = [golden[i : i + 1] for i in range(len(golden))]
+    else:
+        arrays = [np.asarray(x) for x in golden]
+    if not 1 <= len(arrays) <= MAX_GOLDEN_SAMPLES:
+        raise ConfigError(f"give 1 to {MAX_GOLDEN_SAMPLES} golden samples, got {len(arrays)}")
+    runner = OnnxRuntimeRunner(model)
+    samples = []
+    for index, array in enumerate(arrays):
+        x = np.ascontiguousarray(array[None] if array.ndim == rank - 1 else array, dtype=numpy_dtype(first_input.dtype))
+        try:
+            y = runner.run(x)
+        except ModelError as exc:
+            raise ConfigError(f"golden sample {index} of shape {x.shape} does not fit the model: {exc}") from exc
+        if not (np.all(np.isfinite(x)) and np.all(np.isfinite(y))):
+            raise ConfigError(f"golden sample {index}: input or output is not finite")
+        samples.append(GoldenSample(input=x.ravel().tolist(), input_shape=list(x.shape),
+                                    output=y.ravel().tolist(), output_shape=list(y.shape)))
+    return GoldenSet(samples=samples, atol=atol, rtol=rtol)
 
 
 def write_bundle(path: Path, data: bytes) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import os
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -104,12 +105,19 @@ def load_public_key(path: Path) -> PublicKey:
     return PublicKey.from_text(text)
 
 
-def verify_any(signatures: dict[str, bytes], message: bytes, trusted: dict[str, PublicKey]) -> str:
-    """Return the id of a trusted key whose signature over ``message`` verifies, or raise."""
-    known = [key_id for key_id in signatures if key_id in trusted]
+def verify_any(signatures: Mapping[str, bytes], message: bytes, trusted: Mapping[str, PublicKey],
+               revoked: Collection[str] = frozenset(), *, what: str = "bundle") -> str:
+    """Return the id of a trusted, unrevoked key whose signature over ``message`` verifies, or raise.
+
+    Reasons: ``revoked_key`` when only revoked keys signed (even if they are also pinned), ``unknown_key``
+    when no trusted key signed, ``bad_signature`` when a trusted key's signature does not verify.
+    """
+    known = [key_id for key_id in signatures if key_id in trusted and key_id not in revoked]
     if not known:
-        raise SignatureError("bundle is signed by no trusted key", reason="unknown_key")
+        if any(key_id in revoked for key_id in signatures):
+            raise SignatureError(f"{what} is signed by a revoked key", reason="revoked_key")
+        raise SignatureError(f"{what} is signed by no trusted key", reason="unknown_key")
     for key_id in known:
         if trusted[key_id].verify(signatures[key_id], message):
             return key_id
-    raise SignatureError("bundle signature does not verify", reason="bad_signature")
+    raise SignatureError(f"{what} signature does not verify", reason="bad_signature")

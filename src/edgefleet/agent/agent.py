@@ -10,14 +10,13 @@ from typing import Any
 from edgefleet import __version__
 from edgefleet.agent.config import AgentConfig
 from edgefleet.agent.fetch import ArtifactFetcher, Fetcher
+from edgefleet.agent.inference import InferencePipeline
 from edgefleet.agent.model import LoadedModel, load_model
 from edgefleet.agent.sources import SensorSource
 from edgefleet.agent.state import AgentState
-from edgefleet.agent.stats import WindowStats
 from edgefleet.agent.updater import ERROR_KEY, STEP_KEY, Updater
 from edgefleet.core.update import TrustState, decide
-from edgefleet.errors import EdgefleetError, ModelError, TransportError
-from edgefleet.runtime.preprocess import StreamWindower
+from edgefleet.errors import EdgefleetError, TransportError
 from edgefleet.transport import topics
 from edgefleet.transport.link import MqttLink
 from edgefleet.transport.messages import DesiredState, Event, ReportedState, parse
@@ -35,6 +34,7 @@ class Agent:
         self.device = config.device_id
         self._stop = threading.Event()
         self._outbox_wake = threading.Event()
+        self._skipped_reported = 0
         self.link = MqttLink(config.mqtt, f"ef-agent-{self.device}", clean_session=False,
                              subscriptions=[(topics.desired(self.device), 1)], on_message=self._on_message)
         fetcher = fetcher or ArtifactFetcher(config.server_url, config.token)
@@ -136,11 +136,13 @@ class Agent:
                     break
                 self.state.delivered(item.id)
 
-    def _flush(self, stats: WindowStats, skipped: int) -> None:
-        if stats.empty and not skipped:
+    def _flush(self, pipeline: InferencePipeline | None, source: SensorSource) -> None:
+        skipped = source.skipped - self._skipped_reported
+        if pipeline is None or not (pipeline.has_data or skipped):
             return
+        self._skipped_reported = source.skipped
         self.state.enqueue(topics.telemetry(self.device), "telemetry",
-                           lambda seq: stats.batch(self.device, seq, time.time(), skipped).to_bytes())
+                           lambda seq: pipeline.take_batch(self.device, seq, time.time(), skipped).to_bytes())
         self._outbox_wake.set()
 
     # inference --------------------------------------------------------------------------------
@@ -149,46 +151,18 @@ class Agent:
         started = time.monotonic()
         next_flush = started + self.config.telemetry_interval_s
         model = self.model
-        windower = StreamWindower(model.window) if model else None
-        stats = WindowStats(model.ref if model else None)
-        skipped_before = 0
+        pipeline = InferencePipeline(model, source.labels) if model else None
         for reading in source.readings():
             now = time.monotonic()
             if self._stop.is_set() or (duration_s is not None and now - started >= duration_s):
                 break
             if self.model is not model:  # an update was activated: flush what the old model did
-                self._flush(stats, source.skipped - skipped_before)
-                skipped_before = source.skipped
+                self._flush(pipeline, source)
                 model = self.model
-                windower = StreamWindower(model.window) if model else None
-                stats = WindowStats(model.ref if model else None)
-            if model is not None and windower is not None:
-                if reading.values.shape != (model.window.channels,):
-                    source.skipped += 1
-                else:
-                    window = windower.push(reading.values, reading.label)
-                    if window is not None:
-                        self._infer(model, window.x, window.label, source, stats)
+                pipeline = InferencePipeline(model, source.labels) if model else None
+            if pipeline is not None:
+                pipeline.push(reading)
             if now >= next_flush:
-                self._flush(stats, source.skipped - skipped_before)
-                skipped_before = source.skipped
-                stats = WindowStats(model.ref if model else None)
+                self._flush(pipeline, source)
                 next_flush = now + self.config.telemetry_interval_s
-        self._flush(stats, source.skipped - skipped_before)
-
-    def _infer(self, model: LoadedModel, x: Any, label: int | None, source: SensorSource,
-               stats: WindowStats) -> None:
-        labels = model.manifest.labels
-        started = time.perf_counter()
-        try:
-            probs = model.runner.run(x)[0]
-        except ModelError as exc:
-            stats.errors += 1
-            log.warning("inference failed: %s", exc)
-            return
-        latency_ms = (time.perf_counter() - started) * 1000.0
-        best = int(probs.argmax())
-        predicted = labels[best] if best < len(labels) else str(best)
-        names = source.labels or tuple(labels)
-        truth = names[label] if label is not None and 0 <= label < len(names) else None
-        stats.record(predicted, float(probs[best]), latency_ms, truth)
+        self._flush(pipeline, source)

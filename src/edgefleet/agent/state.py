@@ -146,3 +146,11 @@ class AgentState:
             except BaseException:
                 self._db.execute("ROLLBACK")
                 raise
+
+
+def describe(state: AgentState) -> dict[str, Any]:
+    """A plain summary of the state for ``edgefleet agent status``."""
+    slots = {name: (slot.ref if (slot := state.slot(name)) else None) for name in SLOTS}
+    return {**slots, "update_state": state.get("update_state", "idle"), "last_error": state.get("last_error"),
+            "pending_update": (state.get("pending_update") or {}).get("version"),
+            "releases": state.highest_releases(), "outbox_pending": state.pending_count()}

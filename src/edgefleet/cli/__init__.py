@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import logging
-import signal
 import sys
 from pathlib import Path
-from types import FrameType
 from typing import Annotated
 
 import typer
@@ -29,41 +27,9 @@ def server(data_dir: Annotated[Path, typer.Option(help="state, artifacts and the
     """Run the control plane: REST API, MQTT ingest, and (by default) an embedded broker."""
     from edgefleet.server.main import ServerSettings, run_server
 
-    _logging()
+    setup_logging()
     run_server(ServerSettings(data_dir=data_dir, host=host, port=port, mqtt_url=mqtt_url, db_url=db_url,
                               trusted_keys=trusted_key or []))
-
-
-@app.command("agent")
-def agent(credentials: Annotated[Path, typer.Option(help="credentials JSON from provisioning")],
-          data_dir: Annotated[Path, typer.Option(help="the agent's state directory")],
-          source: Annotated[str, typer.Option(help="sensor source: npz:PATH?shard=I/N, jsonl:-, csv:PATH")],
-          server: Annotated[str | None, typer.Option(help="control plane URL (default: from credentials)")] = None,
-          device_id: Annotated[str | None, typer.Option(help="must match the credentials")] = None,
-          duration: Annotated[float | None, typer.Option(help="stop after this many seconds")] = None,
-          telemetry_interval: Annotated[float, typer.Option(help="seconds between telemetry batches")] = 2.0,
-          ) -> None:
-    """Run the edge agent: infer on a sensor stream, report telemetry, apply model updates."""
-    from edgefleet.agent.agent import Agent
-    from edgefleet.agent.config import load_config
-    from edgefleet.agent.sources import open_source
-
-    _logging()
-    config = load_config(credentials, data_dir, device_id=device_id, server_url=server,
-                         telemetry_interval_s=telemetry_interval)
-    stream = open_source(source)
-    device = Agent(config)
-
-    def _stop(_signum: int, _frame: FrameType | None) -> None:
-        device.request_stop()
-
-    signal.signal(signal.SIGTERM, _stop)
-    signal.signal(signal.SIGINT, _stop)
-    device.start()
-    try:
-        device.run(stream, duration)
-    finally:
-        device.stop()
 
 
 @app.command("demo")
@@ -77,17 +43,20 @@ def demo(workdir: Annotated[Path | None, typer.Option(help="keep everything here
     run_demo(DemoSettings(workdir=workdir, devices=devices, duration_s=duration, epochs=epochs))
 
 
-def _logging() -> None:
+def setup_logging() -> None:
+    """Log lines for the long-running processes (server, agent)."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     for noisy in ("httpx", "amqtt", "transitions"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
 def _register_groups() -> None:
+    from edgefleet.cli.agent import agent_app
     from edgefleet.cli.bundle import bundle_app, keys_app
 
     app.add_typer(keys_app, name="keys")
     app.add_typer(bundle_app, name="bundle")
+    app.add_typer(agent_app, name="agent")
 
 
 _register_groups()

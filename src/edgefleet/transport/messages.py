@@ -73,6 +73,11 @@ class TelemetryBatch(_Message):
     confidence: list[int] = Field(default_factory=list, description="CONFIDENCE_BINS counts")
     skipped: int = Field(ge=0, default=0, description="sensor samples dropped as malformed")
     errors: int = Field(ge=0, default=0, description="inference calls that failed")
+    shadow_model: str | None = Field(default=None, description="candidate running beside the active model")
+    shadow_windows: int = Field(ge=0, default=0)
+    shadow_agree: int = Field(ge=0, default=0, description="windows where the shadow predicted the same class")
+    shadow_errors: int = Field(ge=0, default=0)
+    shadow_latency_ms: dict[str, int] = Field(default_factory=dict)
 
 
 class Event(_Message):

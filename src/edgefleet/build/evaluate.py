@@ -1,0 +1,119 @@
+"""Measure an ONNX classifier with ONNX Runtime on CPU: probabilities, accuracy, size, batch-1 latency."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import onnxruntime as ort
+from google.protobuf.message import DecodeError
+from onnxruntime.capi import onnxruntime_pybind11_state as _ort_state
+
+from edgefleet.errors import DataError, ModelError
+
+#: Exceptions ONNX Runtime and onnx raise for a model they cannot load, optimize or run; all derive
+#: from Exception directly, so they are listed by name.
+ORT_ERRORS: tuple[type[Exception], ...] = (
+    DecodeError,
+    *(
+        getattr(_ort_state, name)
+        for name in (
+            "Fail",
+            "InvalidArgument",
+            "NoSuchFile",
+            "NoModel",
+            "EngineError",
+            "RuntimeException",
+            "InvalidProtobuf",
+            "ModelLoaded",
+            "NotImplemented",
+            "InvalidGraph",
+            "EPFail",
+        )
+        if hasattr(_ort_state, name)
+    ),
+)
+
+
+def open_session(model_bytes: bytes, *, threads: int = 1) -> ort.InferenceSession:
+    """An ONNX Runtime CPU session on ``model_bytes``; ModelError if it cannot be loaded."""
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    try:
+        return ort.InferenceSession(model_bytes, options, providers=["CPUExecutionProvider"])
+    except ORT_ERRORS as exc:
+        raise ModelError(f"ONNX Runtime cannot load the model: {exc}") from exc
+
+
+def probability_output(session: ort.InferenceSession) -> str:
+    """Name of the model's class-score output: the first float tensor output of rank 2 [batch, classes]."""
+    for out in session.get_outputs():
+        if out.type in ("tensor(float)", "tensor(float16)") and len(out.shape or []) == 2:
+            return str(out.name)
+    shown = ", ".join(f"{o.name}: {o.type}" for o in session.get_outputs())
+    raise ModelError(f"the model has no [batch, classes] float output to score ({shown}); a scikit-learn "
+                     "classifier exported with skl2onnx needs options={'zipmap': False}")
+
+
+def predict(model_bytes: bytes, x: np.ndarray, batch: int = 64) -> np.ndarray:
+    """Class probabilities [m, n_classes] for inputs x [m, ...], run ``batch`` samples at a time."""
+    session = open_session(model_bytes)
+    name = session.get_inputs()[0].name
+    output = probability_output(session)
+    data = np.ascontiguousarray(x, dtype=np.float32)
+    if len(data) == 0:
+        raise DataError("no samples to predict")
+    try:
+        parts = [session.run([output], {name: data[i : i + batch]})[0] for i in range(0, len(data), batch)]
+    except ORT_ERRORS as exc:
+        raise ModelError(f"inference failed on input {data.shape}: {exc}") from exc
+    return np.concatenate(parts).astype(np.float32, copy=False)
+
+
+def accuracy(model_bytes: bytes, x: np.ndarray, y: np.ndarray) -> float:
+    """Fraction of samples whose most probable class equals the label, in [0, 1]."""
+    labels = np.asarray(y)
+    if labels.shape != (len(x),):
+        raise DataError(f"labels shape {labels.shape} does not match {len(x)} samples")
+    return float(np.mean(predict(model_bytes, x).argmax(axis=1) == labels))
+
+
+def model_size(model_bytes: bytes) -> int:
+    """Size of the serialized model in bytes."""
+    return len(model_bytes)
+
+
+@dataclass(frozen=True)
+class BuildMetrics:
+    """What a build measured for one model on the test windows."""
+
+    accuracy: float
+    size_bytes: int
+    latency_ms_p50: float
+
+
+def latency_ms_p50(model_bytes: bytes, sample: np.ndarray, *, warmup: int = 20, runs: int = 200) -> float:
+    """Median batch-1 latency in milliseconds of one thread, after ``warmup`` runs."""
+    session = open_session(model_bytes)
+    feed = {session.get_inputs()[0].name: np.ascontiguousarray(sample[None], dtype=np.float32)}
+    times = []
+    try:
+        for i in range(warmup + runs):
+            start = time.perf_counter()
+            session.run(None, feed)
+            if i >= warmup:
+                times.append(time.perf_counter() - start)
+    except ORT_ERRORS as exc:
+        raise ModelError(f"inference failed: {exc}") from exc
+    return float(np.median(times) * 1e3)
+
+
+def measure(model_bytes: bytes, x: np.ndarray, y: np.ndarray) -> BuildMetrics:
+    """Accuracy on (x, y), serialized size and batch-1 latency (on x[0]) of one model."""
+    return BuildMetrics(
+        accuracy=accuracy(model_bytes, x, y),
+        size_bytes=model_size(model_bytes),
+        latency_ms_p50=latency_ms_p50(model_bytes, np.asarray(x)[0]),
+    )

@@ -1,4 +1,5 @@
 # edgefleet: `make demo` and `make test` work on a fresh machine; everything installs into .venv.
+SHELL  := /bin/bash
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
@@ -15,7 +16,9 @@ $(BIN)/python:
 
 # One stamp per set of extras, redone when pyproject.toml changes.
 $(VENV)/.installed-%: pyproject.toml | $(BIN)/python
-	$(BIN)/pip install --quiet --disable-pip-version-check -e ".[$(subst +,$(comma),$*)]"
+	@echo "installing edgefleet[$(subst +,$(comma),$*)] into $(VENV)"
+	@set -o pipefail; $(BIN)/pip install --quiet --disable-pip-version-check -e ".[$(subst +,$(comma),$*)]" 2>&1 \
+	  | { grep -v "^WARNING: Location" || true; }
 	touch $@
 
 venv: $(VENV)/.installed-train+data

@@ -1,0 +1,242 @@
+"""The build search: candidates from a recipe, an accuracy gate, a rescue that keeps sensitive nodes in float,
+and a choice (smallest passing candidate, then fastest), every step recorded for the report."""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Hashable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from edgefleet.build.analyze import ModelAnalysis, analyze
+from edgefleet.build.evaluate import accuracy
+from edgefleet.build.latency import LatencyStats, measure_latency
+from edgefleet.build.passes import PassConfig, get_pass
+from edgefleet.build.recipe import Recipe, describe
+from edgefleet.build.sensitivity import rank_tensors
+from edgefleet.core.profiles import DeviceProfile, Footprint, Verdict, check
+from edgefleet.errors import EdgefleetError
+
+Progress = Callable[[str], None]
+
+
+@dataclass(frozen=True)
+class BuildData:
+    """Validated arrays: calibration inputs, test inputs and integer test labels."""
+
+    calib_x: np.ndarray
+    test_x: np.ndarray
+    test_y: np.ndarray
+
+
+@dataclass
+class Candidate:
+    """One model the build produced (or the float baseline) and everything measured on it."""
+
+    label: str
+    pass_name: str
+    config: dict[str, Any]
+    model: bytes | None = None
+    accuracy: float | None = None
+    drop_pp: float | None = None
+    passed: bool = False
+    analysis: ModelAnalysis | None = None
+    latency: dict[int, LatencyStats] = field(default_factory=dict)
+    build_s: float = 0.0
+    notes: list[str] = field(default_factory=list)
+    error: str | None = None
+    verdicts: list[Verdict] = field(default_factory=list)
+
+    @property
+    def size_bytes(self) -> int:
+        """Serialized size of the model (0 if it failed)."""
+        return len(self.model) if self.model else 0
+
+    def latency_ms(self, batch: int = 1) -> float:
+        """Median latency at ``batch`` (inf when not measured)."""
+        stats = self.latency.get(batch)
+        return stats.median_ms if stats else float("inf")
+
+
+@dataclass
+class BuildOutcome:
+    """The baseline, every candidate, the rescue trials and the choice, with the reason for it."""
+
+    baseline: Candidate
+    candidates: list[Candidate]
+    chosen: Candidate | None
+    reason: str
+    max_accuracy_drop: float
+    rescue_trials: list[dict[str, Any]] = field(default_factory=list)
+
+
+def _footprint(analysis: ModelAnalysis) -> Footprint:
+    return Footprint(file_bytes=analysis.file_bytes, weight_bytes=analysis.weight_bytes,
+                     arena_bytes=analysis.arena.arena_bytes, macs=analysis.macs,
+                     int8_fraction=analysis.int8_fraction, energy_uj=analysis.energy.total_uj)
+
+
+class BuildSearch:
+    """Runs one recipe on one float model; ``run()`` returns the BuildOutcome."""
+
+    def __init__(self, float_model: bytes, data: BuildData, recipe: Recipe, profiles: list[DeviceProfile],
+                 progress: Progress | None = None) -> None:
+        self.float_model, self.data, self.recipe, self.profiles = float_model, data, recipe, profiles
+        self.progress = progress or (lambda _msg: None)
+        rng = np.random.default_rng(recipe.seed)
+        n = min(recipe.calibration_samples, len(data.calib_x))
+        self.calib = data.calib_x[np.sort(rng.choice(len(data.calib_x), size=n, replace=False))]
+        self._stats: dict[tuple[str, Hashable], Any] = {}
+        self.baseline_accuracy = 0.0
+
+    def measure(self, cand: Candidate, *, timing: bool = True) -> Candidate:
+        """Accuracy, drop, gate, static analysis, latency and profile verdicts of ``cand.model``."""
+        assert cand.model is not None
+        cand.accuracy = accuracy(cand.model, self.data.test_x, self.data.test_y)
+        cand.drop_pp = 100.0 * (self.baseline_accuracy - cand.accuracy)
+        cand.passed = cand.drop_pp <= self.recipe.max_accuracy_drop + 1e-9
+        cand.analysis = analyze(cand.model)
+        if timing:
+            spec = self.recipe.latency
+            for batch in spec.batches:
+                cand.latency[batch] = measure_latency(cand.model, self.data.test_x, batch, warmup=spec.warmup,
+                                                      min_runs=spec.min_runs, max_runs=spec.max_runs,
+                                                      budget_s=spec.budget_s, threads=spec.threads)
+        cand.verdicts = [check(p, _footprint(cand.analysis)) for p in self.profiles]
+        return cand
+
+    def quantize(self, pass_name: str, config: PassConfig) -> Candidate:
+        """Run one pass (reusing collected statistics) and return the unmeasured candidate."""
+        label = describe(pass_name, config)
+        cand = Candidate(label=label, pass_name=pass_name, config=config.model_dump(mode="json"))
+        step = get_pass(pass_name)
+        start = time.perf_counter()
+        try:
+            key = step.stats_key(config)
+            if key is not None and (pass_name, key) not in self._stats:
+                self._stats[(pass_name, key)] = step.collect(self.float_model, self.calib, config)
+            result = step.apply(self.float_model, self._stats.get((pass_name, key)) if key is not None else None,
+                                config)
+        except EdgefleetError as exc:
+            cand.error = str(exc)
+            return cand
+        cand.model, cand.notes = result.model, list(result.notes)
+        cand.build_s = time.perf_counter() - start
+        return cand
+
+    def run(self) -> BuildOutcome:
+        """Baseline, every candidate, the rescue when none passes, then the choice."""
+        self.progress("measuring the float baseline")
+        baseline = Candidate(label="float32 (baseline)", pass_name="none", config={}, model=self.float_model)
+        self.baseline_accuracy = accuracy(self.float_model, self.data.test_x, self.data.test_y)
+        self.measure(baseline)
+        baseline.passed = True
+        candidates: list[Candidate] = []
+        for pass_name, config in self.recipe.configs():
+            cand = self.quantize(pass_name, config)
+            self.progress(f"candidate {cand.label}" + (f": failed: {cand.error}" if cand.error else ""))
+            if cand.model is not None:
+                try:
+                    self.measure(cand)
+                except EdgefleetError as exc:
+                    cand.error, cand.model = str(exc), None
+            candidates.append(cand)
+        trials: list[dict[str, Any]] = []
+        if self.recipe.rescue.enabled and not any(c.passed and c.pass_name == "static_int8" for c in candidates):
+            rescued = self.rescue(candidates, trials)
+            if rescued is not None:
+                candidates.append(rescued)
+        chosen, reason = choose(candidates, self.recipe.max_accuracy_drop, self.recipe.size_tolerance)
+        return BuildOutcome(baseline=baseline, candidates=candidates, chosen=chosen, reason=reason,
+                            max_accuracy_drop=self.recipe.max_accuracy_drop, rescue_trials=trials)
+
+    def rescue(self, candidates: list[Candidate], trials: list[dict[str, Any]]) -> Candidate | None:
+        """Keep the most sensitive tensors of the best int8 candidate in float until the gate passes."""
+        bases = [c for c in candidates if c.pass_name == "static_int8" and c.model is not None]
+        if not bases:
+            return None
+        base = max(bases, key=lambda c: (c.accuracy or 0.0, c.config.get("per_channel", False)))
+        step = get_pass("static_int8")
+        config = step.config_type.model_validate(base.config)
+        stats = self._stats[("static_int8", step.stats_key(config))]
+        assert base.model is not None
+        ranked = rank_tensors(base.model, stats.model, self.calib[: self.recipe.rescue.samples])
+        compute = {n for e in ranked for n in e.nodes}
+        limit = max(2, math.ceil(self.recipe.rescue.max_float_fraction * len(compute)))
+        self.progress(f"rescue: ranking {len(ranked)} quantized tensors of {base.label}")
+
+        def excluded(k: int) -> tuple[str, ...]:
+            names: list[str] = []
+            for e in ranked[:k]:
+                names += [n for n in e.nodes if n not in names]
+            return tuple(names)
+
+        def attempt(k: int) -> Candidate | None:
+            nodes = excluded(k)
+            if len(nodes) > limit:
+                return None
+            cand = self.quantize("static_int8", config.model_copy(update={"nodes_to_exclude": nodes}))
+            if cand.model is None:
+                return None
+            cand.accuracy = accuracy(cand.model, self.data.test_x, self.data.test_y)
+            cand.drop_pp = 100.0 * (self.baseline_accuracy - cand.accuracy)
+            cand.passed = cand.drop_pp <= self.recipe.max_accuracy_drop + 1e-9
+            trials.append({"tensors_in_float": [e.tensor for e in ranked[:k]], "nodes_in_float": list(nodes),
+                           "accuracy": cand.accuracy, "drop_pp": cand.drop_pp, "passed": cand.passed})
+            self.progress(f"rescue: {len(nodes)} node(s) in float -> drop {cand.drop_pp:.2f} pp")
+            return cand
+
+        schedule, k = [], 1
+        while k < len(ranked):  # double until it passes, then bisect down to the fewest tensors
+            schedule.append(k)
+            k *= 2
+        schedule.append(len(ranked))
+        best: tuple[int, Candidate] | None = None
+        low = 0
+        for k in schedule:
+            cand = attempt(k)
+            if cand is None:
+                break
+            if cand.passed:
+                best = (k, cand)
+                break
+            low = k
+        if best is None:
+            return None
+        high = best[0]
+        while high - low > 1:
+            mid = (low + high) // 2
+            cand = attempt(mid)
+            if cand is not None and cand.passed:
+                best, high = (mid, cand), mid
+            else:
+                low = mid
+        chosen = best[1]
+        chosen.notes.insert(0, f"rescued: kept in float the {best[0]} most sensitive tensor(s) of {base.label}: "
+                               + ", ".join(e.tensor for e in ranked[: best[0]]))
+        return self.measure(chosen)
+
+
+def choose(candidates: list[Candidate], max_drop: float, size_tolerance: float) -> tuple[Candidate | None, str]:
+    """The smallest passing candidate; among those within ``size_tolerance`` of it, the fastest at batch 1."""
+    passing = [c for c in candidates if c.passed and c.model is not None]
+    if not passing:
+        tried = ", ".join(f"{c.label} ({'failed' if c.drop_pp is None else f'{c.drop_pp:.2f} pp'})"
+                          for c in candidates)
+        return None, f"no candidate lost at most {max_drop:g} points of accuracy: {tried}"
+    smallest = min(c.size_bytes for c in passing)
+    close = [c for c in passing if c.size_bytes <= smallest * (1 + size_tolerance)]
+    best = min(close, key=lambda c: (c.latency_ms(1), c.size_bytes, -(c.accuracy or 0.0)))
+    others = [c.label for c in close if c is not best]
+    reason = (f"{best.label}: passes the gate (drop {best.drop_pp:.2f} pp <= {max_drop:g} pp); "
+              f"the smallest passing model is {smallest:,} bytes and this one is {best.size_bytes:,}")
+    if others:
+        reason += (f"; among candidates within {100 * size_tolerance:g}% of that size ({', '.join(others)}) "
+                   f"it is the fastest at batch 1 ({best.latency_ms(1):.3f} ms)")
+    failed = [c.label for c in candidates if not c.passed]
+    if failed:
+        reason += f"; rejected by the gate or failed: {', '.join(failed)}"
+    return best, reason

@@ -172,14 +172,14 @@ def _build(a_members: dict[str, bytes], b_members: dict[str, bytes], b: bytes) -
     by_digest: dict[bytes, int] = {}
     for index, (start, end) in enumerate(graph_elements(a_model)):
         by_digest.setdefault(hashlib.sha256(a_model[start:end]).digest(), index)
-    skeleton, holes, cursor, literal = bytearray(), [], 0, 0
+    skeleton, holes, cursor = bytearray(), [], 0
     for start, end in graph_elements(b_model):
-        index = by_digest.get(hashlib.sha256(b_model[start:end]).digest()) if end - start >= MIN_REUSE else None
-        if index is None:
+        found = by_digest.get(hashlib.sha256(b_model[start:end]).digest()) if end - start >= MIN_REUSE else None
+        if found is None:
             continue
         skeleton += b_model[cursor:start]
-        holes.append((literal + start - cursor, index))
-        cursor, literal = end, 0
+        holes.append((start - cursor, found))
+        cursor = end
     skeleton += b_model[cursor:]
     delta = DeltaFile(hashlib.sha256(a_model).digest(), hashlib.sha256(b).digest(), len(b), b_members[MANIFEST],
                       b_members[SIGNATURES], bytes(skeleton), tuple(holes))

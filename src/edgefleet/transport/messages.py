@@ -42,6 +42,7 @@ class DesiredState(_Message):
 
     device: str
     model: ModelRef | None = None
+    shadow: ModelRef | None = Field(default=None, description="candidate to run beside the model, reporting only")
     issued_at: float = Field(default_factory=time.time)
 
 
@@ -53,6 +54,7 @@ class ReportedState(_Message):
     active: str | None = None
     active_sha256: str | None = None
     previous: str | None = None
+    shadow: str | None = None
     update_state: str = "idle"
     last_error: str | None = None
     ts: float = Field(default_factory=time.time)
@@ -78,6 +80,7 @@ class TelemetryBatch(_Message):
     shadow_agree: int = Field(ge=0, default=0, description="windows where the shadow predicted the same class")
     shadow_errors: int = Field(ge=0, default=0)
     shadow_latency_ms: dict[str, int] = Field(default_factory=dict)
+    outbox_dropped: int = Field(ge=0, default=0, description="queued messages dropped on overflow, since start")
 
 
 class Event(_Message):

@@ -1,0 +1,403 @@
+"""The rollout plan and its state machine: waves -> installs -> observation window -> gates -> next step.
+
+Pure: :func:`start`, :func:`step` and :func:`command` take the plan, the state and what the fleet reports
+(an :class:`Observation`) and return a new state plus :class:`Decision` s (assign, roll back, wait, hold,
+pause, resume, done, aborted), each carrying the values that caused it. The orchestrator does the I/O.
+
+Phases::
+
+    installing --all wave devices installed, failed or timed out--> observing
+    observing  --gates pass at window end--> installing (next wave) | done
+    observing  --a gate trips (any time)--> aborted (roll back) | paused
+    observing  --a metric is missing at window end--> hold ... --unknown_timeout_s--> paused
+    installing/observing --operator pause--> paused --resume--> where it was (timers restart)
+    paused by a gate --resume--> next wave (operator override)        any --operator abort--> aborted
+
+Modes: ``canary`` compares the moved devices on the candidate with every target's baseline telemetry
+(their own before the move included); ``ab`` splits the targets into a control half that keeps the
+baseline and a treatment half that receives the candidate in waves, compared over the same period;
+``shadow`` runs the candidate beside the active model on the moved devices and compares the two there.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import math
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from edgefleet.core.gates import CohortStats, Gate, evaluate, metrics, parse_gate
+from edgefleet.errors import ConfigError
+
+Mode = Literal["canary", "shadow", "ab"]
+Action = Literal["abort", "pause"]
+Phase = Literal["installing", "observing", "paused", "done", "aborted"]
+Kind = Literal["assign", "rollback", "wait", "hold", "pause", "resume", "done", "aborted"]
+MODES: tuple[Mode, ...] = ("canary", "shadow", "ab")
+FINAL: tuple[Phase, ...] = ("done", "aborted")
+
+
+@dataclass(frozen=True)
+class WaveSpec:
+    """One wave: a cumulative share of the targets (``10%``) or a cumulative device count (``5``)."""
+
+    value: float
+    percent: bool
+
+    def cumulative(self, total: int) -> int:
+        wanted = math.ceil(self.value * total / 100 - 1e-9) if self.percent else int(self.value)
+        return max(1, min(total, wanted))
+
+    def text(self) -> str:
+        return f"{self.value:g}%" if self.percent else f"{int(self.value)}"
+
+
+def parse_waves(text: str) -> tuple[WaveSpec, ...]:
+    """``"10%,50%,100%"`` or ``"1,10,100%"``; ConfigError for anything else."""
+    waves = []
+    for part in (p.strip() for p in text.split(",")):
+        try:
+            value = float(part.rstrip("%"))
+        except ValueError as exc:
+            raise ConfigError(f"bad wave {part!r} in {text!r}: use a count (5) or a percentage (10%)") from exc
+        percent = part.endswith("%")
+        if not math.isfinite(value) or value <= 0 or (percent and value > 100) or (not percent and value % 1):
+            raise ConfigError(f"bad wave {part!r} in {text!r}: a whole count >= 1 or a percentage in (0, 100]")
+        waves.append(WaveSpec(value, percent))
+    if not waves or len(waves) > 100:
+        raise ConfigError(f"between 1 and 100 waves, not {len(waves)}")
+    return tuple(waves)
+
+
+@dataclass(frozen=True)
+class GateRule:
+    """A gate and what to do when it trips."""
+
+    gate: Gate
+    action: Action = "abort"
+
+
+@dataclass(frozen=True)
+class RolloutPlan:
+    """What the operator asked for; validated on construction by :func:`make_plan`."""
+
+    candidate: str
+    waves: tuple[WaveSpec, ...]
+    gates: tuple[GateRule, ...] = ()
+    select: Mapping[str, str] = field(default_factory=dict)
+    profile: str | None = None
+    mode: Mode = "canary"
+    window_s: float = 60.0
+    install_timeout_s: float = 300.0
+    unknown_timeout_s: float = 600.0
+    baseline_s: float = 3600.0
+    min_windows: int = 10
+
+    def to_json(self) -> dict[str, Any]:
+        return {"candidate": self.candidate, "waves": [w.text() for w in self.waves],
+                "gates": [{"expr": r.gate.text, "action": r.action} for r in self.gates],
+                "select": dict(self.select), "profile": self.profile, "mode": self.mode, "window_s": self.window_s,
+                "install_timeout_s": self.install_timeout_s, "unknown_timeout_s": self.unknown_timeout_s,
+                "baseline_s": self.baseline_s, "min_windows": self.min_windows}
+
+
+def make_plan(data: Mapping[str, Any]) -> RolloutPlan:
+    """Build a plan from its JSON form (:meth:`RolloutPlan.to_json`); ConfigError names what is wrong."""
+    candidate = str(data.get("candidate", ""))
+    name, at, version = candidate.partition("@")
+    if not (name and at and version):
+        raise ConfigError(f"candidate must be NAME@VERSION, not {candidate!r}")
+    mode = data.get("mode", "canary")
+    if mode not in MODES:
+        raise ConfigError(f"mode must be one of {', '.join(MODES)}, not {mode!r}")
+    waves = data.get("waves", ["100%"])
+    gates = []
+    for rule in data.get("gates", []):
+        rule = {"expr": rule} if isinstance(rule, str) else rule
+        if rule.get("action", "abort") not in ("abort", "pause"):
+            raise ConfigError(f"gate action must be abort or pause, not {rule.get('action')!r}")
+        gates.append(GateRule(parse_gate(str(rule["expr"])), rule.get("action", "abort")))
+    numbers = {}
+    for key, default in (("window_s", 60.0), ("install_timeout_s", 300.0), ("unknown_timeout_s", 600.0),
+                         ("baseline_s", 3600.0), ("min_windows", 10)):
+        value = data.get(key, default)
+        if not isinstance(value, int | float) or isinstance(value, bool) or not 0 <= value <= 30 * 86400:
+            raise ConfigError(f"{key} must be a number of at least 0, not {value!r}")
+        numbers[key] = value
+    return RolloutPlan(candidate=candidate, mode=mode, gates=tuple(gates),
+                       waves=parse_waves(",".join(waves) if isinstance(waves, list) else str(waves)),
+                       select={str(k): str(v) for k, v in dict(data.get("select") or {}).items()},
+                       profile=data.get("profile"), window_s=float(numbers["window_s"]),
+                       install_timeout_s=float(numbers["install_timeout_s"]),
+                       unknown_timeout_s=float(numbers["unknown_timeout_s"]),
+                       baseline_s=float(numbers["baseline_s"]), min_windows=int(numbers["min_windows"]))
+
+
+# -- inputs and outputs --------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class DeviceView:
+    """One device as the server knows it: identity, what it should run and what it reported."""
+
+    id: str
+    tags: Mapping[str, str] = field(default_factory=dict)
+    profile: str | None = None
+    desired: str | None = None
+    active: str | None = None
+    shadow: str | None = None
+    refused: frozenset[str] = frozenset()
+    revoked: bool = False
+
+
+@dataclass(frozen=True)
+class Observation:
+    """The fleet at ``now``: devices, and telemetry since :func:`telemetry_since` per device and model."""
+
+    now: float
+    devices: Mapping[str, DeviceView]
+    telemetry: Mapping[str, Mapping[str, CohortStats]] = field(default_factory=dict)
+    shadow: Mapping[str, Mapping[str, CohortStats]] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Decision:
+    """One step the orchestrator must carry out (or record), with the values that caused it."""
+
+    kind: Kind
+    at: float
+    wave: int
+    reason: str
+    devices: tuple[str, ...] = ()
+    model: str | None = None
+    role: Literal["active", "shadow"] = "active"
+    restore: Mapping[str, str | None] = field(default_factory=dict)
+    until: float | None = None
+    values: Mapping[str, Any] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        data = dataclasses.asdict(self)
+        data["devices"], data["restore"], data["values"] = list(self.devices), dict(self.restore), dict(self.values)
+        return data
+
+
+@dataclass
+class RolloutState:
+    """Everything the machine remembers between steps; JSON-serializable with :meth:`to_json`."""
+
+    id: str
+    phase: Phase
+    created: float
+    targets: list[str]
+    control: list[str] = field(default_factory=list)
+    wave: int = -1
+    moved: dict[str, str | None] = field(default_factory=dict)
+    deadline: float = 0.0
+    held_since: float | None = None
+    paused_by: str | None = None
+    resume_phase: Phase | None = None
+    reason: str = ""
+    step_no: int = 0
+
+    def to_json(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> RolloutState:
+        return cls(**dict(data))
+
+
+@dataclass(frozen=True)
+class Step:
+    """A transition: the new state, what to do, and when the machine next needs a step without new input."""
+
+    state: RolloutState
+    decisions: tuple[Decision, ...]
+    wake_at: float | None
+
+
+# -- target selection ----------------------------------------------------------------------------------------
+def select_targets(plan: RolloutPlan, devices: Iterable[DeviceView], salt: str) -> list[str]:
+    """Devices that match the plan's tags and profile, in a stable pseudo-random order seeded by ``salt``."""
+    chosen = [d.id for d in devices if not d.revoked and (plan.profile is None or d.profile == plan.profile)
+              and all(d.tags.get(k) == v for k, v in plan.select.items())]
+    return sorted(chosen, key=lambda d: hashlib.sha256(f"{salt}/{d}".encode()).hexdigest())
+
+
+def wave_counts(plan: RolloutPlan, total: int) -> list[int]:
+    """Cumulative device counts per wave; waves that would add no device are dropped."""
+    counts: list[int] = []
+    for wave in plan.waves:
+        n = wave.cumulative(total)
+        if not counts or n > counts[-1]:
+            counts.append(n)
+    return counts
+
+
+def telemetry_since(plan: RolloutPlan, state: RolloutState) -> float:
+    """From when the orchestrator should sum telemetry for this rollout's cohorts."""
+    return state.created - plan.baseline_s if plan.mode == "canary" else state.created
+
+
+# -- transitions ---------------------------------------------------------------------------------------------
+def start(plan: RolloutPlan, rollout_id: str, devices: Mapping[str, DeviceView], now: float) -> Step:
+    """Choose the targets and assign the first wave; ConfigError if nothing matches."""
+    targets = select_targets(plan, devices.values(), rollout_id)
+    if not targets:
+        raise ConfigError(f"no device matches select={dict(plan.select)} profile={plan.profile}")
+    control: list[str] = []
+    if plan.mode == "ab":
+        if len(targets) < 2:
+            raise ConfigError("an A/B rollout needs at least two matching devices")
+        control, targets = targets[1::2], targets[0::2]
+    state = RolloutState(id=rollout_id, phase="installing", created=now, targets=targets, control=control)
+    return _next_wave(plan, state, devices, now, "rollout started")
+
+
+def step(plan: RolloutPlan, state: RolloutState, obs: Observation) -> Step:
+    """Advance on what the fleet reports now."""
+    s = dataclasses.replace(state, moved=dict(state.moved))
+    if s.phase in (*FINAL, "paused"):
+        return Step(s, (), None)
+    done, failed, pending = _install_status(plan, s, obs)
+    if s.phase != "installing" or obs.now >= s.deadline:  # past the deadline, not installed is failed
+        failed, pending = sorted([*failed, *pending]), []
+    installs = {"installed": len(done), "failed": len(failed), "pending": len(pending)}
+    if s.phase == "installing":
+        if pending:
+            return Step(s, (), s.deadline)
+        late = [d for d in failed if plan.candidate not in (obs.devices[d].refused if d in obs.devices else ())]
+        s.phase, s.deadline, s.held_since = "observing", obs.now + plan.window_s, None
+        reason = "installs finished" if not late else f"{len(late)} device(s) did not install in time"
+        wait = Decision("wait", obs.now, s.wave, f"{reason}; observing until the window ends", until=s.deadline,
+                        devices=tuple(late), values={"installs": installs})
+        later = step(plan, s, obs)
+        return Step(later.state, (wait, *later.decisions), later.wake_at)
+    candidate, baseline = cohorts(plan, s, obs)
+    values = metrics(candidate, baseline, installs_done=len(done), installs_failed=len(failed),
+                     min_windows=plan.min_windows)
+    results = [(rule, evaluate(rule.gate, values)) for rule in plan.gates]
+    evidence = {"metrics": values, "gates": [{"expr": r.gate.text, "action": r.action, "outcome": g.outcome,
+                                              "explanation": g.explanation} for r, g in results],
+                "candidate": candidate.to_json(), "baseline": baseline.to_json(), "installs": installs}
+    tripped = [(r, g) for r, g in results if g.outcome == "fail"]
+    if tripped:
+        rule, result = next(((r, g) for r, g in tripped if r.action == "abort"), tripped[0])
+        why = f"gate {rule.gate.text!r} {result.explanation}"
+        if rule.action == "abort":
+            return _abort(plan, s, obs.now, why, evidence)
+        return _pause(s, obs.now, "gate", why, evidence)
+    if obs.now < s.deadline:
+        return Step(s, (), s.deadline)
+    unknown = [(r, g) for r, g in results if g.outcome == "unknown"]
+    if unknown:
+        why = "; ".join(f"gate {r.gate.text!r} {g.explanation}" for r, g in unknown)
+        if s.held_since is None:
+            s.held_since = obs.now
+            until = obs.now + plan.unknown_timeout_s
+            return Step(s, (Decision("hold", obs.now, s.wave, why, until=until, values=evidence),), until)
+        if obs.now < s.held_since + plan.unknown_timeout_s:
+            return Step(s, (), s.held_since + plan.unknown_timeout_s)
+        return _pause(s, obs.now, "unknown", f"metrics still unavailable after {plan.unknown_timeout_s:g} s: "
+                      f"{why}", evidence)
+    return _next_wave(plan, s, obs.devices, obs.now, f"wave {s.wave + 1} passed its gates", evidence)
+
+
+def command(plan: RolloutPlan, state: RolloutState, action: Literal["pause", "resume", "abort"], now: float,
+            devices: Mapping[str, DeviceView] | None = None, note: str = "") -> Step:
+    """An operator's pause, resume or abort; ConfigError when it makes no sense in the current phase."""
+    s = dataclasses.replace(state, moved=dict(state.moved))
+    by = f" ({note})" if note else ""
+    if s.phase in FINAL:
+        raise ConfigError(f"rollout {s.id} is already {s.phase}")
+    if action == "abort":
+        return _abort(plan, s, now, f"aborted by the operator{by}", {})
+    if action == "pause":
+        if s.phase == "paused":
+            raise ConfigError(f"rollout {s.id} is already paused")
+        return _pause(s, now, "operator", f"paused by the operator{by}", {})
+    if s.phase != "paused":
+        raise ConfigError(f"rollout {s.id} is not paused")
+    if s.paused_by == "gate":
+        s.paused_by, s.resume_phase = None, None
+        resumed = Decision("resume", now, s.wave, f"resumed by the operator over the tripped gate{by}")
+        nxt = _next_wave(plan, s, devices or {}, now, "operator override")
+        return Step(nxt.state, (resumed, *nxt.decisions), nxt.wake_at)
+    s.phase = s.resume_phase or "installing"
+    s.deadline = now + (plan.install_timeout_s if s.phase == "installing" else plan.window_s)
+    s.paused_by, s.resume_phase, s.held_since = None, None, None
+    return Step(s, (Decision("resume", now, s.wave, f"resumed by the operator{by}; {s.phase} until deadline",
+                             until=s.deadline),), s.deadline)
+
+
+# -- helpers -------------------------------------------------------------------------------------------------
+def _next_wave(plan: RolloutPlan, s: RolloutState, devices: Mapping[str, DeviceView], now: float, why: str,
+               evidence: Mapping[str, Any] | None = None) -> Step:
+    counts = wave_counts(plan, len(s.targets))
+    s.step_no += 1
+    if s.wave + 1 >= len(counts):
+        s.phase, s.reason = "done", f"{why}; all {len(counts)} waves done"
+        decisions = [Decision("done", now, s.wave, s.reason, values=dict(evidence or {}))]
+        if plan.mode == "shadow":
+            decisions.insert(0, Decision("assign", now, s.wave, "shadow evaluation finished: stop shadowing",
+                                         devices=tuple(sorted(s.moved)), model=None, role="shadow"))
+        return Step(s, tuple(decisions), None)
+    s.wave += 1
+    new = [d for d in s.targets[:counts[s.wave]] if d not in s.moved]
+    for device in new:
+        view = devices.get(device)
+        s.moved[device] = None if plan.mode == "shadow" else (view.desired or view.active if view else None)
+    s.phase, s.deadline, s.held_since = "installing", now + plan.install_timeout_s, None
+    role: Literal["active", "shadow"] = "shadow" if plan.mode == "shadow" else "active"
+    assign = Decision("assign", now, s.wave, f"{why}; wave {s.wave + 1}/{len(counts)}: {len(new)} device(s), "
+                      f"{counts[s.wave]}/{len(s.targets)} of the targets", devices=tuple(new),
+                      model=plan.candidate, role=role, until=s.deadline, values=dict(evidence or {}))
+    return Step(s, (assign,), s.deadline)
+
+
+def _abort(plan: RolloutPlan, s: RolloutState, now: float, why: str, evidence: Mapping[str, Any]) -> Step:
+    s.phase, s.reason, s.step_no = "aborted", why, s.step_no + 1
+    decisions = []
+    if s.moved:
+        role: Literal["active", "shadow"] = "shadow" if plan.mode == "shadow" else "active"
+        decisions.append(Decision("rollback", now, s.wave, why, devices=tuple(sorted(s.moved)), role=role,
+                                  restore=dict(s.moved), values=evidence))
+    decisions.append(Decision("aborted", now, s.wave, why, values=evidence))
+    return Step(s, tuple(decisions), None)
+
+
+def _pause(s: RolloutState, now: float, by: str, why: str, evidence: Mapping[str, Any]) -> Step:
+    s.resume_phase = s.phase if s.phase != "paused" else s.resume_phase
+    s.phase, s.paused_by, s.reason, s.step_no = "paused", by, why, s.step_no + 1
+    return Step(s, (Decision("pause", now, s.wave, why, values=evidence),), None)
+
+
+def _install_status(plan: RolloutPlan, s: RolloutState, obs: Observation) -> tuple[list[str], list[str], list[str]]:
+    """Moved devices split into installed, failed (refused, revoked, unknown) and not yet installed."""
+    done, failed, pending = [], [], []
+    for device in sorted(s.moved):
+        view = obs.devices.get(device)
+        running = view is not None and (view.shadow if plan.mode == "shadow" else view.active) == plan.candidate
+        if running:
+            done.append(device)
+        elif view is None or view.revoked or plan.candidate in view.refused:
+            failed.append(device)
+        else:
+            pending.append(device)
+    return done, failed, pending
+
+
+def cohorts(plan: RolloutPlan, s: RolloutState, obs: Observation) -> tuple[CohortStats, CohortStats]:
+    """The candidate's cohort and the baseline it is compared with, per the plan's mode."""
+    candidate, baseline = CohortStats(), CohortStats()
+    for device in s.moved:
+        source = obs.shadow if plan.mode == "shadow" else obs.telemetry
+        stats = source.get(device, {}).get(plan.candidate)
+        if stats is not None:
+            candidate.add(stats)
+    pool = s.control if plan.mode == "ab" else (list(s.moved) if plan.mode == "shadow" else s.targets)
+    for device in pool:
+        for model, stats in obs.telemetry.get(device, {}).items():
+            if model != plan.candidate:
+                baseline.add(stats)
+    return candidate, baseline

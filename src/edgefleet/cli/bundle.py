@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import json
+from datetime import UTC, datetime
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
-from edgefleet.errors import ConfigError
+from edgefleet.errors import BundleError, ConfigError
 
-keys_app = typer.Typer(no_args_is_help=True, help="Signing keys.")
-bundle_app = typer.Typer(no_args_is_help=True, help="Signed model bundles.")
+keys_app = typer.Typer(no_args_is_help=True, help="Signing keys, key rotation and revocation.")
+bundle_app = typer.Typer(no_args_is_help=True, help="Signed model bundles and deltas between them.")
 
 
 @keys_app.command("init")
@@ -23,19 +25,84 @@ def keys_init(directory: Annotated[Path, typer.Option("--dir", help="where to wr
     typer.echo(f"key id {key.public.key_id}: {directory / 'signing.key'} and {directory / 'signing.pub'}")
 
 
+@keys_app.command("rotate")
+def keys_rotate(directory: Annotated[Path, typer.Option("--dir", help="holds the current signing.key/.pub")]) -> None:
+    """Replace DIR/signing.key with a new key and write the rotation statement that devices apply.
+
+    The old pair is kept as DIR/retired-OLDID.key/.pub; the statement DIR/rotation-OLDID-NEWID.json is
+    signed by the old key and by the new one.
+    """
+    from edgefleet.bundle.signing import PRIVATE_KEY_FILE, PUBLIC_KEY_FILE, SigningKey, load_signing_key
+    from edgefleet.core.keys import rotation_statement
+    from edgefleet.storage import atomic_write
+
+    old = load_signing_key(directory / PRIVATE_KEY_FILE)
+    new = SigningKey.generate()
+    old_id, new_id = old.public.key_id, new.public.key_id
+    statement = directory / f"rotation-{old_id}-{new_id}.json"
+    pending = directory / f"pending-{new_id}.key"  # a crash at any step leaves both private keys on disk
+    atomic_write(pending, _key_text(new.raw), mode=0o600)
+    atomic_write(directory / f"retired-{old_id}.key", _key_text(old.raw), mode=0o600)
+    atomic_write(directory / f"retired-{old_id}.pub", (old.public.to_text() + "\n").encode())
+    atomic_write(statement, rotation_statement(old, new))
+    atomic_write(directory / PRIVATE_KEY_FILE, _key_text(new.raw), mode=0o600)
+    atomic_write(directory / PUBLIC_KEY_FILE, (new.public.to_text() + "\n").encode())
+    pending.unlink()
+    typer.echo(f"key {new_id} replaces {old_id}; send {statement} to the devices before bundles signed by {new_id}")
+
+
+@keys_app.command("revoke")
+def keys_revoke(key_id: Annotated[str, typer.Argument(help="id of the key to revoke")],
+                key: Annotated[Path, typer.Option(help="a trusted signing.key that signs the statement")],
+                out: Annotated[Path, typer.Option(help="statement file to write")],
+                reason: Annotated[str, typer.Option(help="why, for the record")] = "") -> None:
+    """Write a statement, signed by KEY, that revokes KEY_ID on every device that applies it."""
+    from edgefleet.bundle.signing import load_signing_key
+    from edgefleet.core.keys import revocation_statement
+    from edgefleet.storage import atomic_write
+
+    if not key_id or len(key_id) > 64 or not key_id.isalnum():
+        raise ConfigError(f"{key_id!r} is not a key id")
+    signer = load_signing_key(key)
+    atomic_write(out, revocation_statement(key_id, signer, reason=reason))
+    typer.echo(f"{out}: key {key_id} revoked, signed by {signer.public.key_id}")
+
+
+@keys_app.command("model-key")
+def keys_model_key(out: Annotated[Path, typer.Option(help="file to write (mode 0600)")]) -> None:
+    """Create an AES-256 key for `bundle pack --encrypt-key`; devices need the same file to decrypt."""
+    from edgefleet.bundle.encrypt import write_model_key
+
+    key = write_model_key(out)
+    typer.echo(f"model key {key.key_id}: {out}")
+
+
 @bundle_app.command("pack")
 def bundle_pack(model: Annotated[Path, typer.Argument(help="an ONNX model file")],
                 name: Annotated[str, typer.Option(help="model name")],
                 version: Annotated[str, typer.Option(help="semantic version, e.g. 1.0.0")],
                 key: Annotated[Path, typer.Option(help="signing.key")],
                 out: Annotated[Path, typer.Option(help="bundle file to write")],
-                release: Annotated[int, typer.Option(help="monotonic release counter")] = 1) -> None:
+                release: Annotated[int, typer.Option(help="monotonic release counter")] = 1,
+                expires: Annotated[str | None, typer.Option(help="ISO 8601 time after which devices refuse it")] = None,
+                hardware: Annotated[list[str] | None, typer.Option(help="compatible hardware id (repeatable)")] = None,
+                encrypt_key: Annotated[Path | None, typer.Option(help="model key file: encrypt the model")] = None,
+                golden: Annotated[Path | None, typer.Option(help=".npy of golden inputs [n, ...]")] = None) -> None:
     """Sign an already built ONNX model as a bundle (no compression)."""
+    from edgefleet.bundle.encrypt import load_model_key
     from edgefleet.bundle.pack import BundleSpec, pack_bundle, write_bundle
     from edgefleet.bundle.signing import load_signing_key
+    from edgefleet.core.keys import parse_time
 
-    data = read_file(model)
-    bundle = pack_bundle(data, load_signing_key(key), BundleSpec(name=name, version=version, release=release))
+    if expires is not None:
+        try:
+            parse_time(expires)
+        except BundleError as exc:
+            raise ConfigError(f"--expires: {exc}") from exc
+    spec = BundleSpec(name=name, version=version, release=release, expires=expires, hardware=hardware or [],
+                      encrypt_key=None if encrypt_key is None else load_model_key(encrypt_key),
+                      golden=None if golden is None else _load_npy(golden))
+    bundle = pack_bundle(read_file(model), load_signing_key(key), spec)
     write_bundle(out, bundle)
     typer.echo(f"{name}@{version} -> {out} ({len(bundle)} bytes)")
 
@@ -45,19 +112,80 @@ def bundle_inspect(bundle: Annotated[Path, typer.Argument(help="bundle file")]) 
     """Print a bundle's manifest (not verified: use `bundle verify` for that)."""
     from edgefleet.bundle.pack import peek_manifest
 
-    typer.echo(peek_manifest(read_file(bundle)).model_dump_json(indent=2))
+    manifest: dict[str, Any] = peek_manifest(read_file(bundle)).model_dump(mode="json")
+    if manifest.get("golden"):
+        manifest["golden"]["samples"] = f"{len(manifest['golden']['samples'])} samples"
+    typer.echo(json.dumps(manifest, indent=2))
 
 
 @bundle_app.command("verify")
 def bundle_verify(bundle: Annotated[Path, typer.Argument(help="bundle file")],
-                  pub: Annotated[list[Path], typer.Option(help="trusted signing.pub (repeatable)")]) -> None:
-    """Check a bundle's signature and hashes as a device would."""
+                  pub: Annotated[list[Path], typer.Option(help="trusted signing.pub (repeatable)")],
+                  decrypt_key: Annotated[Path | None, typer.Option(help="model key of an encrypted bundle")] = None,
+                  hardware: Annotated[str, typer.Option(help="check as this device hardware")] = "generic") -> None:
+    """Check a bundle's signature, hashes, policy and model safety as a device would."""
+    from edgefleet.bundle.encrypt import load_model_key
     from edgefleet.bundle.signing import load_public_key
     from edgefleet.core.update import TrustState, decide
 
     keys = {k.key_id: k for k in (load_public_key(p) for p in pub)}
-    accepted = decide(read_file(bundle), TrustState(keys=keys))
+    model_key = None if decrypt_key is None else load_model_key(decrypt_key)
+    try:
+        accepted = decide(read_file(bundle), TrustState(keys=keys, hardware=hardware), decryption_key=model_key)
+    except BundleError as exc:
+        raise BundleError(f"{bundle} refused ({exc.reason}): {exc}", reason=exc.reason) from exc
     typer.echo(f"ok: {accepted.manifest.ref} release {accepted.manifest.release}, signed by {accepted.key_id}")
+
+
+@bundle_app.command("diff")
+def bundle_diff(base: Annotated[Path, typer.Argument(help="bundle the devices have (A)")],
+                target: Annotated[Path, typer.Argument(help="bundle they should get (B)")],
+                out: Annotated[Path, typer.Option(help="delta file to write (B whole if a delta does not pay)")],
+                max_fraction: Annotated[float, typer.Option(min=0.0, help="send B whole above this share")] = 0.5,
+                ) -> None:
+    """Write a weight-level delta from A to B, or B itself when the delta would be too large."""
+    from edgefleet.bundle.delta import diff
+    from edgefleet.storage import atomic_write
+
+    result = diff(read_file(base), read_file(target), max_fraction=max_fraction)
+    atomic_write(out, result.data)
+    typer.echo(f"{out}: {len(result.data)} bytes ({result.fraction:.1%} of B); {result.note}")
+
+
+@bundle_app.command("apply")
+def bundle_apply(base: Annotated[Path, typer.Argument(help="bundle A the delta was made against")],
+                 delta: Annotated[Path, typer.Argument(help="delta file from `bundle diff`")],
+                 out: Annotated[Path, typer.Option(help="rebuilt bundle B to write")]) -> None:
+    """Rebuild bundle B from A and a delta; refuses unless B matches its signed digests."""
+    from edgefleet.bundle.delta import apply
+    from edgefleet.storage import atomic_write
+
+    try:
+        rebuilt = apply(read_file(base), read_file(delta))
+    except BundleError as exc:
+        raise BundleError(f"{delta} refused ({exc.reason}): {exc}", reason=exc.reason) from exc
+    atomic_write(out, rebuilt)
+    typer.echo(f"{out}: {len(rebuilt)} bytes rebuilt; verify it with `edgefleet bundle verify`")
+
+
+@bundle_app.command("rollback-order")
+def bundle_rollback_order(name: Annotated[str, typer.Option(help="model name")],
+                          release: Annotated[int, typer.Option(min=1, help="the older release to allow")],
+                          key: Annotated[Path, typer.Option(help="a trusted signing.key")],
+                          out: Annotated[Path, typer.Option(help="statement file to write")],
+                          hours: Annotated[float, typer.Option(min=0.0, help="valid for this long")] = 24.0,
+                          device: Annotated[list[str] | None, typer.Option(help="device id (repeatable)")] = None,
+                          ) -> None:
+    """Write a signed order that lets devices go back to an older release of a model."""
+    from datetime import timedelta
+
+    from edgefleet.bundle.signing import load_signing_key
+    from edgefleet.core.keys import rollback_order
+    from edgefleet.storage import atomic_write
+
+    expires = datetime.now(UTC) + timedelta(hours=hours)
+    atomic_write(out, rollback_order(name, release, load_signing_key(key), expires=expires, devices=device or []))
+    typer.echo(f"{out}: {name} release {release} allowed until {expires.isoformat(timespec='seconds')}")
 
 
 def read_file(path: Path) -> bytes:
@@ -66,3 +194,18 @@ def read_file(path: Path) -> bytes:
         return path.read_bytes()
     except OSError as exc:
         raise ConfigError(f"cannot read {path}: {exc.strerror}") from exc
+
+
+def _load_npy(path: Path) -> Any:
+    import numpy as np
+
+    try:
+        return np.load(path, allow_pickle=False)
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"cannot read golden inputs {path}: {exc}") from exc
+
+
+def _key_text(raw: bytes) -> bytes:
+    import base64
+
+    return base64.b64encode(raw) + b"\n"

@@ -23,6 +23,10 @@ class AgentConfig:
     data_dir: Path
     hardware: str = "generic"
     telemetry_interval_s: float = 2.0
+    failures_before_rollback: int = 5
+    health_timeout_s: float = 30.0
+    latency_budget_ms: float | None = None
+    outbox_max_bytes: int = 64 * 1024 * 1024
 
 
 def load_config(credentials: Path, data_dir: Path, *, device_id: str | None = None,

@@ -59,7 +59,7 @@ def test_model_reaches_devices_and_telemetry_comes_back(fleet: LocalFleet) -> No
         assert summary["accuracy"] == 1.0  # the synthetic model is exact on clean data
         assert summary["latency_ms"]["p99"] is not None
         names = [e["name"] for e in api.events(device)]
-        assert names[:5] == ["downloading", "verifying", "health_checking", "activating", "activated"]
+        assert names[:6] == ["downloading", "verifying", "staged", "health_checking", "activating", "activated"]
 
 
 def test_agent_refuses_a_tampered_artifact_keeps_its_model_and_says_why(fleet: LocalFleet) -> None:

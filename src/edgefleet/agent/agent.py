@@ -14,7 +14,7 @@ from edgefleet.agent.inference import InferencePipeline
 from edgefleet.agent.model import LoadedModel, load_model
 from edgefleet.agent.sources import SensorSource
 from edgefleet.agent.state import AgentState
-from edgefleet.agent.updater import ERROR_KEY, STEP_KEY, Updater
+from edgefleet.agent.updater import ERROR_KEY, STEP_KEY, HealthPolicy, Updater
 from edgefleet.core.update import TrustState, decide
 from edgefleet.errors import EdgefleetError, TransportError
 from edgefleet.transport import topics
@@ -30,17 +30,20 @@ class Agent:
     def __init__(self, config: AgentConfig, fetcher: Fetcher | None = None) -> None:
         self.config = config
         config.data_dir.mkdir(parents=True, exist_ok=True)
-        self.state = AgentState(config.data_dir)
+        self.state = AgentState(config.data_dir, outbox_max_bytes=config.outbox_max_bytes)
         self.device = config.device_id
         self._stop = threading.Event()
         self._outbox_wake = threading.Event()
         self._skipped_reported = 0
+        self._consecutive_failures = 0
         self.link = MqttLink(config.mqtt, f"ef-agent-{self.device}", clean_session=False,
                              subscriptions=[(topics.desired(self.device), 1)], on_message=self._on_message)
         fetcher = fetcher or ArtifactFetcher(config.server_url, config.token)
-        self.updater = Updater(self.state, fetcher, self.trust,
-                               self._activate, self.event, self.report)
-        self.model: LoadedModel | None = self._restore_active()
+        self.updater = Updater(self.state, fetcher, self.trust, self._activate, self.event, self.report,
+                               set_shadow=self._set_shadow,
+                               health=HealthPolicy(config.health_timeout_s, config.latency_budget_ms))
+        self.model: LoadedModel | None = self._restore("active") or self._restore("previous")
+        self.shadow: LoadedModel | None = self._restore("shadow")
         self._outbox_thread = threading.Thread(target=self._drain_outbox, name="outbox", daemon=True)
 
     # lifecycle --------------------------------------------------------------------------------
@@ -77,20 +80,40 @@ class Agent:
         return TrustState(keys=self.config.trusted_keys, highest_release=self.state.highest_releases(),
                           hardware=self.config.hardware, agent_version=__version__)
 
-    def _restore_active(self) -> LoadedModel | None:
-        for slot_name in ("active", "previous"):
-            slot = self.state.slot(slot_name)
-            if slot is None:
-                continue
-            try:
-                data = self.state.bundle_path(slot.sha256).read_bytes()
-                return load_model(decide(data, self.trust(), allow_rollback=slot_name == "previous"))
-            except (OSError, EdgefleetError) as exc:
-                log.error("cannot restore %s model %s: %s", slot_name, slot.ref, exc)
-        return None
+    def _restore(self, slot_name: str) -> LoadedModel | None:
+        """Load a model the device accepted earlier (its signature and hashes are checked again)."""
+        slot = self.state.slot(slot_name)
+        if slot is None:
+            return None
+        try:
+            data = self.state.bundle_path(slot.sha256).read_bytes()
+            return load_model(decide(data, self.trust(), allow_rollback=True))
+        except (OSError, EdgefleetError) as exc:
+            log.error("cannot restore %s model %s: %s", slot_name, slot.ref, exc)
+            return None
 
     def _activate(self, model: LoadedModel) -> None:
+        self._consecutive_failures = 0
         self.model = model
+
+    def _set_shadow(self, model: LoadedModel | None) -> None:
+        self.shadow = model
+
+    def _roll_back(self, reason: str) -> None:
+        """The active model keeps failing: return to the previous one and never reinstall the failed one."""
+        failed = self.state.slot("active")
+        restored = self.state.roll_back()
+        model = self._restore("active") if restored else None
+        if failed is None or model is None:
+            self.event("rollback_impossible", {"reason": reason, "model": failed.ref if failed else None})
+            self._consecutive_failures = 0
+            return
+        self.updater.remember_failed(failed.sha256)
+        self.model = model
+        self._consecutive_failures = 0
+        self.state.put("last_error", f"{failed.ref} rolled back: {reason}")
+        self.event("rolled_back", {"from": failed.ref, "to": model.ref, "reason": reason})
+        self.report()
 
     def _on_message(self, topic: str, payload: bytes) -> None:
         if topic != topics.desired(self.device):
@@ -101,7 +124,7 @@ class Agent:
             self.event("rejected_desired", {"error": str(exc)})
             return
         if desired.device == self.device:
-            self.updater.request(desired.model)
+            self.updater.request(desired.model, desired.shadow)
 
     # uplink -----------------------------------------------------------------------------------
     def event(self, name: str, detail: dict[str, Any]) -> None:
@@ -111,11 +134,12 @@ class Agent:
         self._outbox_wake.set()
 
     def report(self) -> None:
-        active, previous = self.state.slot("active"), self.state.slot("previous")
+        active, previous, shadow = self.state.slot("active"), self.state.slot("previous"), self.state.slot("shadow")
         reported = ReportedState(device=self.device, agent_version=__version__,
                                  active=active.ref if active else None,
                                  active_sha256=active.sha256 if active else None,
                                  previous=previous.ref if previous else None,
+                                 shadow=shadow.ref if shadow else None,
                                  update_state=self.state.get(STEP_KEY, "idle"),
                                  last_error=self.state.get(ERROR_KEY))
         self.link.publish(topics.reported(self.device), reported.to_bytes(), qos=1, retain=True)
@@ -141,8 +165,14 @@ class Agent:
         if pipeline is None or not (pipeline.has_data or skipped):
             return
         self._skipped_reported = source.skipped
-        self.state.enqueue(topics.telemetry(self.device), "telemetry",
-                           lambda seq: pipeline.take_batch(self.device, seq, time.time(), skipped).to_bytes())
+        dropped = self.state.counter("outbox_dropped")
+
+        def payload(seq: int) -> bytes:
+            batch = pipeline.take_batch(self.device, seq, time.time(), skipped)
+            batch.outbox_dropped = dropped
+            return batch.to_bytes()
+
+        self.state.enqueue(topics.telemetry(self.device), "telemetry", payload)
         self._outbox_wake.set()
 
     # inference --------------------------------------------------------------------------------
@@ -150,18 +180,22 @@ class Agent:
         """Infer on every window of ``source`` until it ends, ``duration_s`` passes, or a stop is requested."""
         started = time.monotonic()
         next_flush = started + self.config.telemetry_interval_s
-        model = self.model
-        pipeline = InferencePipeline(model, source.labels) if model else None
+        model, shadow = self.model, self.shadow
+        pipeline = InferencePipeline(model, source.labels, shadow) if model else None
         for reading in source.readings():
             now = time.monotonic()
             if self._stop.is_set() or (duration_s is not None and now - started >= duration_s):
                 break
-            if self.model is not model:  # an update was activated: flush what the old model did
+            if self.model is not model or self.shadow is not shadow:  # flush what the old pair did
                 self._flush(pipeline, source)
-                model = self.model
-                pipeline = InferencePipeline(model, source.labels) if model else None
+                model, shadow = self.model, self.shadow
+                pipeline = InferencePipeline(model, source.labels, shadow) if model else None
             if pipeline is not None:
-                pipeline.push(reading)
+                outcome = pipeline.push(reading)
+                if outcome is not None:
+                    self._consecutive_failures = self._consecutive_failures + 1 if outcome.failed else 0
+                    if self._consecutive_failures >= self.config.failures_before_rollback:
+                        self._roll_back(f"{self._consecutive_failures} inference failures in a row")
             if now >= next_flush:
                 self._flush(pipeline, source)
                 next_flush = now + self.config.telemetry_interval_s

@@ -11,6 +11,7 @@ import json
 import sqlite3
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,7 +26,8 @@ CREATE TABLE IF NOT EXISTS counters (name TEXT PRIMARY KEY, value INTEGER NOT NU
 CREATE TABLE IF NOT EXISTS outbox (id INTEGER PRIMARY KEY AUTOINCREMENT, topic TEXT NOT NULL,
                                    payload BLOB NOT NULL, created REAL NOT NULL);
 """
-SLOTS = ("active", "previous", "candidate")
+SLOTS = ("active", "previous", "candidate", "shadow")
+DEFAULT_OUTBOX_BYTES = 64 * 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -46,8 +48,9 @@ class OutboxItem:
 class AgentState:
     """Thread-safe access to the agent's SQLite state."""
 
-    def __init__(self, data_dir: Path) -> None:
+    def __init__(self, data_dir: Path, *, outbox_max_bytes: int = DEFAULT_OUTBOX_BYTES) -> None:
         self.data_dir = data_dir
+        self.outbox_max_bytes = outbox_max_bytes
         self.bundles_dir = data_dir / "bundles"
         self.bundles_dir.mkdir(parents=True, exist_ok=True)
         self._lock = threading.Lock()
@@ -81,6 +84,23 @@ class AgentState:
     def drop_candidate(self) -> None:
         self._write([("DELETE FROM slots WHERE name = 'candidate'", ())])
 
+    def roll_back(self) -> Slot | None:
+        """previous -> active; the failed active model is dropped. Returns the new active slot, or None."""
+        previous = self.slot("previous")
+        if previous is None:
+            return None
+        self._write([
+            ("DELETE FROM slots WHERE name = 'active'", ()),
+            ("UPDATE slots SET name = 'active' WHERE name = 'previous'", ()),
+        ])
+        return previous
+
+    def set_shadow(self, slot: Slot | None) -> None:
+        statements: list[tuple[str, tuple[Any, ...]]] = [("DELETE FROM slots WHERE name = 'shadow'", ())]
+        if slot is not None:
+            statements.append(("INSERT INTO slots VALUES ('shadow', ?, ?)", (slot.sha256, slot.ref)))
+        self._write(statements)
+
     def highest_releases(self) -> dict[str, int]:
         with self._lock:
             return dict(self._db.execute("SELECT model, highest FROM releases").fetchall())
@@ -102,21 +122,42 @@ class AgentState:
         self._write([("INSERT OR REPLACE INTO kv VALUES (?, ?)", (key, json.dumps(value)))])
 
     # outbox -----------------------------------------------------------------------------------
-    def enqueue(self, topic: str, counter: str, make_payload: Any) -> int:
-        """Take the next sequence number of ``counter``, build the payload with it, and queue it: atomically."""
+    def enqueue(self, topic: str, counter: str, make_payload: Callable[[int], bytes]) -> int:
+        """Take the next sequence number of ``counter``, build the payload with it, and queue it: atomically.
+
+        When the queue would exceed ``outbox_max_bytes`` the oldest messages are dropped and counted.
+        """
         with self._lock:
             self._db.execute("BEGIN IMMEDIATE")
             try:
-                row = self._db.execute("SELECT value FROM counters WHERE name = ?", (counter,)).fetchone()
-                seq = row[0] + 1 if row else 0
-                self._db.execute("INSERT OR REPLACE INTO counters VALUES (?, ?)", (counter, seq))
+                seq = self._bump(counter, 1, first=0)
+                payload = make_payload(seq)
                 self._db.execute("INSERT INTO outbox (topic, payload, created) VALUES (?, ?, ?)",
-                                 (topic, make_payload(seq), time.time()))
+                                 (topic, payload, time.time()))
+                queued = self._bump("outbox_bytes", len(payload), first=len(payload))
+                while queued > self.outbox_max_bytes:
+                    oldest = self._db.execute("SELECT id, length(payload) FROM outbox ORDER BY id LIMIT 1").fetchone()
+                    if oldest is None:
+                        break
+                    self._db.execute("DELETE FROM outbox WHERE id = ?", (oldest[0],))
+                    queued = self._bump("outbox_bytes", -oldest[1], first=0)
+                    self._bump("outbox_dropped", 1, first=1)
                 self._db.execute("COMMIT")
             except BaseException:
                 self._db.execute("ROLLBACK")
                 raise
-        return int(seq)
+        return seq
+
+    def counter(self, name: str) -> int:
+        row = self._one("SELECT value FROM counters WHERE name = ?", (name,))
+        return int(row[0]) if row else 0
+
+    def _bump(self, name: str, delta: int, *, first: int) -> int:
+        """Add ``delta`` to a counter inside the caller's transaction (``first`` when it is new)."""
+        row = self._db.execute("SELECT value FROM counters WHERE name = ?", (name,)).fetchone()
+        value = int(row[0]) + delta if row else first
+        self._db.execute("INSERT OR REPLACE INTO counters VALUES (?, ?)", (name, value))
+        return value
 
     def pending(self, limit: int = 100) -> list[OutboxItem]:
         with self._lock:
@@ -128,7 +169,11 @@ class AgentState:
         return int(row[0]) if row else 0
 
     def delivered(self, item_id: int) -> None:
-        self._write([("DELETE FROM outbox WHERE id = ?", (item_id,))])
+        self._write([
+            ("UPDATE counters SET value = value - coalesce((SELECT length(payload) FROM outbox WHERE id = ?), 0) "
+             "WHERE name = 'outbox_bytes'", (item_id,)),
+            ("DELETE FROM outbox WHERE id = ?", (item_id,)),
+        ])
 
     # helpers ----------------------------------------------------------------------------------
     def _one(self, sql: str, args: tuple[Any, ...]) -> tuple[Any, ...] | None:
@@ -153,4 +198,5 @@ def describe(state: AgentState) -> dict[str, Any]:
     slots = {name: (slot.ref if (slot := state.slot(name)) else None) for name in SLOTS}
     return {**slots, "update_state": state.get("update_state", "idle"), "last_error": state.get("last_error"),
             "pending_update": (state.get("pending_update") or {}).get("version"),
-            "releases": state.highest_releases(), "outbox_pending": state.pending_count()}
+            "releases": state.highest_releases(), "outbox_pending": state.pending_count(),
+            "outbox_dropped": state.counter("outbox_dropped"), "failed_models": state.get("failed_models", [])}

@@ -1,50 +1,71 @@
-"""The agent's update path: desired state -> download -> verify -> stage -> health check -> activate.
+"""The agent's update path: desired state -> download -> verify -> stage -> health check -> [shadow] -> activate.
 
 Any failure leaves the active model in place and is reported with its reason. The pending target is kept
-in the agent's state, so an agent killed mid-update resumes (the download from where it stopped).
+in the agent's state, so an agent killed at any step resumes (a download from where it stopped). A model that
+was rolled back after activation is remembered and not installed again.
 """
 
 from __future__ import annotations
 
 import hashlib
 import logging
+import os
 import threading
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 from edgefleet.agent.fetch import Fetcher
-from edgefleet.agent.model import LoadedModel, health_check, load_model
+from edgefleet.agent.healthcheck import DEFAULT_COMMAND, run_health_check
+from edgefleet.agent.model import LoadedModel, load_model
 from edgefleet.agent.state import AgentState, Slot
-from edgefleet.core.update import TrustState, decide
+from edgefleet.core.update import AcceptedBundle, TrustState, decide
 from edgefleet.errors import BundleError, EdgefleetError, TransportError
 from edgefleet.transport.messages import ModelRef
+from edgefleet.transport.retry import Backoff
 
 log = logging.getLogger(__name__)
 
 EventSink = Callable[[str, dict[str, str | int | float | None]], None]
 PENDING_KEY = "pending_update"
+SHADOW_KEY = "pending_shadow"
 STEP_KEY = "update_state"
 ERROR_KEY = "last_error"
+FAILED_KEY = "failed_models"
+FAULT_PAUSE_ENV = "EDGEFLEET_FAULT_PAUSE"  # "STEP:SECONDS": hold at a step, for the fault-injection tests
+
+
+@dataclass(frozen=True)
+class HealthPolicy:
+    """How candidates are checked before they may run."""
+
+    timeout_s: float = 30.0
+    latency_budget_ms: float | None = None
+    command: Sequence[str] = DEFAULT_COMMAND
 
 
 class Updater:
-    """Runs updates on its own thread, one at a time, newest desired state wins."""
+    """Runs updates on its own thread, one at a time; the newest desired state wins."""
 
     def __init__(self, state: AgentState, fetcher: Fetcher, trust: Callable[[], TrustState],
-                 activate: Callable[[LoadedModel], None], event: EventSink,
-                 changed: Callable[[], None]) -> None:
+                 activate: Callable[[LoadedModel], None], event: EventSink, changed: Callable[[], None], *,
+                 set_shadow: Callable[[LoadedModel | None], None] | None = None,
+                 health: HealthPolicy = HealthPolicy()) -> None:
         self._state = state
         self._fetcher = fetcher
         self._trust = trust
         self._activate = activate
+        self._set_shadow = set_shadow or (lambda _model: None)
         self._event = event
         self._changed = changed
+        self._health = health
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="updater", daemon=True)
 
     def start(self) -> None:
         self._thread.start()
-        if self._state.get(PENDING_KEY):
+        if self._state.get(PENDING_KEY) or self._state.get(SHADOW_KEY):
             self._wake.set()
 
     def stop(self) -> None:
@@ -52,50 +73,60 @@ class Updater:
         self._wake.set()
         self._thread.join(timeout=10)
 
-    def request(self, target: ModelRef | None) -> None:
-        """Record the desired model; the update thread takes it from there."""
+    def request(self, target: ModelRef | None, shadow: ModelRef | None = None) -> None:
+        """Record the desired model (and shadow candidate); the update thread takes it from there."""
         active = self._state.slot("active")
         if target is None or (active is not None and active.sha256 == target.sha256):
             self._state.put(PENDING_KEY, None)
-            return
-        self._state.put(PENDING_KEY, target.model_dump(mode="json"))
+        elif target.sha256 in self._state.get(FAILED_KEY, []):
+            self._state.put(PENDING_KEY, None)
+            self._step("idle", error=f"{target.ref} was rolled back on this device; not installing it again",
+                       refused=target.ref, reason="failed_before")
+        else:
+            self._state.put(PENDING_KEY, target.model_dump(mode="json"))
+        current_shadow = self._state.slot("shadow")
+        if shadow is None or (current_shadow is not None and current_shadow.sha256 == shadow.sha256):
+            self._state.put(SHADOW_KEY, None)
+            if shadow is None and current_shadow is not None:
+                self._state.set_shadow(None)
+                self._set_shadow(None)
+                self._changed()
+        else:
+            self._state.put(SHADOW_KEY, shadow.model_dump(mode="json"))
         self._wake.set()
 
+    def remember_failed(self, sha256: str) -> None:
+        failed = [s for s in self._state.get(FAILED_KEY, []) if s != sha256][-15:]
+        self._state.put(FAILED_KEY, [*failed, sha256])
+
     def _loop(self) -> None:
-        retry_s: float | None = None
+        backoff = Backoff(base_s=1.0, cap_s=60.0)
+        delay: float | None = None
         while not self._stop.is_set():
-            self._wake.wait(timeout=retry_s)
+            self._wake.wait(timeout=delay)
             self._wake.clear()
-            pending = self._state.get(PENDING_KEY)
-            if self._stop.is_set() or not pending:
-                retry_s = None
-                continue
-            target = ModelRef.model_validate(pending)
+            if self._stop.is_set():
+                return
+            pending, shadow = self._state.get(PENDING_KEY), self._state.get(SHADOW_KEY)
             try:
-                self.install(target)
-                retry_s = None
+                if pending:
+                    self.install(ModelRef.model_validate(pending))
+                elif shadow:
+                    self.install_shadow(ModelRef.model_validate(shadow))
+                backoff.reset()
+                delay = 0.0 if (self._state.get(PENDING_KEY) or self._state.get(SHADOW_KEY)) else None
             except TransportError as exc:  # the network: try again later, keep the partial download
-                log.warning("update to %s waits: %s", target.ref, exc)
+                log.warning("update waits: %s", exc)
                 self._step("idle", error=str(exc))
-                retry_s = min((retry_s or 0.5) * 2, 60.0)
+                delay = backoff.next_delay()
 
     def install(self, target: ModelRef) -> None:
         """One update attempt. Refusals are final for this target; transport errors propagate for a retry."""
-        part = self._state.data_dir / "downloads" / f"{target.sha256}.part"
         try:
-            self._step("downloading", target=target.ref)
-            data = self._fetcher.fetch(target.url, part, target.size)
-            self._step("verifying", target=target.ref)
-            if hashlib.sha256(data).hexdigest() != target.sha256:
-                part.unlink(missing_ok=True)
-                raise BundleError("downloaded bundle does not match the announced SHA-256", reason="hash_mismatch")
-            accepted = decide(data, self._trust())
-            self._state.save_bundle(accepted.sha256, data)
+            accepted = self._verified(target)
             self._state.stage(Slot(accepted.sha256, accepted.manifest.ref))
-            part.unlink(missing_ok=True)
-            self._step("health_checking", target=target.ref)
-            model = load_model(accepted)
-            health_check(model)
+            self._step("staged", target=target.ref)
+            model = self._checked(accepted, target)
             self._step("activating", target=target.ref)
             self._state.activate_candidate(accepted.manifest.name, accepted.manifest.release)
             self._activate(model)
@@ -104,16 +135,72 @@ class Updater:
         except TransportError:
             raise
         except EdgefleetError as exc:
-            reason = getattr(exc, "reason", type(exc).__name__)
-            log.warning("refused %s (%s): %s", target.ref, reason, exc)
+            self._refuse(target, exc, PENDING_KEY)
+
+    def install_shadow(self, target: ModelRef) -> None:
+        """Verify and health-check a shadow candidate; it then runs beside the active model and only reports."""
+        try:
+            accepted = self._verified(target)
+            model = self._checked(accepted, target)
+            self._state.set_shadow(Slot(accepted.sha256, accepted.manifest.ref))
+            self._set_shadow(model)
+            self._state.put(SHADOW_KEY, None)
+            self._step("idle", shadowing=target.ref)
+        except TransportError:
+            raise
+        except EdgefleetError as exc:
+            self._refuse(target, exc, SHADOW_KEY)
+
+    def _verified(self, target: ModelRef) -> AcceptedBundle:
+        stored = self._state.bundle_path(target.sha256)
+        if stored.exists():
+            data = stored.read_bytes()
+        else:
+            self._step("downloading", target=target.ref)
+            part = self._state.data_dir / "downloads" / f"{target.sha256}.part"
+            data = self._fetcher.fetch(target.url, part, target.size)
+            part.unlink(missing_ok=True)
+        self._step("verifying", target=target.ref)
+        if hashlib.sha256(data).hexdigest() != target.sha256:
+            raise BundleError("downloaded bundle does not match the announced SHA-256", reason="hash_mismatch")
+        previous = self._state.slot("previous")  # going back one step is not a rollback attack
+        accepted = decide(data, self._trust(), allow_rollback=previous is not None and previous.sha256 == target.sha256)
+        if not stored.exists():
+            self._state.save_bundle(accepted.sha256, data)
+        return accepted
+
+    def _checked(self, accepted: AcceptedBundle, target: ModelRef) -> LoadedModel:
+        self._step("health_checking", target=target.ref)
+        latency = run_health_check(accepted.model, accepted.manifest, self._state.data_dir / "health",
+                                   timeout_s=self._health.timeout_s,
+                                   latency_budget_ms=self._health.latency_budget_ms, command=self._health.command)
+        log.info("%s passed its health check (%.3f ms per window)", target.ref, latency)
+        return load_model(accepted)
+
+    def _refuse(self, target: ModelRef, exc: EdgefleetError, key: str) -> None:
+        reason = getattr(exc, "reason", None) or type(exc).__name__
+        log.warning("refused %s (%s): %s", target.ref, reason, exc)
+        if key == PENDING_KEY:
             self._state.drop_candidate()
-            self._state.put(PENDING_KEY, None)
-            self._step("idle", error=f"{target.ref} refused ({reason}): {exc}", refused=target.ref, reason=reason)
+        self._state.put(key, None)
+        if all((slot := self._state.slot(name)) is None or slot.sha256 != target.sha256
+               for name in ("active", "previous", "shadow")):
+            self._state.bundle_path(target.sha256).unlink(missing_ok=True)
+        self._step("idle", error=f"{target.ref} refused ({reason}): {exc}", refused=target.ref, reason=reason)
 
     def _step(self, step: str, *, error: str | None = None, **detail: str) -> None:
         self._state.put(STEP_KEY, step)
         if error is not None or "activated" in detail:
             self._state.put(ERROR_KEY, error)
-        name = "refused" if "refused" in detail else ("activated" if "activated" in detail else step)
+        name = next((k for k in ("refused", "activated", "shadowing") if k in detail), step)
         self._event(name, {**detail, "error": error} if error else dict(detail))
         self._changed()
+        _fault_pause(step)
+
+
+def _fault_pause(step: str) -> None:
+    """Hold at ``step`` when EDGEFLEET_FAULT_PAUSE names it (fault-injection tests kill the agent there)."""
+    spec = os.environ.get(FAULT_PAUSE_ENV, "")
+    name, _, seconds = spec.partition(":")
+    if name == step:
+        time.sleep(float(seconds or "30"))

@@ -1,0 +1,100 @@
+"""The candidate's health check, run in a child process so that a crashing or hanging model cannot take the
+agent down. ``python -m edgefleet.agent.healthcheck MODEL MANIFEST`` prints one JSON line and exits 0.
+
+The parent (:func:`run_health_check`) turns a crash (signal or non-zero exit), a hang (time limit), NaN/Inf
+outputs, outputs off the golden samples beyond tolerance, or latency over budget into a ModelError.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+from edgefleet.core.manifest import Manifest, check_golden
+from edgefleet.errors import EdgefleetError, ModelError
+from edgefleet.storage import atomic_write
+
+DEFAULT_COMMAND: tuple[str, ...] = (sys.executable, "-m", "edgefleet.agent.healthcheck")
+LATENCY_BUDGET_KEY = "max_latency_ms"
+
+
+def run_health_check(model: bytes, manifest: Manifest, work_dir: Path, *, timeout_s: float = 30.0,
+                     latency_budget_ms: float | None = None,
+                     command: Sequence[str] = DEFAULT_COMMAND) -> float:
+    """Check the candidate in a child process; return its median latency in ms or raise ModelError."""
+    work_dir.mkdir(parents=True, exist_ok=True)
+    model_path, manifest_path = work_dir / "candidate.onnx", work_dir / "candidate.manifest.json"
+    atomic_write(model_path, model, mode=0o600)
+    atomic_write(manifest_path, manifest.model_dump_json().encode(), mode=0o600)
+    try:
+        result = subprocess.run([*command, str(model_path), str(manifest_path)], capture_output=True,
+                                timeout=timeout_s, stdin=subprocess.DEVNULL)
+    except subprocess.TimeoutExpired as exc:
+        raise ModelError(f"health check: the model hung (no answer within {timeout_s:.0f} s)") from exc
+    finally:
+        model_path.unlink(missing_ok=True)
+        manifest_path.unlink(missing_ok=True)
+    if result.returncode < 0:
+        raise ModelError(f"health check: the model crashed the runtime (signal {-result.returncode})")
+    try:
+        report = json.loads(result.stdout.decode().strip().splitlines()[-1])
+    except (ValueError, IndexError) as exc:
+        tail = result.stderr.decode(errors="replace").strip().splitlines()[-1:] or ["no output"]
+        raise ModelError(f"health check: the checker exited {result.returncode}: {tail[0][:200]}") from exc
+    if not report.get("ok"):
+        raise ModelError(f"health check: {report.get('error', 'failed')}")
+    latency = float(report["latency_ms"])
+    budget = latency_budget_ms if latency_budget_ms is not None else manifest.thresholds.get(LATENCY_BUDGET_KEY)
+    if budget is not None and latency > budget:
+        raise ModelError(f"health check: latency {latency:.2f} ms is over the {budget:g} ms budget")
+    return latency
+
+
+def check(model_path: Path, manifest_path: Path, runs: int = 20) -> float:
+    """Load and run the model: golden samples within tolerance, finite outputs; the median latency in ms."""
+    from edgefleet.runtime.preprocess import WindowSpec
+    from edgefleet.runtime.runner import OnnxRuntimeRunner
+
+    manifest = Manifest.model_validate_json(manifest_path.read_bytes())
+    runner = OnnxRuntimeRunner(model_path.read_bytes())
+    check_golden(manifest, runner.run)
+    spec = WindowSpec.from_manifest(manifest.preprocess)
+    probe = np.zeros((1, spec.channels, spec.window), dtype=np.float32)
+    output = runner.run(probe)
+    labels = manifest.labels
+    if output.ndim != 2 or output.shape[0] != 1 or (labels and output.shape[1] != len(labels)):
+        raise ModelError(f"output shape {output.shape} does not match {len(labels)} labels")
+    if not np.all(np.isfinite(output)):
+        raise ModelError("the model returned NaN or Inf")
+    timings = []
+    for _ in range(runs):
+        started = time.perf_counter()
+        runner.run(probe)
+        timings.append((time.perf_counter() - started) * 1000.0)
+    return float(np.median(timings))
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = list(sys.argv[1:] if argv is None else argv)
+    if len(args) != 2:
+        print(json.dumps({"ok": False, "error": "usage: healthcheck MODEL MANIFEST"}))
+        return 2
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    try:
+        latency = check(Path(args[0]), Path(args[1]))
+    except (EdgefleetError, OSError, ValueError) as exc:
+        print(json.dumps({"ok": False, "error": str(exc)}))
+        return 0
+    print(json.dumps({"ok": True, "latency_ms": latency}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -72,15 +72,20 @@ class DeltaFile:
                               len(self.holes), len(body))
         return header + body
 
+    @staticmethod
+    def header(data: bytes) -> tuple[Any, ...]:
+        """The header's fields, checked for magic and format only."""
+        if len(data) < _HEADER.size:
+            raise BundleError("delta is truncated: no header", reason="truncated")
+        fields = _HEADER.unpack_from(data, 0)
+        if fields[0] != MAGIC or fields[1] != FORMAT:
+            raise BundleError("not an edgefleet delta (bad magic bytes or format)", reason="malformed")
+        return tuple(fields)
+
     @classmethod
     def decode(cls, data: bytes, base_manifest: bytes, limits: Limits = Limits()) -> DeltaFile:
         """Parse a delta file, capping every size first; BundleError on anything unexpected."""
-        if len(data) < _HEADER.size:
-            raise BundleError("delta is truncated: no header", reason="truncated")
-        magic, fmt, base, target, bundle_size, n_manifest, n_sigs, n_skeleton, n_holes, n_body = \
-            _HEADER.unpack_from(data, 0)
-        if magic != MAGIC or fmt != FORMAT:
-            raise BundleError("not an edgefleet delta (bad magic bytes or format)", reason="malformed")
+        _, _, base, target, bundle_size, n_manifest, n_sigs, n_skeleton, n_holes, n_body = cls.header(data)
         if n_manifest > limits.max_manifest_bytes or n_sigs > limits.max_signature_bytes:
             raise BundleError("delta's manifest or signatures are over the size limit", reason="oversized")
         if n_skeleton > limits.max_member_bytes or bundle_size > limits.max_member_bytes + (1 << 24):
@@ -147,9 +152,9 @@ def apply(a: bytes, delta: bytes, *, limits: Limits = Limits()) -> bytes:
     if MODEL not in a_members:
         raise BundleError("the base bundle's model is encrypted; a delta cannot apply to it", reason="malformed")
     base_model = a_members[MODEL]
-    parsed = DeltaFile.decode(delta, a_members[MANIFEST], limits)
-    if hashlib.sha256(base_model).digest() != parsed.base_model_sha256:
+    if hashlib.sha256(base_model).digest() != DeltaFile.header(delta)[2]:
         raise BundleError("delta was made against another base model", reason="delta_base_mismatch")
+    parsed = DeltaFile.decode(delta, a_members[MANIFEST], limits)
     digest = Manifest.from_bytes(parsed.manifest).members.get(MODEL)
     if digest is None or digest.size > limits.max_member_bytes:
         raise BundleError("delta's manifest names no clear model within the size limit", reason="malformed")

@@ -49,24 +49,29 @@ def load_checked(model_bytes: bytes) -> onnx.ModelProto:
     return model
 
 
-def check_calibration(calib_x: np.ndarray, model: onnx.ModelProto) -> tuple[str, np.ndarray]:
-    """Return the model's input name and calib_x as float32, or raise DataError."""
+def check_calibration(
+    calib_x: np.ndarray, model: onnx.ModelProto, what: str = "calibration data"
+) -> tuple[str, np.ndarray]:
+    """Return the model's input name and the array as float32, or raise DataError."""
     inputs = [i for i in model.graph.input if i.name not in {t.name for t in model.graph.initializer}]
     if len(inputs) != 1:
         raise ModelError(f"expected a model with one input, got {len(inputs)}")
     dims = inputs[0].type.tensor_type.shape.dim
     try:
-        x = np.ascontiguousarray(calib_x, dtype=np.float32)
+        raw = np.asarray(calib_x)
+        if raw.dtype.kind not in "fiu":
+            raise DataError(f"{what} must hold real numbers (float or integer), got dtype {raw.dtype}")
+        x = np.ascontiguousarray(raw, dtype=np.float32)
     except (TypeError, ValueError) as exc:
-        raise DataError(f"calibration data is not numeric: {exc}") from exc
+        raise DataError(f"{what} is not numeric: {exc}") from exc
     if x.ndim != len(dims) or len(x) == 0:
-        raise DataError(f"calibration data must be a non-empty rank-{len(dims)} array, got shape {x.shape}")
+        raise DataError(f"{what} must be a non-empty rank-{len(dims)} array, got shape {x.shape}")
     expected = [d.dim_value if d.HasField("dim_value") else None for d in dims]
     if any(e is not None and e != got for e, got in zip(expected[1:], x.shape[1:], strict=True)):
         shown = ["?" if e is None else str(e) for e in expected]
-        raise DataError(f"calibration data has shape {x.shape}; the model's input is [{', '.join(shown)}]")
+        raise DataError(f"{what} has shape {x.shape}; the model's input is [{', '.join(shown)}]")
     if not np.isfinite(x).all():
-        raise DataError("calibration data contains NaN or infinite values")
+        raise DataError(f"{what} contains NaN or infinite values")
     return inputs[0].name, x
 
 

@@ -48,19 +48,19 @@ class RescueSpec(_Frozen):
     """Keep the most sensitive nodes in float when no candidate meets the gate."""
 
     enabled: bool = True
-    max_float_fraction: float = Field(0.5, gt=0, le=1)
-    samples: int = Field(64, ge=1)
+    max_float_fraction: float = Field(default=0.5, gt=0, le=1)
+    samples: int = Field(default=64, ge=1)
 
 
 class LatencySpec(_Frozen):
     """How latency is timed with ONNX Runtime on this host."""
 
     batches: tuple[int, ...] = (1, 32)
-    warmup: int = Field(5, ge=0)
-    budget_s: float = Field(0.5, gt=0)
-    min_runs: int = Field(10, ge=1)
-    max_runs: int = Field(200, ge=1)
-    threads: int = Field(1, ge=1)
+    warmup: int = Field(default=5, ge=0)
+    budget_s: float = Field(default=0.5, gt=0)
+    min_runs: int = Field(default=10, ge=1)
+    max_runs: int = Field(default=200, ge=1)
+    threads: int = Field(default=1, ge=1)
 
 
 def _default_candidates() -> list[CandidateSpec]:
@@ -74,11 +74,11 @@ def _default_candidates() -> list[CandidateSpec]:
 class Recipe(_Frozen):
     """What a build tries and how it decides."""
 
-    max_accuracy_drop: float = Field(1.0, ge=0, description="percentage points, absolute")
-    calibration_samples: int = Field(256, ge=1)
+    max_accuracy_drop: float = Field(default=1.0, ge=0, description="percentage points, absolute")
+    calibration_samples: int = Field(default=256, ge=1)
     candidates: list[CandidateSpec] = Field(default_factory=_default_candidates)
     rescue: RescueSpec = RescueSpec()
-    size_tolerance: float = Field(0.05, ge=0)
+    size_tolerance: float = Field(default=0.05, ge=0)
     latency: LatencySpec = LatencySpec()
     seed: int = 0
 

@@ -56,6 +56,7 @@ def _register_groups() -> None:
 
     app.add_typer(keys_app, name="keys")
     app.add_typer(bundle_app, name="bundle")
+    __import__("edgefleet.cli.build", fromlist=["register"]).register(app)
     app.add_typer(agent_app, name="agent")
 
 

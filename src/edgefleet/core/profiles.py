@@ -25,7 +25,7 @@ class DeviceProfile(BaseModel):
     name: str = Field(pattern=r"^[a-z0-9][a-z0-9_-]{0,63}$")
     description: str = ""
     ram_bytes: int = Field(gt=0, description="memory at the low end of the class")
-    usable_ram_fraction: float = Field(0.5, gt=0, le=1, description="share left to the model by OS and app")
+    usable_ram_fraction: float = Field(default=0.5, gt=0, le=1, description="share left to the model by OS and app")
     storage_bytes: int = Field(gt=0, description="flash or disk available for the model file")
     int8_macs_per_s: float = Field(gt=0, description="sustained int8 multiply-accumulates per second")
     float_macs_per_s: float = Field(gt=0, description="sustained float32 multiply-accumulates per second")

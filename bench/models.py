@@ -1,0 +1,70 @@
+"""Models for the benchmarks, trained briefly on real data that packages ship (plain torch, no torchvision).
+
+* ``mobilenet_v2``: MobileNetV2 (inverted residuals, ReLU6, width multiplier) written out in plain torch;
+* ``digits_96``: scikit-learn's 8x8 digits upscaled to 96x96x3, the input size of small MobileNets.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+
+def _make_divisible(value: float, divisor: int = 8) -> int:
+    out = max(divisor, int(value + divisor / 2) // divisor * divisor)
+    return out + divisor if out < 0.9 * value else out
+
+
+def mobilenet_v2(n_classes: int, width: float = 0.5, in_channels: int = 3) -> Any:
+    """MobileNetV2 (Sandler et al. 2018) with width multiplier ``width``; last channel kept at 1280."""
+    from torch import nn
+
+    def conv_bn(inp: int, out: int, stride: int, groups: int = 1, kernel: int = 3, act: bool = True) -> nn.Module:
+        layers: list[nn.Module] = [nn.Conv2d(inp, out, kernel, stride, kernel // 2, groups=groups, bias=False),
+                                   nn.BatchNorm2d(out)]
+        if act:
+            layers.append(nn.ReLU6(inplace=True))
+        return nn.Sequential(*layers)
+
+    class InvertedResidual(nn.Module):
+        def __init__(self, inp: int, out: int, stride: int, expand: int) -> None:
+            super().__init__()
+            hidden = inp * expand
+            layers = [conv_bn(inp, hidden, 1, kernel=1)] if expand != 1 else []
+            layers += [conv_bn(hidden, hidden, stride, groups=hidden), conv_bn(hidden, out, 1, kernel=1, act=False)]
+            self.block = nn.Sequential(*layers)
+            self.residual = stride == 1 and inp == out
+
+        def forward(self, x: Any) -> Any:
+            return x + self.block(x) if self.residual else self.block(x)
+
+    settings = [(1, 16, 1, 1), (6, 24, 2, 2), (6, 32, 3, 2), (6, 64, 4, 2), (6, 96, 3, 1), (6, 160, 3, 2),
+                (6, 320, 1, 1)]
+    channels = _make_divisible(32 * width)
+    layers: list[nn.Module] = [conv_bn(in_channels, channels, 2)]
+    for expand, c, n, s in settings:
+        out = _make_divisible(c * width)
+        for i in range(n):
+            layers.append(InvertedResidual(channels, out, s if i == 0 else 1, expand))
+            channels = out
+    layers += [conv_bn(channels, 1280, 1, kernel=1), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Dropout(0.2),
+               nn.Linear(1280, n_classes)]
+    return nn.Sequential(*layers)
+
+
+def digits_96(seed: int = 0) -> dict[str, Any]:
+    """Digits upscaled (bilinear) to [n, 3, 96, 96], standardized; the same split as edgefleet's ``digits``."""
+    import torch
+    import torch.nn.functional as F
+
+    from edgefleet.data.datasets import load_dataset
+
+    ds = load_dataset("digits")
+
+    def up(x: np.ndarray) -> np.ndarray:
+        t = F.interpolate(torch.from_numpy(x), size=(96, 96), mode="bilinear", align_corners=False)
+        return ((t.repeat(1, 3, 1, 1) - 0.3) / 0.4).numpy().astype(np.float32)
+
+    return {"train_x": up(ds.train_x), "train_y": ds.train_y, "test_x": up(ds.test_x), "test_y": ds.test_y,
+            "labels": list(ds.labels)}

@@ -1,0 +1,107 @@
+"""``edgefleet build``: compress a model under an accuracy gate, measure it, check device profiles, sign it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from edgefleet.errors import ConfigError, ModelError
+
+
+def build(
+    model: Annotated[str | None, typer.Argument(help="ONNX file, or module:function returning (torch model, data)")]
+    = None,
+    key: Annotated[Path, typer.Option(help="signing.key")] = Path("signing.key"),
+    out: Annotated[Path, typer.Option(help="bundle file to write")] = Path("model.efb"),
+    name: Annotated[str, typer.Option(help="model name in the bundle")] = "model",
+    version: Annotated[str, typer.Option(help="semantic version, e.g. 1.0.0")] = "0.1.0",
+    data: Annotated[Path | None, typer.Option(help=".npz with calib_x, test_x, test_y (for an ONNX file)")] = None,
+    dataset: Annotated[str | None, typer.Option(help="train a default model on a bundled dataset instead: "
+                                                "BasicMotions, ItalyPowerDemand, GunPoint, ACSF1, digits")] = None,
+    recipe: Annotated[Path | None, typer.Option(help="recipe YAML (default: the built-in recipe)")] = None,
+    profile: Annotated[list[str] | None, typer.Option(help="device profile to check (repeatable; default: all)")]
+    = None,
+    profiles_file: Annotated[Path | None, typer.Option(help="YAML with user device profiles")] = None,
+    max_accuracy_drop: Annotated[float | None, typer.Option(help="percentage points (default 1.0)")] = None,
+    report: Annotated[Path | None, typer.Option(help="write REPORT.json here (and a .png plot beside it)")] = None,
+    plot: Annotated[Path | None, typer.Option(help="write the Pareto plot here (default: REPORT.png)")] = None,
+    release: Annotated[int, typer.Option(help="monotonic release counter")] = 1,
+    epochs: Annotated[int, typer.Option(min=1, help="training epochs with --dataset")] = 60,
+) -> None:
+    """Compress MODEL under an accuracy gate, report every candidate, and sign the chosen one as a bundle.
+
+    Exits non-zero, writing no bundle, when no candidate keeps the accuracy drop within the gate.
+    """
+    from rich.console import Console
+
+    from edgefleet.build.inputs import from_dataset, from_factory, from_onnx
+    from edgefleet.build.pipeline import BuildSearch
+    from edgefleet.build.recipe import load_recipe
+    from edgefleet.build.report import plot as draw
+    from edgefleet.build.report import print_table, report_json, write_json
+    from edgefleet.bundle.pack import BundleSpec, pack_bundle, write_bundle
+    from edgefleet.bundle.signing import load_signing_key
+    from edgefleet.core.profiles import BUILTIN_PROFILES, parse_profiles, resolve
+
+    console = Console(stderr=True)
+    signing_key = load_signing_key(key)  # fail on a bad key before minutes of work
+    the_recipe = load_recipe(_read_text(recipe) if recipe else None)
+    if max_accuracy_drop is not None:
+        if max_accuracy_drop < 0:
+            raise ConfigError("--max-accuracy-drop must be >= 0")
+        the_recipe = the_recipe.model_copy(update={"max_accuracy_drop": max_accuracy_drop})
+    user = parse_profiles(_read_text(profiles_file)) if profiles_file else {}
+    profiles = resolve(profile or [*BUILTIN_PROFILES, *(n for n in user if n not in BUILTIN_PROFILES)], user)
+
+    if dataset is not None:
+        if model is not None or data is not None:
+            raise ConfigError("give either --dataset or MODEL (with --data), not both")
+        inputs = from_dataset(dataset, epochs=epochs, seed=the_recipe.seed)
+    elif model is None:
+        raise ConfigError("give MODEL (an ONNX file with --data, or module:function) or --dataset NAME")
+    elif not model.endswith(".onnx") and ":" in model and not Path(model).exists():
+        inputs = from_factory(model)
+    else:
+        if data is None:
+            raise ConfigError("an ONNX model needs --data DATA.npz with calib_x, test_x and test_y")
+        inputs = from_onnx(Path(model), data)
+
+    outcome = BuildSearch(inputs.model, inputs.data, the_recipe, profiles,
+                          progress=lambda msg: console.print(f"[dim]{msg}[/dim]", highlight=False)).run()
+    print_table(outcome, Console())
+    if report is not None:
+        write_json(report, report_json(outcome, name=name, version=version))
+        plot = plot or report.with_suffix(".png")
+    if plot is not None:
+        draw(outcome, plot)
+    if outcome.chosen is None or outcome.chosen.model is None:
+        raise ModelError(f"no bundle written: {outcome.reason}")
+    chosen = outcome.chosen
+    assert chosen.analysis is not None
+    metrics = {"accuracy": float(chosen.accuracy or 0.0), "float_accuracy": float(outcome.baseline.accuracy or 0.0),
+               "accuracy_drop_pp": float(chosen.drop_pp or 0.0), "size_bytes": float(chosen.size_bytes),
+               "macs": float(chosen.analysis.macs), "params": float(chosen.analysis.params),
+               "arena_bytes": float(chosen.analysis.arena.arena_bytes),
+               "energy_uj_estimate": chosen.analysis.energy.total_uj}
+    metrics.update({f"latency_b{b}_ms": s.median_ms for b, s in chosen.latency.items()})
+    fitting = [v.profile for v in chosen.verdicts if v.fits]
+    bundle = pack_bundle(chosen.model, signing_key, BundleSpec(
+        name=name, version=version, release=release, labels=inputs.labels, preprocess=inputs.preprocess,
+        metrics=metrics, profiles=fitting))
+    write_bundle(out, bundle)
+    typer.echo(f"{name}@{version} ({chosen.label}) -> {out} ({len(bundle)} bytes); "
+               f"fits: {', '.join(fitting) or 'none'}")
+
+
+def register(app: typer.Typer) -> None:
+    """Add ``build`` to the edgefleet command."""
+    app.command("build")(build)
+
+
+def _read_text(path: Path) -> str:
+    try:
+        return path.read_text()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"cannot read {path}: {exc}") from exc

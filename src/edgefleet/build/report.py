@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import platform
+from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -149,9 +150,12 @@ def plot(outcome: BuildOutcome, path: Path) -> None:
     cands = [c for c in [outcome.baseline, *outcome.candidates] if c.accuracy is not None and c.model]
     fig, axes = plt.subplots(1, 2, figsize=(13, 5.8))
     gate = 100 * (outcome.baseline.accuracy or 0.0) - outcome.max_accuracy_drop
-    for ax, (xlabel, xof) in zip(axes, (("model size (KB)", lambda c: c.size_bytes / 1024),
-                                        ("latency, batch 1 (ms, median)", lambda c: c.latency_ms(1))), strict=True):
-        pts = [(float(xof(c)), 100 * (c.accuracy or 0.0)) for c in cands]
+    panels: list[tuple[str, Callable[[Candidate], float]]] = [
+        ("model size (KB)", lambda c: c.size_bytes / 1024),
+        ("latency, batch 1 (ms, median)", lambda c: c.latency_ms(1)),
+    ]
+    for ax, (xlabel, xof) in zip(axes, panels, strict=True):
+        pts = [(xof(c), 100 * (c.accuracy or 0.0)) for c in cands]
         front = pareto(pts)
         ax.step([pts[i][0] for i in front], [pts[i][1] for i in front], where="post", color="tab:orange", lw=1.5,
                 zorder=1)
@@ -173,7 +177,7 @@ def plot(outcome: BuildOutcome, path: Path) -> None:
         xs = [p[0] for p in pts if p[0] > 0 and p[0] != float("inf")]
         if xs and max(xs) / min(xs) > 20:
             ax.set_xscale("log")
-        ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _pos: f"{v:g}"))
+        ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _pos: f"{v:g}"))  # type: ignore[no-untyped-call]
         ax.set_xlabel(xlabel)
         ax.set_ylabel("test accuracy (%)")
         ax.grid(True, which="major", alpha=0.3)

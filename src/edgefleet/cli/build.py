@@ -76,10 +76,9 @@ def build(
         plot = plot or report.with_suffix(".png")
     if plot is not None:
         draw(outcome, plot)
-    if outcome.chosen is None or outcome.chosen.model is None:
-        raise ModelError(f"no bundle written: {outcome.reason}")
     chosen = outcome.chosen
-    assert chosen.analysis is not None
+    if chosen is None or chosen.model is None or chosen.analysis is None:
+        raise ModelError(f"no bundle written: {outcome.reason}")
     metrics = {"accuracy": float(chosen.accuracy or 0.0), "float_accuracy": float(outcome.baseline.accuracy or 0.0),
                "accuracy_drop_pp": float(chosen.drop_pp or 0.0), "size_bytes": float(chosen.size_bytes),
                "macs": float(chosen.analysis.macs), "params": float(chosen.analysis.params),

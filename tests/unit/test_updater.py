@@ -2,61 +2,29 @@
 
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
-from typing import Any
 
 import pytest
 
-from edgefleet.agent.fetch import InMemoryFetcher
-from edgefleet.agent.model import LoadedModel
-from edgefleet.agent.state import AgentState
-from edgefleet.agent.updater import ERROR_KEY, Updater
+from edgefleet.agent.updater import ERROR_KEY
 from edgefleet.bundle.container import MODEL, read_container, write_container
-from edgefleet.bundle.pack import BundleSpec, pack_bundle
 from edgefleet.bundle.signing import SigningKey
-from edgefleet.core.update import TrustState
-from edgefleet.testing.synthetic import LABELS, channel_mean_model, preprocess_spec
-from edgefleet.transport.messages import ModelRef
+from edgefleet.testing.agents import UpdaterHarness, signed_bundle
+from edgefleet.testing.synthetic import channel_mean_model
 
 KEY = SigningKey.generate()
 
 
 def make_bundle(version: str, release: int, model: bytes | None = None) -> bytes:
-    return pack_bundle(model or channel_mean_model(), KEY, BundleSpec(
-        name="clf", version=version, release=release, labels=list(LABELS), preprocess=preprocess_spec()))
-
-
-def ref(data: bytes, version: str, release: int) -> ModelRef:
-    digest = hashlib.sha256(data).hexdigest()
-    return ModelRef(name="clf", version=version, release=release, sha256=digest, size=len(data),
-                    url=f"/artifacts/{digest}")
-
-
-class Harness:
-    def __init__(self, tmp: Path) -> None:
-        self.state = AgentState(tmp)
-        self.fetcher = InMemoryFetcher()
-        self.active: list[LoadedModel] = []
-        self.events: list[tuple[str, dict[str, Any]]] = []
-        self.updater = Updater(self.state, self.fetcher,
-                               lambda: TrustState(keys={KEY.public.key_id: KEY.public},
-                                                  highest_release=self.state.highest_releases()),
-                               self.active.append, lambda name, detail: self.events.append((name, detail)),
-                               lambda: None)
-
-    def install(self, data: bytes, version: str, release: int) -> None:
-        target = ref(data, version, release)
-        self.fetcher.artifacts[target.url] = data
-        self.updater.install(target)
+    return signed_bundle(KEY, version, release, model)
 
 
 @pytest.fixture
-def harness(tmp_path: Path) -> Harness:
-    return Harness(tmp_path)
+def harness(tmp_path: Path) -> UpdaterHarness:
+    return UpdaterHarness(tmp_path, KEY)
 
 
-def test_install_activates_and_keeps_the_previous_slot(harness: Harness) -> None:
+def test_install_activates_and_keeps_the_previous_slot(harness: UpdaterHarness) -> None:
     harness.install(make_bundle("1.0.0", 1), "1.0.0", 1)
     harness.install(make_bundle("1.1.0", 2), "1.1.0", 2)
     assert harness.state.slot("active").ref == "clf@1.1.0"  # type: ignore[union-attr]
@@ -65,7 +33,7 @@ def test_install_activates_and_keeps_the_previous_slot(harness: Harness) -> None
     assert [e[0] for e in harness.events].count("activated") == 2
 
 
-def test_model_bytes_changed_after_signing_are_refused_and_active_kept(harness: Harness) -> None:
+def test_model_bytes_changed_after_signing_are_refused_and_active_kept(harness: UpdaterHarness) -> None:
     harness.install(make_bundle("1.0.0", 1), "1.0.0", 1)
     members = read_container(make_bundle("1.1.0", 2))
     model = bytearray(members[MODEL])
@@ -80,7 +48,7 @@ def test_model_bytes_changed_after_signing_are_refused_and_active_kept(harness: 
     assert len(harness.active) == 1
 
 
-def test_a_model_that_fails_its_health_check_is_refused(harness: Harness) -> None:
+def test_a_model_that_fails_its_health_check_is_refused(harness: UpdaterHarness) -> None:
     harness.install(make_bundle("1.0.0", 1), "1.0.0", 1)
     nan_model = channel_mean_model(bias=[float("nan")] * 4)
     harness.install(make_bundle("2.0.0", 2, nan_model), "2.0.0", 2)
@@ -89,7 +57,7 @@ def test_a_model_that_fails_its_health_check_is_refused(harness: Harness) -> Non
     assert harness.state.highest_releases() == {"clf": 1}
 
 
-def test_an_older_release_is_refused_as_rollback(harness: Harness) -> None:
+def test_an_older_release_is_refused_as_rollback(harness: UpdaterHarness) -> None:
     harness.install(make_bundle("2.0.0", 2), "2.0.0", 2)
     harness.install(make_bundle("1.0.0", 1), "1.0.0", 1)
     assert harness.events[-1][1]["reason"] == "rollback"

@@ -151,11 +151,14 @@ def deployed_graph(model: onnx.ModelProto) -> tuple[list[_Node], set[str]]:
     def from_dq(name: str) -> bool:
         return name in producer and producer[name].op_type == _DQ
 
+    float_weights = {t.name for t in model.graph.initializer
+                     if t.data_type in (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE)}
     for node in nodes:
         if node.op_type in (_Q, _DQ):
             continue
         data = [x for x in node.inputs if x and x not in initializers]
-        node.int8 = node.op_type in _INT_OPS or (bool(data) and all(from_dq(x) for x in data))
+        node.int8 = node.op_type in _INT_OPS or (
+            bool(data) and all(from_dq(x) for x in data) and not any(x in float_weights for x in node.inputs))
     alias: dict[str, str] = {}
     folded: set[int] = set()
     weights: set[str] = set()

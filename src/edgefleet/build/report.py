@@ -181,7 +181,7 @@ def plot(outcome: BuildOutcome, path: Path) -> None:
         ax.set_xlabel(xlabel)
         ax.set_ylabel("test accuracy (%)")
         ax.grid(True, which="major", alpha=0.3)
-        ax.legend(loc="lower right", fontsize=8)
+        ax.legend(loc="best", fontsize=8)
     key = "   ".join(f"{i}: {c.label}" for i, c in enumerate(cands))
     fig.text(0.01, 0.01, key, fontsize=7, wrap=True, va="bottom")
     fig.suptitle("edgefleet build: accuracy vs size and latency (grey: fails the gate, star: float baseline)")

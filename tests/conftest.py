@@ -53,3 +53,31 @@ def any_broker(request: pytest.FixtureRequest) -> MqttEndpoint:
     """Each broker kind in turn: the test runs once against mosquitto and once against amqtt."""
     endpoint: MqttEndpoint = request.getfixturevalue(f"{request.param}_broker")
     return endpoint
+
+
+# --- databases (E5) -----------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def postgres_cluster() -> object:
+    """The machine's PostgreSQL 15, started if down; skips when absent, but fails in CI (CI=true)."""
+    from edgefleet.errors import EdgefleetError
+    from edgefleet.testing.postgres import start_postgres
+
+    try:
+        return start_postgres()
+    except EdgefleetError as exc:
+        if os.environ.get("CI", "").lower() == "true":
+            pytest.fail(f"PostgreSQL is required in CI: {exc}")
+        pytest.skip(f"PostgreSQL unavailable: {exc}")
+
+
+@pytest.fixture
+def postgres_url(postgres_cluster: object) -> Iterator[str]:
+    """A fresh, empty PostgreSQL database for one test, dropped afterwards."""
+    from edgefleet.testing.postgres import Cluster, create_database, drop_database
+
+    assert isinstance(postgres_cluster, Cluster)
+    url = create_database(postgres_cluster)
+    yield url
+    drop_database(url.rsplit("/", 1)[1])

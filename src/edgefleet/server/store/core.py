@@ -1,4 +1,4 @@
-"""The server's store: one class over SQLAlchemy, SQLite by default, PostgreSQL by URL."""
+"""The store's base: engine, sessions and migrations, models and devices (SQLite default, PostgreSQL by URL)."""
 
 from __future__ import annotations
 
@@ -8,36 +8,55 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import create_engine, event, select
+from sqlalchemy import create_engine, event, select, update
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy.orm.exc import StaleDataError
+from sqlalchemy.pool import StaticPool
 
 from edgefleet.core.manifest import Manifest
 from edgefleet.errors import ConfigError, StoreError
-from edgefleet.server.schema import Base, Device, EventRow, ModelVersion, TelemetryRow
-from edgefleet.transport.messages import Event, TelemetryBatch
+from edgefleet.server.schema import Device, ModelVersion
+from edgefleet.server.store.migrations import migrate
 
 
 def sqlite_url(data_dir: Path) -> str:
     return f"sqlite:///{(data_dir / 'edgefleet.db').resolve()}"
 
 
-class Store:
-    """Models, devices, telemetry and events. Every method is one short transaction."""
+def normalize_url(url: str) -> str:
+    """``postgresql://`` means psycopg 3 here (the driver edgefleet depends on)."""
+    for prefix in ("postgresql://", "postgres://"):
+        if url.startswith(prefix):
+            return "postgresql+psycopg://" + url[len(prefix):]
+    return url
+
+
+class StoreBase:
+    """Engine, short transactions, models and devices. Every public method is one transaction."""
 
     def __init__(self, url: str) -> None:
+        url = normalize_url(url)
         try:
-            self.engine: Engine = create_engine(url, pool_pre_ping=True)
-        except (SQLAlchemyError, ValueError) as exc:
-            raise ConfigError(f"bad database URL {url!r}: {exc}") from exc
-        if self.engine.dialect.name == "sqlite":
+            if url.startswith("sqlite"):
+                self.engine: Engine = create_engine(url, poolclass=StaticPool) if ":memory:" in url else \
+                    create_engine(url)
+            else:
+                self.engine = create_engine(url, pool_pre_ping=True, pool_size=5, max_overflow=5)
+        except (SQLAlchemyError, ValueError, ImportError) as exc:
+            raise ConfigError(f"bad database URL {_redact(url)!r}: {exc}") from exc
+        self.dialect = self.engine.dialect.name
+        if self.dialect == "sqlite":
             event.listen(self.engine, "connect", _sqlite_pragmas)
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
         try:
-            Base.metadata.create_all(self.engine)
+            self.migrated_from = migrate(self.engine)
         except SQLAlchemyError as exc:
             raise StoreError(f"cannot open database: {str(exc).splitlines()[0]}") from exc
+
+    def close(self) -> None:
+        self.engine.dispose()
 
     @contextmanager
     def session(self) -> Iterator[Session]:
@@ -45,7 +64,7 @@ class Store:
         try:
             yield session
             session.commit()
-        except IntegrityError:
+        except (IntegrityError, StaleDataError):
             session.rollback()
             raise
         except SQLAlchemyError as exc:
@@ -69,6 +88,10 @@ class Store:
     def find_model(self, name: str, version: str) -> ModelVersion | None:
         with self.session() as s:
             return s.scalar(select(ModelVersion).where(ModelVersion.name == name, ModelVersion.version == version))
+
+    def model_by_ref(self, ref: str) -> ModelVersion | None:
+        name, _, version = ref.partition("@")
+        return self.find_model(name, version)
 
     def model_by_id(self, model_id: int) -> ModelVersion | None:
         with self.session() as s:
@@ -103,13 +126,20 @@ class Store:
         with self.session() as s:
             return list(s.scalars(select(Device).order_by(Device.id)))
 
-    def set_desired(self, device_ids: list[str], model_id: int | None) -> None:
+    def set_desired(self, device_ids: list[str], model_id: int | None, *, shadow: bool = False) -> None:
+        """Point devices at a model (or their shadow slot at one); bumps each device's desired revision."""
         with self.session() as s:
-            for device_id in device_ids:
-                device = s.get(Device, device_id)
-                if device is None:
-                    raise StoreError(f"unknown device {device_id!r}")
-                device.desired_model_id = model_id
+            assign_desired(s, device_ids, model_id, shadow=shadow)
+
+    def desired_unpublished(self, limit: int = 10_000) -> list[Device]:
+        """Devices whose desired state changed since it was last published."""
+        with self.session() as s:
+            return list(s.scalars(select(Device).where(Device.desired_rev > Device.published_rev).limit(limit)))
+
+    def mark_published(self, device_id: str, rev: int) -> None:
+        with self.session() as s:
+            s.execute(update(Device).where(Device.id == device_id, Device.published_rev < rev)
+                      .values(published_rev=rev))
 
     def set_revoked(self, device_id: str) -> None:
         with self.session() as s:
@@ -127,45 +157,32 @@ class Store:
             device.last_seen = time.time()
             return True
 
-    # telemetry and events ---------------------------------------------------------------------
-    def add_telemetry(self, batch: TelemetryBatch) -> bool:
-        """Store a batch; False when (device, seq) was already stored (a redelivery)."""
-        row = TelemetryRow(device=batch.device, seq=batch.seq, ts=batch.ts, model=batch.model,
-                           payload=batch.model_dump(mode="json"), received=time.time())
-        return self._insert_once(row, batch.device)
 
-    def add_event(self, item: Event) -> bool:
-        row = EventRow(device=item.device, seq=item.seq, ts=item.ts, kind=item.kind, name=item.name,
-                       detail=dict(item.detail))
-        return self._insert_once(row, item.device)
-
-    def telemetry(self, device_id: str, since_ts: float = 0.0) -> list[TelemetryBatch]:
-        with self.session() as s:
-            rows = s.scalars(select(TelemetryRow).where(TelemetryRow.device == device_id, TelemetryRow.ts >= since_ts)
-                             .order_by(TelemetryRow.seq))
-            return [TelemetryBatch.model_validate(r.payload) for r in rows]
-
-    def events(self, device_id: str) -> list[Event]:
-        with self.session() as s:
-            rows = s.scalars(select(EventRow).where(EventRow.device == device_id).order_by(EventRow.seq))
-            return [Event(device=r.device, seq=r.seq, ts=r.ts, kind=r.kind,  # type: ignore[arg-type]
-                          name=r.name, detail=r.detail) for r in rows]
-
-    def _insert_once(self, row: TelemetryRow | EventRow, device_id: str) -> bool:
-        try:
-            with self.session() as s:
-                s.add(row)
-                device = s.get(Device, device_id)
-                if device is not None:
-                    device.last_seen = time.time()
-        except IntegrityError:
-            return False
-        return True
+def assign_desired(s: Session, device_ids: list[str], model_id: int | None, *, shadow: bool = False) -> None:
+    """Within a transaction: set the active (or shadow) desired model of each device and bump its revision."""
+    for device_id in device_ids:
+        device = s.get(Device, device_id)
+        if device is None:
+            raise StoreError(f"unknown device {device_id!r}")
+        if shadow:
+            device.desired_shadow_id = model_id
+        else:
+            device.desired_model_id = model_id
+        device.desired_rev = (device.desired_rev or 0) + 1
 
 
 def _sqlite_pragmas(connection: Any, _record: Any) -> None:
     cursor = connection.cursor()
     cursor.execute("PRAGMA journal_mode=WAL")
     cursor.execute("PRAGMA synchronous=NORMAL")
-    cursor.execute("PRAGMA busy_timeout=5000")
+    cursor.execute("PRAGMA busy_timeout=10000")
+    cursor.execute("PRAGMA foreign_keys=ON")
     cursor.close()
+
+
+def _redact(url: str) -> str:
+    scheme, sep, rest = url.partition("://")
+    userinfo, at, host = rest.rpartition("@")
+    if not at or ":" not in userinfo:
+        return url
+    return f"{scheme}{sep}{userinfo.split(':', 1)[0]}:***@{host}"

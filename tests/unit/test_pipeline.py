@@ -59,7 +59,7 @@ def test_gate_rescues_an_outlier_model_by_keeping_sensitive_nodes_in_float() -> 
     model = outlier_model()
     outcome = BuildSearch(model, outlier_data(model), load_recipe(FAST), [BUILTIN_PROFILES["raspberry-pi"]]).run()
     int8 = [c for c in outcome.candidates if c.pass_name == "static_int8" and not c.config["nodes_to_exclude"]]
-    assert len(int8) == 6
+    assert len(int8) == 8
     assert all(c.drop_pp is not None and c.drop_pp > 20 for c in int8)
     chosen = outcome.chosen
     assert chosen is not None and chosen.config["nodes_to_exclude"]
@@ -122,7 +122,7 @@ def test_recipe_yaml_grid_and_errors() -> None:
                          "    grid: {calibration: [minmax, entropy]}\n    options: {per_channel: false}\n")
     assert recipe.max_accuracy_drop == 0.5
     assert [c.model_dump()["calibration"] for _, c in recipe.configs()] == ["minmax", "entropy"]
-    assert len(load_recipe(None).configs()) == 7  # 3 calibrations x 2 granularities + fp16
+    assert len(load_recipe(None).configs()) == 9  # 3 calibrations x 2 granularities, 2 float-stem, fp16
     with pytest.raises(ConfigError, match="calibration"):
         load_recipe("candidates: [{pass: static_int8, options: {calibration: magic}}]")
     with pytest.raises(ConfigError, match="unknown pass"):

@@ -41,6 +41,7 @@ def open_session(model_bytes: bytes, *, threads: int = 1) -> ort.InferenceSessio
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
+    options.log_severity_level = 3  # errors only: ORT warns about unused initializers on every quantized model
     try:
         return ort.InferenceSession(model_bytes, options, providers=["CPUExecutionProvider"])
     except ORT_ERRORS as exc:

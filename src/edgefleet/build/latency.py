@@ -61,6 +61,34 @@ def measure_latency(
             samples.append((time.perf_counter() - start) * 1e3)
     except ORT_ERRORS as exc:
         raise ModelError(f"inference failed at batch {batch}: {exc}") from exc
+    return _stats(batch, samples)
+
+
+def compare_latency(
+    models: list[bytes], x: np.ndarray, batch: int, *, rounds: int = 7, runs: int = 15, threads: int = 1
+) -> list[LatencyStats]:
+    """Time several models in interleaved rounds, so that load from other processes hits them alike.
+
+    Each round runs every model ``runs`` times; the result per model pools all its timed calls.
+    """
+    sessions = [open_session(m, threads=threads) for m in models]
+    feeds = [{s.get_inputs()[0].name: batch_of(x, batch)} for s in sessions]
+    samples: list[list[float]] = [[] for _ in models]
+    try:
+        for s, feed in zip(sessions, feeds, strict=True):
+            s.run(None, feed)
+        for _ in range(rounds):
+            for i, (s, feed) in enumerate(zip(sessions, feeds, strict=True)):
+                for _ in range(runs):
+                    start = time.perf_counter()
+                    s.run(None, feed)
+                    samples[i].append((time.perf_counter() - start) * 1e3)
+    except ORT_ERRORS as exc:
+        raise ModelError(f"inference failed at batch {batch}: {exc}") from exc
+    return [_stats(batch, t) for t in samples]
+
+
+def _stats(batch: int, samples: list[float]) -> LatencyStats:
     ordered = np.sort(np.asarray(samples))
     return LatencyStats(batch=batch, median_ms=float(np.median(ordered)), p10_ms=float(np.percentile(ordered, 10)),
                         p90_ms=float(np.percentile(ordered, 90)), runs=len(samples))

@@ -13,7 +13,7 @@ import numpy as np
 
 from edgefleet.build.analyze import ModelAnalysis, analyze
 from edgefleet.build.evaluate import accuracy
-from edgefleet.build.latency import LatencyStats, measure_latency
+from edgefleet.build.latency import LatencyStats, compare_latency, measure_latency
 from edgefleet.build.passes import PassConfig, get_pass
 from edgefleet.build.recipe import Recipe, describe
 from edgefleet.build.sensitivity import rank_tensors
@@ -149,6 +149,13 @@ class BuildSearch:
             rescued = self.rescue(candidates, trials)
             if rescued is not None:
                 candidates.append(rescued)
+        close = finalists(candidates, self.recipe.size_tolerance)
+        if len(close) > 1:  # the choice among these rests on latency: time them again, side by side
+            self.progress(f"timing {len(close)} finalists side by side")
+            spec = self.recipe.latency
+            stats = compare_latency([c.model for c in close if c.model], self.data.test_x, 1, threads=spec.threads)
+            for cand, fresh in zip(close, stats, strict=True):
+                cand.latency[1] = fresh
         chosen, reason = choose(candidates, self.recipe.max_accuracy_drop, self.recipe.size_tolerance)
         return BuildOutcome(baseline=baseline, candidates=candidates, chosen=chosen, reason=reason,
                             max_accuracy_drop=self.recipe.max_accuracy_drop, rescue_trials=trials)
@@ -220,22 +227,31 @@ class BuildSearch:
         return self.measure(chosen)
 
 
+def finalists(candidates: list[Candidate], size_tolerance: float) -> list[Candidate]:
+    """Passing candidates within ``size_tolerance`` of the smallest passing one."""
+    passing = [c for c in candidates if c.passed and c.model is not None]
+    if not passing:
+        return []
+    smallest = min(c.size_bytes for c in passing)
+    return [c for c in passing if c.size_bytes <= smallest * (1 + size_tolerance)]
+
+
 def choose(candidates: list[Candidate], max_drop: float, size_tolerance: float) -> tuple[Candidate | None, str]:
     """The smallest passing candidate; among those within ``size_tolerance`` of it, the fastest at batch 1."""
     passing = [c for c in candidates if c.passed and c.model is not None]
+    close = finalists(candidates, size_tolerance)
     if not passing:
         tried = ", ".join(f"{c.label} ({'failed' if c.drop_pp is None else f'{c.drop_pp:.2f} pp'})"
                           for c in candidates)
         return None, f"no candidate lost at most {max_drop:g} points of accuracy: {tried}"
     smallest = min(c.size_bytes for c in passing)
-    close = [c for c in passing if c.size_bytes <= smallest * (1 + size_tolerance)]
     best = min(close, key=lambda c: (c.latency_ms(1), c.size_bytes, -(c.accuracy or 0.0)))
     others = [c.label for c in close if c is not best]
     reason = (f"{best.label}: passes the gate (drop {best.drop_pp:.2f} pp <= {max_drop:g} pp); "
               f"the smallest passing model is {smallest:,} bytes and this one is {best.size_bytes:,}")
     if others:
         reason += (f"; among candidates within {100 * size_tolerance:g}% of that size ({', '.join(others)}) "
-                   f"it is the fastest at batch 1 ({best.latency_ms(1):.3f} ms)")
+                   f"it is the fastest at batch 1 ({best.latency_ms(1):.3f} ms, timed side by side)")
     failed = [c.label for c in candidates if not c.passed]
     if failed:
         reason += f"; rejected by the gate or failed: {', '.join(failed)}"

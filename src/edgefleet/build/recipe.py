@@ -7,6 +7,9 @@ A recipe is YAML validated by pydantic; every field has a default, so an empty f
     candidates:
       - pass: static_int8
         grid: {calibration: [minmax, entropy, percentile], per_channel: [false, true]}
+      - pass: static_int8       # the input convolution kept in float: often faster on CPU
+        options: {float_stem: true}
+        grid: {per_channel: [false, true]}
       - pass: fp16
     rescue: {enabled: true, max_float_fraction: 0.5, samples: 64}
     size_tolerance: 0.05          # sizes within 5% of the smallest count as equal; then the fastest wins
@@ -67,6 +70,8 @@ def _default_candidates() -> list[CandidateSpec]:
     return [
         CandidateSpec.model_validate({"pass": "static_int8", "grid": {
             "calibration": ["minmax", "entropy", "percentile"], "per_channel": [False, True]}}),
+        CandidateSpec.model_validate({"pass": "static_int8", "options": {"float_stem": True},
+                                      "grid": {"per_channel": [False, True]}}),
         CandidateSpec.model_validate({"pass": "fp16"}),
     ]
 
@@ -94,6 +99,8 @@ def describe(pass_name: str, config: PassConfig) -> str:
         label = f"int8 {options['calibration']} {'per-channel' if options['per_channel'] else 'per-tensor'}"
         if options["activation_type"] != "uint8":
             label += " s8-act"
+        if options["float_stem"]:
+            label += " float-stem"
         if options["nodes_to_exclude"]:
             label += f" +{len(options['nodes_to_exclude'])} float"
         return label

@@ -24,8 +24,8 @@ class ManagedProcess:
         self.proc: subprocess.Popen[bytes] | None = None
 
     @classmethod
-    def edgefleet(cls, args: Sequence[str], log_path: Path) -> ManagedProcess:
-        return cls([sys.executable, "-m", "edgefleet", *args], log_path)
+    def edgefleet(cls, args: Sequence[str], log_path: Path, env: dict[str, str] | None = None) -> ManagedProcess:
+        return cls([sys.executable, "-m", "edgefleet", *args], log_path, env=env)
 
     def start(self) -> ManagedProcess:
         self.log_path.parent.mkdir(parents=True, exist_ok=True)

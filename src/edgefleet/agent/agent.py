@@ -47,7 +47,7 @@ class Agent:
         self._outbox_thread = threading.Thread(target=self._drain_outbox, name="outbox", daemon=True)
 
     # lifecycle --------------------------------------------------------------------------------
-    def start(self, connect_timeout_s: float = 10.0) -> None:
+    def start(self, connect_timeout_s: float = 2.0) -> None:
         """Start the outbox and the updater, and connect; an unreachable broker is not fatal (offline mode)."""
         self._outbox_thread.start()
         self.updater.start()

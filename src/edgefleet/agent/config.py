@@ -27,6 +27,14 @@ class AgentConfig:
     health_timeout_s: float = 30.0
     latency_budget_ms: float | None = None
     outbox_max_bytes: int = 64 * 1024 * 1024
+    upstream_url: str | None = None
+    """``edgefleet serve-model`` base URL for tiered inference; None: every window is answered locally."""
+    escalate_below: float | None = None
+    """Escalate windows whose confidence is under this (overrides the manifest's ``escalate_below``)."""
+    escalation_deadline_s: float = 0.25
+    escalation_rate_per_s: float = 1.0
+    escalation_burst: float = 5.0
+    escalation_queue_max: int = 1000
 
 
 def load_config(credentials: Path, data_dir: Path, *, device_id: str | None = None,

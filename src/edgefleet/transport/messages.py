@@ -60,6 +60,31 @@ class ReportedState(_Message):
     ts: float = Field(default_factory=time.time)
 
 
+class DriftStats(BaseModel):
+    """Input drift against the bundle's training statistics (see ``edgefleet.core.drift``)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    n: int = Field(ge=0, description="scaled samples the statistics cover")
+    mean_z: list[float] = Field(default_factory=list, description="per channel: mean shift in training stds")
+    std_ratio: list[float] = Field(default_factory=list, description="per channel: std against training")
+    score: float = Field(default=0.0, description="max over channels of |mean_z| and |ln std_ratio|")
+    psi: float | None = Field(default=None, description="population stability index, with a reference histogram")
+
+
+class HardExample(BaseModel):
+    """One low-confidence model input kept for labelling: float16 little-endian bytes, base64, maybe zlib."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    predicted: str
+    confidence: float
+    shape: list[int]
+    encoding: Literal["f16", "f16+zlib"] = "f16"
+    data: str
+    ts: float = 0.0
+
+
 class TelemetryBatch(_Message):
     """Device -> server (QoS 1): inference statistics since the previous batch."""
 
@@ -81,6 +106,14 @@ class TelemetryBatch(_Message):
     shadow_errors: int = Field(ge=0, default=0)
     shadow_latency_ms: dict[str, int] = Field(default_factory=dict)
     outbox_dropped: int = Field(ge=0, default=0, description="queued messages dropped on overflow, since start")
+    imputed: int = Field(ge=0, default=0, description="missing sensor values filled in by the preprocessing")
+    incomplete: int = Field(ge=0, default=0, description="windows dropped for too many missing values")
+    uncertain: int = Field(ge=0, default=0, description="windows under the manifest's min_confidence")
+    alerts: dict[str, int] = Field(default_factory=dict, description="alert windows per reason (class or anomaly)")
+    drift: DriftStats | None = Field(default=None, description="input drift against the training statistics")
+    hard_examples: list[HardExample] = Field(default_factory=list, description="sampled low-confidence inputs")
+    escalations: dict[str, int] = Field(default_factory=dict,
+                                        description="tiered inference: sent, answered, late, failed, queued, ...")
 
 
 class Event(_Message):

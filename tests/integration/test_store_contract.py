@@ -98,7 +98,7 @@ class StoreContract:
         migrated = Store(url)
         assert migrated.migrated_from == 1
         columns = {c["name"] for c in inspect(migrated.engine).get_columns("devices")}
-        assert {"desired_shadow_id", "desired_rev", "published_rev"} <= columns
+        assert {"desired_shadow_id", "desired_rev", "published_rev", "mqtt_password_hash"} <= columns
         again = migrated.get_device("old")
         assert again is not None and again.desired_rev == 0
         migrated.close()

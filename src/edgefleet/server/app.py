@@ -1,14 +1,20 @@
-"""The control plane's REST API (FastAPI): models, devices, deployments, artifacts, telemetry."""
+"""The control plane's REST API (FastAPI): models, devices, deployments, rollouts, artifacts, telemetry, metrics.
+
+Operators authenticate with the operator token; devices with their own token, and a device may fetch only
+the artifacts of the models assigned to it (active or shadow). Every request is counted (``/metrics``) and
+bad input (malformed JSON, oversized bodies, unknown devices, wrong credentials) is rejected and counted.
+"""
+
 
 import hashlib
 import hmac
 import secrets
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Annotated, Any
 
-from fastapi import Depends, FastAPI, HTTPException, Request
+from fastapi import Depends, FastAPI, HTTPException, Request, Response
 from fastapi.responses import FileResponse, JSONResponse
 from pydantic import BaseModel, Field
 
@@ -16,14 +22,19 @@ from edgefleet import __version__
 from edgefleet.bundle.signing import PublicKey
 from edgefleet.core.update import TrustState, decide
 from edgefleet.errors import BundleError, EdgefleetError, StoreError
-from edgefleet.server.aggregate import sequence_gaps, summarize
 from edgefleet.server.artifacts import ArtifactStore
+from edgefleet.server.broker_auth import BrokerAccess, hash_password
+from edgefleet.server.metrics import CONTENT_TYPE, Metrics
+from edgefleet.server.orchestrator import Orchestrator, model_ref
+from edgefleet.server.rollout_api import rollout_router
 from edgefleet.server.schema import Device, ModelVersion
 from edgefleet.server.store import Store
 from edgefleet.transport import topics
-from edgefleet.transport.messages import DesiredState, ModelRef
 
 MAX_BUNDLE_BYTES = 256 * 1024 * 1024
+MAX_JSON_BYTES = 1024 * 1024
+
+__all__ = ["ServerContext", "create_app", "model_ref"]
 
 
 @dataclass
@@ -36,18 +47,25 @@ class ServerContext:
     operator_token: str
     public_url: str
     device_mqtt_url: str
-    publish_desired: Callable[[DesiredState], None]
+    orchestrator: Orchestrator
+    metrics: Metrics
+    access: BrokerAccess | None = None
+
+    def sync_broker(self) -> None:
+        """Rewrite the broker's password file from the store (new or revoked devices)."""
+        if self.access is not None:
+            self.access.sync((d.id, d.mqtt_password_hash, d.revoked) for d in self.store.list_devices())
 
 
 class DeviceIn(BaseModel):
-    id: str = Field(pattern=topics.DEVICE_ID.pattern)
-    tags: dict[str, str] = Field(default_factory=dict)
-    profile: str | None = None
+    id: str = Field(pattern=topics.DEVICE_ID.pattern, max_length=64)
+    tags: dict[str, Annotated[str, Field(max_length=128)]] = Field(default_factory=dict, max_length=64)
+    profile: str | None = Field(default=None, max_length=64)
 
 
 class DeploymentIn(BaseModel):
-    model: str = Field(description="name@version")
-    devices: list[str] = Field(default_factory=list)
+    model: str = Field(description="name@version", max_length=140)
+    devices: list[str] = Field(default_factory=list, max_length=100_000)
     select: dict[str, str] = Field(default_factory=dict, description="tags every chosen device carries")
 
 
@@ -58,6 +76,21 @@ def sha256_text(value: str) -> str:
 def create_app(ctx: ServerContext) -> FastAPI:
     app = FastAPI(title="edgefleet control plane", version=__version__)
 
+    @app.middleware("http")
+    async def count_and_limit(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
+        limit = MAX_BUNDLE_BYTES if request.url.path == "/api/v1/models" else MAX_JSON_BYTES
+        try:
+            declared = int(request.headers.get("content-length") or 0)
+        except ValueError:
+            declared = limit + 1
+        if declared > limit:
+            response: Response = JSONResponse({"detail": f"request body over {limit} bytes"}, status_code=413)
+        else:
+            response = await call_next(request)
+        route = request.scope.get("route")
+        ctx.metrics.http(request.method, getattr(route, "path", "unmatched"), response.status_code)
+        return response
+
     def bearer(request: Request) -> str:
         header = request.headers.get("authorization", "")
         scheme, _, token = header.partition(" ")
@@ -66,7 +99,7 @@ def create_app(ctx: ServerContext) -> FastAPI:
         return token
 
     def operator(token: Annotated[str, Depends(bearer)]) -> None:
-        if not hmac.compare_digest(token, ctx.operator_token):
+        if not hmac.compare_digest(token.encode(), ctx.operator_token.encode()):
             raise HTTPException(403, "operator token required")
 
     Operator = Depends(operator)
@@ -74,11 +107,17 @@ def create_app(ctx: ServerContext) -> FastAPI:
     @app.exception_handler(EdgefleetError)
     async def _edgefleet_error(_request: Request, exc: EdgefleetError) -> JSONResponse:
         status = 409 if isinstance(exc, StoreError) else 422
+        if isinstance(exc, StoreError) and str(exc).startswith("unknown "):
+            status = 404
         return JSONResponse({"detail": str(exc), "reason": getattr(exc, "reason", None)}, status_code=status)
 
     @app.get("/api/v1/health")
     def health() -> dict[str, str]:
         return {"status": "ok", "version": __version__}
+
+    @app.get("/metrics", include_in_schema=False)
+    def metrics() -> Response:
+        return Response(ctx.metrics.render(), media_type=CONTENT_TYPE)
 
     @app.post("/api/v1/models", dependencies=[Operator], status_code=201)
     async def push_model(request: Request) -> dict[str, Any]:
@@ -97,19 +136,29 @@ def create_app(ctx: ServerContext) -> FastAPI:
     def list_models() -> list[dict[str, Any]]:
         return [model_json(m) for m in ctx.store.list_models()]
 
+    @app.get("/api/v1/models/{name}/{version}/telemetry", dependencies=[Operator])
+    def model_telemetry(name: str, version: str, since: float = 0.0) -> dict[str, Any]:
+        if ctx.store.find_model(name, version) is None:
+            raise HTTPException(404, f"unknown model {name}@{version}")
+        stats, devices = ctx.store.model_stats(f"{name}@{version}", since)
+        return {"model": f"{name}@{version}", "devices": devices, **stats.to_json()}
+
     @app.post("/api/v1/devices", dependencies=[Operator], status_code=201)
     def add_device(body: DeviceIn) -> dict[str, Any]:
         token, password = secrets.token_urlsafe(24), secrets.token_urlsafe(24)
         ctx.store.add_device(Device(id=body.id, token_sha256=sha256_text(token),
-                                    mqtt_password_sha256=sha256_text(password), tags=body.tags,
+                                    mqtt_password_sha256=sha256_text(password),
+                                    mqtt_password_hash=hash_password(password), tags=body.tags,
                                     profile=body.profile, created=time.time(), revoked=False))
+        ctx.sync_broker()
         return {"device_id": body.id, "server_url": ctx.public_url, "mqtt_url": ctx.device_mqtt_url,
-                "mqtt_username": body.id, "mqtt_password": password, "token": token,
-                "trusted_keys": {k: v.to_text() for k, v in ctx.trusted_keys.items()}}
+                "mqtt_username": body.id, "mqtt_password": password, "token": token, "tags": body.tags,
+                "profile": body.profile, "trusted_keys": {k: v.to_text() for k, v in ctx.trusted_keys.items()}}
 
     @app.get("/api/v1/devices", dependencies=[Operator])
     def list_devices() -> list[dict[str, Any]]:
-        return [device_json(d) for d in ctx.store.list_devices()]
+        models = {m.id: m for m in ctx.store.list_models()}
+        return [device_json(d, models) for d in ctx.store.list_devices()]
 
     @app.get("/api/v1/devices/{device_id}", dependencies=[Operator])
     def show_device(device_id: str) -> dict[str, Any]:
@@ -119,6 +168,7 @@ def create_app(ctx: ServerContext) -> FastAPI:
     def revoke_device(device_id: str) -> dict[str, Any]:
         known_device(device_id)
         ctx.store.set_revoked(device_id)
+        ctx.sync_broker()
         return device_json(known_device(device_id))
 
     @app.post("/api/v1/deployments", dependencies=[Operator])
@@ -136,29 +186,35 @@ def create_app(ctx: ServerContext) -> FastAPI:
             raise HTTPException(422, "no device matches")
         ids = [d.id for d in chosen]
         ctx.store.set_desired(ids, model.id)
-        for device_id in ids:
-            ctx.publish_desired(DesiredState(device=device_id, model=model_ref(model)))
+        ctx.orchestrator.publish_pending()
         return {"model": body.model, "devices": ids}
 
     @app.get("/api/v1/devices/{device_id}/telemetry", dependencies=[Operator])
-    def device_telemetry(device_id: str) -> dict[str, Any]:
+    def device_telemetry(device_id: str, since: float = 0.0) -> dict[str, Any]:
         known_device(device_id)
-        batches = ctx.store.telemetry(device_id)
-        return {"device": device_id, "batches": len(batches), "gaps": sequence_gaps(b.seq for b in batches),
-                "models": [s.to_json() for s in summarize(batches).values()]}
+        batches = ctx.store.telemetry(device_id, since)
+        primary, shadow = ctx.store.device_model_stats([device_id], since)
+        models = []
+        for model, stats in sorted(primary.get(device_id, {}).items()):
+            summary = {"model": model, **stats.to_json(), "latency_ms": latency_json(stats)}
+            if model in shadow.get(device_id, {}):
+                summary["as_shadow"] = shadow[device_id][model].to_json()
+            models.append(summary)
+        return {"device": device_id, "batches": len(batches), "gaps": ctx.store.sequence_gaps(device_id),
+                "models": models}
 
     @app.get("/api/v1/devices/{device_id}/events", dependencies=[Operator])
     def device_events(device_id: str) -> list[dict[str, Any]]:
         known_device(device_id)
         return [e.model_dump(mode="json") for e in ctx.store.events(device_id)]
 
-    @app.get("/api/v1/artifacts/{digest}")
+    @app.get("/api/v1/artifacts/{digest}", response_model=None)
     def artifact(digest: str, token: Annotated[str, Depends(bearer)]) -> FileResponse:
         path = ctx.artifacts.path(digest)
-        if not hmac.compare_digest(token, ctx.operator_token):
+        if not hmac.compare_digest(token.encode(), ctx.operator_token.encode()):
             device = device_for_token(token)
-            desired = ctx.store.model_by_id(device.desired_model_id) if device.desired_model_id else None
-            if desired is None or desired.sha256 != digest:
+            assigned = {ctx.store.model_by_id(m) for m in (device.desired_model_id, device.desired_shadow_id) if m}
+            if digest not in {m.sha256 for m in assigned if m is not None}:
                 raise HTTPException(403, "artifact is not assigned to this device")
         if path is None:
             raise HTTPException(404, "no such artifact")
@@ -176,18 +232,24 @@ def create_app(ctx: ServerContext) -> FastAPI:
             raise HTTPException(403, "unknown or revoked device token")
         return device
 
-    def device_json(d: Device) -> dict[str, Any]:
-        desired = ctx.store.model_by_id(d.desired_model_id) if d.desired_model_id else None
+    def device_json(d: Device, models: dict[int, ModelVersion] | None = None) -> dict[str, Any]:
+        def ref(model_id: int | None) -> str | None:
+            if model_id is None:
+                return None
+            m = models.get(model_id) if models is not None else ctx.store.model_by_id(model_id)
+            return f"{m.name}@{m.version}" if m else None
+
         return {"id": d.id, "tags": d.tags, "profile": d.profile, "revoked": d.revoked,
-                "desired": f"{desired.name}@{desired.version}" if desired else None,
+                "desired": ref(d.desired_model_id), "shadow": ref(d.desired_shadow_id),
                 "reported": d.reported, "last_seen": d.last_seen}
 
+    app.include_router(rollout_router(ctx.orchestrator, ctx.store), dependencies=[Operator])
     return app
 
 
-def model_ref(model: ModelVersion) -> ModelRef:
-    return ModelRef(name=model.name, version=model.version, release=model.release, sha256=model.sha256,
-                    size=model.size, url=f"/api/v1/artifacts/{model.sha256}")
+def latency_json(stats: Any) -> dict[str, float | None]:
+    return {"p50": stats.latency.quantile(0.5), "p95": stats.latency.quantile(0.95),
+            "p99": stats.latency.quantile(0.99)}
 
 
 def model_json(m: ModelVersion) -> dict[str, Any]:

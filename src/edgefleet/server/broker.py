@@ -26,15 +26,17 @@ CONFIG_NAME = "broker.yaml"
 LOG_NAME = "broker.log"
 
 
-def broker_config(host: str, port: int) -> dict[str, Any]:
-    """amqtt configuration: one TCP listener, anonymous access, no $SYS topics, no packet logging."""
-    return {
-        "listeners": {"default": {"type": "tcp", "bind": f"{host}:{port}"}},
-        "plugins": {
-            # Per-device authentication replaces this later.
-            "amqtt.plugins.authentication.AnonymousAuthPlugin": {"allow_anonymous": True},
-        },
-    }
+def broker_config(host: str, port: int, password_file: Path | None = None) -> dict[str, Any]:
+    """amqtt configuration: one TCP listener, no $SYS topics, no packet logging.
+
+    With ``password_file`` every client must log in with a user from it, and each device is kept to its own
+    topics (:mod:`edgefleet.server.broker_auth`); without it, access is anonymous (tests of the broker alone).
+    """
+    plugins: dict[str, Any] = {"amqtt.plugins.authentication.AnonymousAuthPlugin": {"allow_anonymous": True}}
+    if password_file is not None:
+        plugins = {"edgefleet.server.broker_auth.PasswordFileAuth": {"password_file": str(password_file)},
+                   "edgefleet.server.broker_auth.DeviceTopicAcl": {}}
+    return {"listeners": {"default": {"type": "tcp", "bind": f"{host}:{port}"}}, "plugins": plugins}
 
 
 def ready_path(config_path: Path) -> Path:
@@ -45,8 +47,11 @@ def ready_path(config_path: Path) -> Path:
 class EmbeddedBroker:
     """An amqtt broker in a child process, bound to one loopback address."""
 
-    def __init__(self, data_dir: Path, host: str = "127.0.0.1", port: int | None = None) -> None:
+    def __init__(self, data_dir: Path, host: str = "127.0.0.1", port: int | None = None,
+                 password_file: Path | None = None, login: tuple[str, str] | None = None) -> None:
         self.data_dir = Path(data_dir)
+        self.password_file = password_file
+        self._login = login
         self.host = host
         self._port = port
         self._process: subprocess.Popen[bytes] | None = None
@@ -78,7 +83,7 @@ class EmbeddedBroker:
         self.data_dir.mkdir(parents=True, exist_ok=True)
         port = self._port if self._port is not None else free_port(self.host)
         config_path = self.data_dir / CONFIG_NAME
-        config_path.write_text(yaml.safe_dump(broker_config(self.host, port)), encoding="utf-8")
+        config_path.write_text(yaml.safe_dump(broker_config(self.host, port, self.password_file)), encoding="utf-8")
         ready_path(config_path).unlink(missing_ok=True)
         with self.log_path.open("ab") as log:
             self._process = subprocess.Popen(
@@ -89,8 +94,9 @@ class EmbeddedBroker:
                 env=_child_env(),
             )
         endpoint = MqttEndpoint(self.host, port)
+        probe = MqttEndpoint(self.host, port, *self._login) if self._login else endpoint
         try:
-            self._wait_ready(endpoint, ready_path(config_path), timeout_s)
+            self._wait_ready(probe, ready_path(config_path), timeout_s)
         except BaseException:
             self.stop()
             raise

@@ -1,72 +1,248 @@
-"""MQTT ingest: reported state, telemetry and events from devices into the store."""
+"""MQTT ingest: reported state, telemetry and events from devices into the store.
+
+gmqtt on its own asyncio thread. With MQTT 5 (Mosquitto), telemetry and events come through a shared
+subscription (``$share/edgefleet/...``) so that server replicas split them, and each message is acknowledged
+only after the database commit that stored it (manual PUBACK): a replica killed mid-batch leaves its
+messages unacknowledged in its persistent session, to be delivered again, and (device, seq) keys make the
+redelivery harmless. Messages are written in batches (one transaction per batch). Reported state is
+retained and shared subscriptions get no retained messages, so every replica subscribes to it directly.
+The embedded amqtt broker speaks only MQTT 3.1.1: plain subscriptions, acknowledged on receipt.
+
+Anything malformed, oversized, from an unknown or revoked device, or sent on another device's topic is
+counted under ``rejected_*`` and acknowledged (never redelivered); the server keeps running.
+"""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 import threading
+import time
 from collections import Counter
+from dataclasses import dataclass
+from typing import Any
 
-from edgefleet.errors import TransportError
+from gmqtt import Client, Subscription
+from gmqtt.mqtt.constants import MQTTv50, MQTTv311
+
+from edgefleet.errors import EdgefleetError, TransportError
 from edgefleet.server.store import Store
 from edgefleet.transport import topics
-from edgefleet.transport.link import MqttLink
-from edgefleet.transport.messages import DesiredState, Event, ReportedState, TelemetryBatch, parse
+from edgefleet.transport.messages import Event, ReportedState, TelemetryBatch, parse
 from edgefleet.transport.mqtt_url import MqttEndpoint
 
 log = logging.getLogger(__name__)
+SHARE_GROUP = "edgefleet"
+
+
+@dataclass
+class _Item:
+    channel: str
+    device: str
+    message: TelemetryBatch | Event | ReportedState
+    done: asyncio.Future[None] | None
 
 
 class Ingest:
-    """Subscribes to every device's uplink topics and writes what validates; counts what does not."""
+    """Validates what devices send and stores it in batches; counts every outcome in ``counts``."""
 
-    def __init__(self, store: Store, endpoint: MqttEndpoint, client_id: str = "edgefleet-server") -> None:
+    def __init__(self, store: Store, endpoint: MqttEndpoint, *, replica: str = "server", mqtt5: bool = True,
+                 batch_max: int = 1000, flush_s: float = 0.01, receive_maximum: int = 4000) -> None:
         self.store = store
+        self.endpoint = endpoint
+        self.replica = replica
+        self.mqtt5 = mqtt5
+        self.batch_max = batch_max
+        self.flush_s = flush_s
+        self.receive_maximum = receive_maximum
         self.counts: Counter[str] = Counter()
         self._lock = threading.Lock()
-        self.link = MqttLink(endpoint, client_id, on_message=self.handle, subscriptions=[
-            (topics.device_filter("reported"), 1),
-            (topics.device_filter("telemetry"), 1),
-            (topics.device_filter("events"), 1),
-        ])
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+        self._connected = threading.Event()
+        self._failed: BaseException | None = None
+        self._stopping: asyncio.Event | None = None
+        self._queue: list[_Item] = []
+        self._wake: asyncio.Event | None = None
+        self._devices: dict[str, bool] = {}
+        self._unknown: dict[str, float] = {}
 
-    def start(self, timeout_s: float = 10.0) -> None:
-        self.link.start(timeout_s)
+    # lifecycle --------------------------------------------------------------------------------
+    def start(self, timeout_s: float = 15.0) -> None:
+        self._thread = threading.Thread(target=self._run, name=f"ingest-{self.replica}", daemon=True)
+        self._thread.start()
+        if not self._connected.wait(timeout_s):
+            raise TransportError(f"ingest could not connect to {self.endpoint.url} within {timeout_s:g} s: "
+                                 f"{self._failed or 'no CONNACK'}")
 
-    def stop(self) -> None:
-        self.link.stop()
+    def stop(self, timeout_s: float = 10.0) -> None:
+        loop, stopping = self._loop, self._stopping
+        if loop is not None and stopping is not None and not loop.is_closed():
+            loop.call_soon_threadsafe(stopping.set)
+        if self._thread is not None:
+            self._thread.join(timeout_s)
 
-    def publish_desired(self, state: DesiredState) -> None:
-        self.link.publish_and_wait(topics.desired(state.device), state.to_bytes(), qos=1, retain=True)
+    def _run(self) -> None:
+        self._loop = asyncio.new_event_loop()
+        try:
+            self._loop.run_until_complete(self._main())
+        except BaseException as exc:  # surfaced through start()'s error
+            self._failed = exc
+            log.error("ingest stopped: %s", exc)
+        finally:
+            self._loop.close()
 
+    async def _main(self) -> None:
+        self._stopping, self._wake = asyncio.Event(), asyncio.Event()
+        props: dict[str, Any] = {"session_expiry_interval": 24 * 3600, "receive_maximum": self.receive_maximum} \
+            if self.mqtt5 else {}
+        client = Client(f"edgefleet-{self.replica}-ingest", clean_session=False,
+                        optimistic_acknowledgement=not self.mqtt5, **props)
+        if self.endpoint.username is not None:
+            client.set_auth_credentials(self.endpoint.username, self.endpoint.password)
+        client.on_connect = self._on_connect
+        client.on_message = self._on_message
+        client.set_config({"reconnect_retries": -1, "reconnect_delay": 1})
+        await client.connect(self.endpoint.host, self.endpoint.port, keepalive=30,
+                             version=MQTTv50 if self.mqtt5 else MQTTv311)
+        writer = asyncio.create_task(self._writer())
+        await self._stopping.wait()
+        writer.cancel()
+        try:
+            await client.disconnect()
+        except Exception as exc:  # already gone: nothing to tidy
+            log.debug("ingest disconnect: %s", exc)
+
+    def _on_connect(self, client: Client, _flags: int, _rc: int, _props: object) -> None:
+        share = f"$share/{SHARE_GROUP}/" if self.mqtt5 else ""
+        client.subscribe([Subscription(f"{share}{topics.device_filter('telemetry')}", qos=1),
+                          Subscription(f"{share}{topics.device_filter('events')}", qos=1),
+                          Subscription(topics.device_filter("reported"), qos=1)])
+        self._connected.set()
+
+    async def _on_message(self, _client: Client, topic: str, payload: bytes, _qos: int, _props: object) -> int:
+        item = self.validate(topic, payload)
+        if item is None:
+            return 0
+        loop = asyncio.get_running_loop()
+        item.done = loop.create_future()
+        self._queue.append(item)
+        if len(self._queue) >= self.batch_max and self._wake is not None:
+            self._wake.set()
+        await item.done  # PUBACK after the commit (MQTT 5); stays unacknowledged if the server dies first
+        return 0
+
+    async def _writer(self) -> None:
+        assert self._wake is not None
+        loop = asyncio.get_running_loop()
+        refreshed = time.monotonic()
+        while True:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), self.flush_s)
+            self._wake.clear()
+            if time.monotonic() - refreshed > 5.0:
+                refreshed = time.monotonic()
+                try:
+                    await loop.run_in_executor(None, self.refresh_devices)
+                except EdgefleetError as exc:
+                    log.warning("cannot refresh the device list: %s", exc)
+            if not self._queue:
+                continue
+            batch, self._queue = self._queue, []
+            delay = 0.1
+            while True:
+                try:
+                    await loop.run_in_executor(None, self.commit, batch)
+                    break
+                except EdgefleetError as exc:  # database down: keep the batch, unacknowledged, and retry
+                    log.warning("ingest commit failed, retrying in %.1f s: %s", delay, exc)
+                    await asyncio.sleep(delay)
+                    delay = min(delay * 2, 5.0)
+            for item in batch:
+                if item.done is not None and not item.done.done():
+                    item.done.set_result(None)
+
+    # validation and storage (also usable without a broker) -----------------------------------
     def handle(self, topic: str, payload: bytes) -> None:
-        """Validate one message and store it; anything malformed is counted and dropped."""
+        """Validate and store one message synchronously."""
+        item = self.validate(topic, payload)
+        if item is not None:
+            self.commit([item])
+
+    def validate(self, topic: str, payload: bytes) -> _Item | None:
+        """The parsed message, or None after counting why it was rejected."""
         where = topics.split(topic)
         if where is None:
             self._count("rejected_topic")
-            return
+            return None
         device, channel = where
+        known = self._device_state(device)
+        if known is None:
+            self._count("rejected_unknown_device")
+            return None
+        if known:
+            self._count("rejected_revoked_device")
+            return None
+        kinds: dict[str, type[TelemetryBatch] | type[Event] | type[ReportedState]] = {
+            "telemetry": TelemetryBatch, "events": Event, "reported": ReportedState}
+        kind = kinds.get(channel)
+        if kind is None:
+            self._count("rejected_topic")
+            return None
         try:
-            if channel == "telemetry":
-                batch = parse(TelemetryBatch, payload)
-                self._check_sender(device, batch.device)
-                self._count("telemetry" if self.store.add_telemetry(batch) else "telemetry_duplicate")
-            elif channel == "events":
-                item = parse(Event, payload)
-                self._check_sender(device, item.device)
-                self._count("events" if self.store.add_event(item) else "events_duplicate")
-            elif channel == "reported":
-                state = parse(ReportedState, payload)
-                self._check_sender(device, state.device)
-                stored = self.store.record_reported(device, state.model_dump(mode="json"))
-                self._count("reported" if stored else "rejected_unknown_device")
+            message: TelemetryBatch | Event | ReportedState = parse(kind, payload)
         except TransportError as exc:
-            log.warning("rejected message on %s: %s", topic, exc)
-            self._count(f"rejected_{channel}")
+            reason = "oversized" if "over the" in str(exc) else "malformed"
+            log.info("rejected message on %s: %s", topic, exc)
+            self._count(f"rejected_{reason}")
+            return None
+        if message.device != device:
+            self._count("rejected_wrong_device")
+            return None
+        return _Item(channel, device, message, None)
 
-    def _check_sender(self, topic_device: str, payload_device: str) -> None:
-        if topic_device != payload_device:
-            raise TransportError(f"payload names device {payload_device!r} on {topic_device!r}'s topic")
+    def commit(self, batch: list[_Item]) -> None:
+        """Store a batch: telemetry in one transaction, then events and reported states."""
+        telemetry = [i.message for i in batch if isinstance(i.message, TelemetryBatch)]
+        if telemetry:
+            fresh = self.store.add_telemetry_many(telemetry)
+            new = sum(fresh)
+            self._count("telemetry", new)
+            self._count("telemetry_duplicate", len(fresh) - new)
+        for item in batch:
+            if isinstance(item.message, Event):
+                self._count("events" if self.store.add_event(item.message) else "events_duplicate")
+            elif isinstance(item.message, ReportedState):
+                stored = self.store.record_reported(item.device, item.message.model_dump(mode="json"))
+                self._count("reported" if stored else "rejected_unknown_device")
 
-    def _count(self, key: str) -> None:
+    def _device_state(self, device: str) -> bool | None:
+        """None if unknown, True if revoked, False if in good standing (cached; see :meth:`refresh_devices`)."""
+        state = self._devices.get(device)
+        if state is not None:
+            return state
+        now = time.monotonic()
+        if now - self._unknown.get(device, -10.0) < 1.0:
+            return None
+        row = self.store.get_device(device)
+        if row is None:
+            if len(self._unknown) > 100_000:
+                self._unknown.clear()
+            self._unknown[device] = now
+            return None
+        self._devices[device] = row.revoked
+        return row.revoked
+
+    def refresh_devices(self) -> None:
+        """Re-read every device's standing (revocations made through another replica)."""
+        self._devices = {d.id: d.revoked for d in self.store.list_devices()}
+
+    def _count(self, key: str, n: int = 1) -> None:
+        if n:
+            with self._lock:
+                self.counts[key] += n
+
+    def snapshot(self) -> dict[str, int]:
         with self._lock:
-            self.counts[key] += 1
+            return dict(self.counts)

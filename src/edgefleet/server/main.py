@@ -15,14 +15,17 @@ import uvicorn
 
 from edgefleet.bundle.signing import PublicKey, load_public_key
 from edgefleet.errors import ConfigError
-from edgefleet.server.app import ServerContext, create_app, model_ref
+from edgefleet.server.app import ServerContext, create_app
 from edgefleet.server.artifacts import ArtifactStore
 from edgefleet.server.broker import EmbeddedBroker
+from edgefleet.server.broker_auth import SERVER_USER, BrokerAccess
 from edgefleet.server.ingest import Ingest
+from edgefleet.server.metrics import Metrics
+from edgefleet.server.orchestrator import Orchestrator, desired_message
+from edgefleet.server.publisher import DesiredPublisher
 from edgefleet.server.store import Store, sqlite_url
 from edgefleet.storage import atomic_write
-from edgefleet.transport.messages import DesiredState
-from edgefleet.transport.mqtt_url import parse_mqtt_url
+from edgefleet.transport.mqtt_url import MqttEndpoint, parse_mqtt_url
 from edgefleet.transport.ports import free_port
 
 log = logging.getLogger(__name__)
@@ -65,35 +68,92 @@ def load_trusted(settings: ServerSettings) -> dict[str, PublicKey]:
 
 
 def run_server(settings: ServerSettings) -> None:
-    """Start everything, serve until SIGINT/SIGTERM, then stop everything that was started."""
+    """Start everything, serve until SIGINT/SIGTERM, then stop everything that was started.
+
+    Environment (for replicas; flags take precedence where they exist): ``EDGEFLEET_REPLICA`` (stable name,
+    used in MQTT client ids), ``EDGEFLEET_OPERATOR_TOKEN``, ``EDGEFLEET_ARTIFACT_DIR`` (shared by replicas),
+    ``EDGEFLEET_BROKER_AUTH_DIR`` (where an external Mosquitto reads its password/ACL files and pid),
+    ``EDGEFLEET_DEVICE_MQTT_URL`` (the broker address handed to devices), ``EDGEFLEET_MQTT5`` (0 for a 3.1.1
+    external broker), ``EDGEFLEET_TICK_S`` (orchestrator period).
+    """
+    env = os.environ
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     trusted = load_trusted(settings)
-    token = operator_token(settings)
+    token = operator_token(settings) if not env.get("EDGEFLEET_OPERATOR_TOKEN") else env["EDGEFLEET_OPERATOR_TOKEN"]
+    replica = env.get("EDGEFLEET_REPLICA", "server")
     store = Store(settings.db_url or sqlite_url(settings.data_dir))
     port = settings.port or free_port(settings.host)
     broker: EmbeddedBroker | None = None
+    access: BrokerAccess | None = None
     if settings.mqtt_url:
         endpoint = parse_mqtt_url(settings.mqtt_url)
+        auth_dir = env.get("EDGEFLEET_BROKER_AUTH_DIR")
+        if auth_dir:
+            if endpoint.password is None:
+                raise ConfigError("EDGEFLEET_BROKER_AUTH_DIR needs the server's credentials in --mqtt-url")
+            access = BrokerAccess(Path(auth_dir), endpoint.password, endpoint.username or SERVER_USER)
     else:
-        broker = EmbeddedBroker(settings.data_dir / "broker", host=settings.host)
-        endpoint = broker.start()
-    ingest = Ingest(store, endpoint)
+        secret = _secret(settings.data_dir / "broker" / "server.secret")
+        access = BrokerAccess(settings.data_dir / "broker" / "auth", secret)
+        access.sync(_credentials(store))
+        broker = EmbeddedBroker(settings.data_dir / "broker", host=settings.host, password_file=access.passwd_path,
+                                login=(SERVER_USER, secret))
+        plain = broker.start()
+        endpoint = MqttEndpoint(plain.host, plain.port, SERVER_USER, secret)
+    if access is not None:
+        access.sync(_credentials(store))
+    mqtt5 = settings.mqtt_url is not None and env.get("EDGEFLEET_MQTT5", "1") != "0"
+    ingest = Ingest(store, endpoint, replica=replica, mqtt5=mqtt5)
+    publisher = DesiredPublisher(endpoint, f"edgefleet-{replica}-publisher")
+    metrics = Metrics()
+    orchestrator = Orchestrator(store, publisher.publish_many, replica=replica,
+                                interval_s=float(env.get("EDGEFLEET_TICK_S", "1.0")))
     try:
         ingest.start()
-        republish_desired(store, ingest)
+        publisher.start()
+        republish_desired(store, publisher)
         public_url = f"http://{settings.host}:{port}"
-        ctx = ServerContext(store=store, artifacts=ArtifactStore(settings.data_dir / "artifacts"),
+        ctx = ServerContext(store=store, artifacts=ArtifactStore(Path(env.get("EDGEFLEET_ARTIFACT_DIR") or
+                                                                      settings.data_dir / "artifacts")),
                             trusted_keys=trusted, operator_token=token, public_url=public_url,
-                            device_mqtt_url=endpoint.url, publish_desired=ingest.publish_desired)
-        info = json.dumps({"api_url": public_url, "mqtt_url": endpoint.url, "pid": os.getpid()}).encode()
+                            device_mqtt_url=env.get("EDGEFLEET_DEVICE_MQTT_URL") or endpoint.url,
+                            orchestrator=orchestrator, metrics=metrics, access=access)
+        orchestrator.housekeeping = ctx.sync_broker
+        metrics.ingest_counts = ingest.snapshot
+        metrics.state = lambda: _state(store, orchestrator)
+        orchestrator.start()
+        info = json.dumps({"api_url": public_url, "mqtt_url": endpoint.url, "pid": os.getpid(),
+                           "replica": replica}).encode()
         config = uvicorn.Config(create_app(ctx), host=settings.host, port=port, log_level="warning",
                                 access_log=False)
         _Server(config, lambda: atomic_write(settings.data_dir / INFO_FILE, info)).run()
     finally:
         (settings.data_dir / INFO_FILE).unlink(missing_ok=True)
+        orchestrator.stop()
         ingest.stop()
+        publisher.stop()
         if broker is not None:
             broker.stop()
+        store.close()
+
+
+def _secret(path: Path) -> str:
+    if path.exists():
+        return path.read_text().strip()
+    value = secrets.token_urlsafe(24)
+    atomic_write(path, (value + "\n").encode(), mode=0o600)
+    return value
+
+
+def _credentials(store: Store) -> list[tuple[str, str | None, bool]]:
+    return [(d.id, d.mqtt_password_hash, d.revoked) for d in store.list_devices()]
+
+
+def _state(store: Store, orchestrator: Orchestrator) -> dict[str, float]:
+    phases: dict[str, float] = {}
+    for row in store.list_rollouts():
+        phases[f"rollouts_{row.phase}"] = phases.get(f"rollouts_{row.phase}", 0) + 1
+    return {"devices": float(len(store.list_devices())), "rollout_steps": float(orchestrator.steps_taken), **phases}
 
 
 class _Server(uvicorn.Server):
@@ -109,11 +169,9 @@ class _Server(uvicorn.Server):
             self._on_started()
 
 
-def republish_desired(store: Store, ingest: Ingest) -> None:
+def republish_desired(store: Store, publisher: DesiredPublisher) -> None:
     """Publish every device's desired state again, so a fresh broker has it retained."""
-    for device in store.list_devices():
-        if device.desired_model_id is None or device.revoked:
-            continue
-        model = store.model_by_id(device.desired_model_id)
-        if model is not None:
-            ingest.publish_desired(DesiredState(device=device.id, model=model_ref(model)))
+    models = {m.id: m for m in store.list_models()}
+    states = [desired_message(d, models) for d in store.list_devices()
+              if not d.revoked and (d.desired_model_id is not None or d.desired_shadow_id is not None)]
+    publisher.publish_many(states)

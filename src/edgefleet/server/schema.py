@@ -46,6 +46,7 @@ class Device(Base):
     last_seen: Mapped[float | None] = mapped_column(Float, nullable=True)
     # since schema version 2: the shadow candidate, and a revision counter so that every replica can tell
     # whether the device's desired state was published after its last change
+    mqtt_password_hash: Mapped[str | None] = mapped_column(Text, nullable=True, doc="Mosquitto $7$ format")
     desired_shadow_id: Mapped[int | None] = mapped_column(ForeignKey("model_versions.id"), nullable=True)
     desired_rev: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
     published_rev: Mapped[int] = mapped_column(Integer, default=0, server_default="0")

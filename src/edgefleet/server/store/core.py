@@ -8,7 +8,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import create_engine, event, select, update
+from sqlalchemy import bindparam, create_engine, event, select, update
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
@@ -137,9 +137,18 @@ class StoreBase:
             return list(s.scalars(select(Device).where(Device.desired_rev > Device.published_rev).limit(limit)))
 
     def mark_published(self, device_id: str, rev: int) -> None:
+        self.mark_published_many([(device_id, rev)])
+
+    def mark_published_many(self, revisions: list[tuple[str, int]]) -> None:
+        """Record that these (device, desired revision) pairs reached the broker."""
+        if not revisions:
+            return
+        table: Any = Device.__table__
         with self.session() as s:
-            s.execute(update(Device).where(Device.id == device_id, Device.published_rev < rev)
-                      .values(published_rev=rev))
+            s.connection().execute(
+                update(table).where(table.c.id == bindparam("device"), table.c.published_rev < bindparam("rev"))
+                .values(published_rev=bindparam("rev")),
+                [{"device": d, "rev": r} for d, r in revisions])
 
     def set_revoked(self, device_id: str) -> None:
         with self.session() as s:
@@ -160,15 +169,16 @@ class StoreBase:
 
 def assign_desired(s: Session, device_ids: list[str], model_id: int | None, *, shadow: bool = False) -> None:
     """Within a transaction: set the active (or shadow) desired model of each device and bump its revision."""
-    for device_id in device_ids:
-        device = s.get(Device, device_id)
-        if device is None:
-            raise StoreError(f"unknown device {device_id!r}")
-        if shadow:
-            device.desired_shadow_id = model_id
-        else:
-            device.desired_model_id = model_id
-        device.desired_rev = (device.desired_rev or 0) + 1
+    column = "desired_shadow_id" if shadow else "desired_model_id"
+    ids = sorted(set(device_ids))
+    for i in range(0, len(ids), 500):
+        chunk = ids[i:i + 500]
+        result: Any = s.execute(update(Device).where(Device.id.in_(chunk))
+                                .values({column: model_id, "desired_rev": Device.desired_rev + 1})
+                                .execution_options(synchronize_session=False))
+        if result.rowcount != len(chunk):
+            found = set(s.scalars(select(Device.id).where(Device.id.in_(chunk))))
+            raise StoreError(f"unknown device {sorted(set(chunk) - found)[0]!r}")
 
 
 def _sqlite_pragmas(connection: Any, _record: Any) -> None:

@@ -6,7 +6,7 @@ the store, needs no migration scripts directory at run time, and takes a Postgre
 replicas starting together migrate once. A fresh database is created at the newest version directly.
 
 Versions: 1 = the walking skeleton (models, devices, telemetry, events); 2 = rollouts, waves, decisions,
-telemetry roll-ups, and the devices' shadow / desired-revision columns.
+telemetry roll-ups, and the devices' broker password hash, shadow and desired-revision columns.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ _LOCK_KEY = 0x45460005  # pg_advisory_lock key: "EF" and issue 5
 
 def _v2(conn: Connection) -> None:
     columns = {c["name"] for c in inspect(conn).get_columns("devices")}
-    for name, ddl in (("desired_shadow_id", "INTEGER REFERENCES model_versions(id)"),
+    for name, ddl in (("desired_shadow_id", "INTEGER REFERENCES model_versions(id)"), ("mqtt_password_hash", "TEXT"),
                       ("desired_rev", "INTEGER NOT NULL DEFAULT 0"), ("published_rev", "INTEGER NOT NULL DEFAULT 0")):
         if name not in columns:
             conn.execute(text(f"ALTER TABLE devices ADD COLUMN {name} {ddl}"))

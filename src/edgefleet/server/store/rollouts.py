@@ -52,12 +52,15 @@ class RolloutStore(StoreBase):
         except IntegrityError as exc:
             raise StoreError(f"rollout {rollout_id} already exists") from exc
 
-    def advance_rollout(self, rollout_id: str, compute: Callable[[RolloutRow], Advance | None], actor: str
-                        ) -> Advance | None:
-        """Lock the rollout, let ``compute`` decide, and write the result; None if locked, unchanged or lost."""
+    def advance_rollout(self, rollout_id: str, compute: Callable[[RolloutRow], Advance | None], actor: str, *,
+                        skip_locked: bool = True) -> Advance | None:
+        """Lock the rollout, let ``compute`` decide, and write the result; None if locked, unchanged or lost.
+
+        ``skip_locked=False`` waits for another replica's step instead of skipping (operator commands).
+        """
         query = select(RolloutRow).where(RolloutRow.id == rollout_id)
         if self.dialect == "postgresql":
-            query = query.with_for_update(skip_locked=True)
+            query = query.with_for_update(skip_locked=skip_locked)
         try:
             with self.session() as s:
                 row = s.scalar(query)

@@ -1,0 +1,192 @@
+"""Per-device MQTT credentials and topic rules, for Mosquitto and for the embedded amqtt broker alike.
+
+One password file in Mosquitto's ``$7$`` format (PBKDF2-SHA512, as ``mosquitto_passwd`` writes it) and one
+rule: a device may subscribe to (and receive) only ``ef/v1/<its id>/desired`` and publish only to its own
+``reported``, ``telemetry`` and ``events``; the server's own user may do anything. The server writes the
+files from the store (:class:`BrokerAccess`); Mosquitto re-reads them on SIGHUP (its ``pid_file``), the
+embedded broker's :class:`PasswordFileAuth` plugin whenever the file changes.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import logging
+import os
+import secrets
+import signal
+import threading
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from amqtt.contexts import Action, BaseContext
+from amqtt.plugins.base import BaseAuthPlugin, BaseTopicPlugin
+from amqtt.session import Session
+
+from edgefleet.storage import atomic_write
+
+log = logging.getLogger(__name__)
+
+SERVER_USER = "edgefleet-server"
+PASSWD_FILE = "passwd"
+ACL_FILE = "acl"
+PID_FILE = "mosquitto.pid"
+_ITERATIONS = 101
+DEVICE_PUBLISH = ("reported", "telemetry", "events")
+DEVICE_SUBSCRIBE = ("desired",)
+
+
+def hash_password(password: str, *, iterations: int = _ITERATIONS, salt: bytes | None = None) -> str:
+    """``$7$ITER$SALT$HASH``: Mosquitto's PBKDF2-SHA512 password format."""
+    salt = salt or secrets.token_bytes(12)
+    digest = hashlib.pbkdf2_hmac("sha512", password.encode(), salt, iterations)
+    return f"$7${iterations}${base64.b64encode(salt).decode()}${base64.b64encode(digest).decode()}"
+
+
+def verify_password(password: str, encoded: str) -> bool:
+    """Check a password against a ``$7$`` (PBKDF2-SHA512) or ``$6$`` (salted SHA-512) Mosquitto hash."""
+    parts = encoded.split("$")
+    try:
+        if len(parts) == 5 and parts[1] == "7":
+            salt, want = base64.b64decode(parts[3]), base64.b64decode(parts[4])
+            got = hashlib.pbkdf2_hmac("sha512", password.encode(), salt, int(parts[2]))
+            return hmac.compare_digest(got, want)
+        if len(parts) == 4 and parts[1] == "6":
+            salt, want = base64.b64decode(parts[2]), base64.b64decode(parts[3])
+            return hmac.compare_digest(hashlib.sha512(password.encode() + salt).digest(), want)
+    except (ValueError, TypeError):
+        return False
+    return False
+
+
+def allowed(username: str | None, topic: str, action: str, server_user: str = SERVER_USER) -> bool:
+    """May ``username`` do ``action`` (publish, subscribe, receive) on ``topic`` (a name or a filter)?"""
+    if username is None or not username:
+        return False
+    if username == server_user:
+        return True
+    prefix = f"ef/v1/{username}/"
+    if not topic.startswith(prefix):
+        return False
+    channel = topic[len(prefix):]
+    if action == "publish":
+        return channel in DEVICE_PUBLISH
+    return channel in DEVICE_SUBSCRIBE
+
+
+def acl_text(server_user: str = SERVER_USER) -> str:
+    """Mosquitto's ACL file for the same rules as :func:`allowed`."""
+    lines = [f"user {server_user}", "topic readwrite #", ""]
+    lines += [f"pattern read ef/v1/%u/{c}" for c in DEVICE_SUBSCRIBE]
+    lines += [f"pattern write ef/v1/%u/{c}" for c in DEVICE_PUBLISH]
+    return "\n".join(lines) + "\n"
+
+
+def passwd_text(entries: Iterable[tuple[str, str]]) -> str:
+    return "".join(f"{user}:{encoded}\n" for user, encoded in sorted(entries))
+
+
+@dataclass
+class BrokerAccess:
+    """Writes the password and ACL files from the store and tells the broker to reload them."""
+
+    directory: Path
+    server_password: str
+    server_user: str = SERVER_USER
+    pid_file: Path | None = None
+    _last: str = field(default="", repr=False)
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+    _server_hash: str = field(default="", repr=False)
+
+    @property
+    def passwd_path(self) -> Path:
+        return self.directory / PASSWD_FILE
+
+    @property
+    def acl_path(self) -> Path:
+        return self.directory / ACL_FILE
+
+    def sync(self, devices: Iterable[tuple[str, str | None, bool]]) -> bool:
+        """``devices``: (id, password hash, revoked). Rewrite the files if they changed; True if they did."""
+        with self._lock:
+            if not self._server_hash or not verify_password(self.server_password, self._server_hash):
+                self._server_hash = hash_password(self.server_password)
+            entries = [(self.server_user, self._server_hash)]
+            entries += [(d, h) for d, h, revoked in devices if h and not revoked and d != self.server_user]
+            text = passwd_text(entries)
+            if text == self._last and self.passwd_path.exists():
+                return False
+            self.directory.mkdir(parents=True, exist_ok=True)
+            atomic_write(self.acl_path, acl_text(self.server_user).encode(), mode=0o600)
+            atomic_write(self.passwd_path, text.encode(), mode=0o600)
+            self._last = text
+            self._reload()
+            return True
+
+    def _reload(self) -> None:
+        pid_file = self.pid_file or self.directory / PID_FILE
+        try:
+            pid = int(pid_file.read_text().strip())
+        except (OSError, ValueError):
+            return
+        try:
+            os.kill(pid, signal.SIGHUP)
+        except OSError as exc:
+            log.warning("cannot signal the broker (pid %d) to reload credentials: %s", pid, exc)
+
+
+# -- amqtt plugins (loaded by the embedded broker's child process) -------------------------------------------
+class PasswordFileAuth(BaseAuthPlugin):  # type: ignore[misc]
+    """Authenticate against the shared password file, re-read whenever it changes."""
+
+    @dataclass
+    class Config:
+        password_file: str = ""
+
+    def __init__(self, context: BaseContext) -> None:
+        super().__init__(context)
+        self._path = Path(self._get_config_option("password_file", ""))
+        self._stamp: tuple[float, int] | None = None
+        self._users: dict[str, str] = {}
+
+    def _load(self) -> None:
+        try:
+            stat = self._path.stat()
+        except OSError:
+            self._users = {}
+            return
+        stamp = (stat.st_mtime, stat.st_size)
+        if stamp == self._stamp:
+            return
+        users = {}
+        for line in self._path.read_text(encoding="utf-8").splitlines():
+            user, sep, encoded = line.strip().partition(":")
+            if sep and user and not user.startswith("#"):
+                users[user] = encoded
+        self._users, self._stamp = users, stamp
+
+    async def authenticate(self, *, session: Session) -> bool | None:
+        self._load()
+        user, password = session.username, session.password
+        encoded = self._users.get(user or "")
+        ok = encoded is not None and password is not None and verify_password(str(password), encoded)
+        if not ok:
+            log.info("MQTT login refused for %r", user)
+        return ok
+
+
+class DeviceTopicAcl(BaseTopicPlugin):  # type: ignore[misc]
+    """Each device only on its own topics; the server's user everywhere (see :func:`allowed`)."""
+
+    @dataclass
+    class Config:
+        server_user: str = SERVER_USER
+
+    async def topic_filtering(self, *, session: Session | None = None, topic: str | None = None,
+                              action: Action | None = None) -> bool | None:
+        if session is None or topic is None or action is None:
+            return False
+        server_user = self._get_config_option("server_user", SERVER_USER)
+        return allowed(session.username, topic, str(action.value), server_user)

@@ -1,0 +1,73 @@
+"""Publishing desired states (retained, QoS 1) with paho: many at once, then wait for every acknowledgement."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Sequence
+
+import paho.mqtt.client as mqtt
+from paho.mqtt.enums import CallbackAPIVersion
+
+from edgefleet.errors import TransportError
+from edgefleet.transport import topics
+from edgefleet.transport.messages import DesiredState
+from edgefleet.transport.mqtt_url import MqttEndpoint
+
+
+class DesiredPublisher:
+    """One MQTT connection that publishes retained desired states and waits until the broker has them."""
+
+    def __init__(self, endpoint: MqttEndpoint, client_id: str) -> None:
+        self.endpoint = endpoint
+        self._connected = threading.Event()
+        self._client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=client_id, clean_session=True)
+        if endpoint.username is not None:
+            self._client.username_pw_set(endpoint.username, endpoint.password)
+        self._client.max_inflight_messages_set(1000)
+        self._client.max_queued_messages_set(0)
+        self._client.reconnect_delay_set(min_delay=1, max_delay=10)
+        self._client.on_connect = self._on_connect
+        self._client.on_disconnect = lambda *_args: self._connected.clear()
+        self._lock = threading.Lock()
+        self.published = 0
+
+    def start(self, timeout_s: float = 15.0) -> None:
+        try:
+            self._client.connect_async(self.endpoint.host, self.endpoint.port, keepalive=30)
+        except (OSError, ValueError) as exc:
+            raise TransportError(f"bad MQTT endpoint {self.endpoint.url}: {exc}") from exc
+        self._client.loop_start()
+        if not self._connected.wait(timeout_s):
+            raise TransportError(f"cannot publish: no MQTT connection to {self.endpoint.url} in {timeout_s:g} s")
+
+    def stop(self) -> None:
+        self._client.disconnect()
+        self._client.loop_stop()
+
+    def publish(self, state: DesiredState) -> None:
+        self.publish_many([state])
+
+    def publish_many(self, states: Sequence[DesiredState], timeout_s: float = 60.0) -> None:
+        """Publish every state, then wait until the broker acknowledged all; TransportError otherwise."""
+        if not states:
+            return
+        if not self._connected.wait(min(timeout_s, 10.0)):
+            raise TransportError(f"no MQTT connection to {self.endpoint.url}")
+        with self._lock:
+            infos = [self._client.publish(topics.desired(s.device), s.to_bytes(), qos=1, retain=True) for s in states]
+        deadline = time.monotonic() + timeout_s
+        for info in infos:
+            if info.rc not in (mqtt.MQTT_ERR_SUCCESS, mqtt.MQTT_ERR_NO_CONN):
+                raise TransportError(f"publish failed: {mqtt.error_string(info.rc)}")
+            try:
+                info.wait_for_publish(max(0.01, deadline - time.monotonic()))
+            except (RuntimeError, ValueError) as exc:
+                raise TransportError(f"desired state not published: {exc}") from exc
+            if not info.is_published():
+                raise TransportError(f"desired states not acknowledged within {timeout_s:g} s")
+        self.published += len(states)
+
+    def _on_connect(self, _c: mqtt.Client, _u: object, _f: object, reason: object, _p: object) -> None:
+        if not getattr(reason, "is_failure", False):
+            self._connected.set()

@@ -1,0 +1,64 @@
+"""REST endpoints for rollouts: create, list, status (with the audit trail), pause, resume, abort."""
+
+
+from typing import Any, Literal
+
+from fastapi import APIRouter, HTTPException
+from pydantic import BaseModel, Field
+
+from edgefleet.server.orchestrator import Orchestrator, rollout_json
+from edgefleet.server.store import Store
+
+
+class GateIn(BaseModel):
+    expr: str = Field(max_length=2000, description="e.g. accuracy_drop > 5% OR latency_increase > 20%")
+    action: Literal["abort", "pause"] = "abort"
+
+
+class RolloutIn(BaseModel):
+    model: str = Field(max_length=140, description="the candidate, name@version")
+    select: dict[str, str] = Field(default_factory=dict, max_length=64, description="tags every target carries")
+    profile: str | None = Field(default=None, max_length=64)
+    waves: list[str] = Field(default_factory=lambda: ["100%"], min_length=1, max_length=100,
+                             description="cumulative counts (5) or percentages (10%)")
+    gates: list[str | GateIn] = Field(default_factory=list, max_length=32)
+    mode: Literal["canary", "shadow", "ab"] = "canary"
+    window_s: float = Field(default=60.0, ge=0, le=30 * 86400)
+    install_timeout_s: float = Field(default=300.0, ge=0, le=30 * 86400)
+    unknown_timeout_s: float = Field(default=600.0, ge=0, le=30 * 86400)
+    baseline_s: float = Field(default=3600.0, ge=0, le=30 * 86400)
+    min_windows: int = Field(default=10, ge=0, le=10**9)
+
+
+class CommandIn(BaseModel):
+    note: str = Field(default="", max_length=500)
+
+
+def rollout_router(orchestrator: Orchestrator, store: Store) -> APIRouter:
+    router = APIRouter(prefix="/api/v1/rollouts")
+
+    @router.post("", status_code=201)
+    def create(body: RolloutIn) -> dict[str, Any]:
+        spec = body.model_dump()
+        spec["candidate"] = spec.pop("model")
+        row = orchestrator.create(spec)
+        return rollout_json(row, store)
+
+    @router.get("")
+    def list_rollouts() -> list[dict[str, Any]]:
+        return [rollout_json(r, store, audit=False) for r in store.list_rollouts()]
+
+    @router.get("/{rollout_id}")
+    def status(rollout_id: str) -> dict[str, Any]:
+        row = store.get_rollout(rollout_id)
+        if row is None:
+            raise HTTPException(404, f"unknown rollout {rollout_id!r}")
+        return rollout_json(row, store)
+
+    @router.post("/{rollout_id}/{action}")
+    def command(rollout_id: str, action: Literal["pause", "resume", "abort"], body: CommandIn | None = None
+                ) -> dict[str, Any]:
+        row = orchestrator.command(rollout_id, action, "operator", body.note if body else "")
+        return rollout_json(row, store)
+
+    return router

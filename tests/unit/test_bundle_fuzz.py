@@ -19,8 +19,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from typer.testing import CliRunner
 
+from edgefleet.bundle import copydiff
 from edgefleet.bundle.container import MANIFEST, MODEL, SIGNATURES, read_container, write_container
-from edgefleet.bundle.delta import DeltaFile, accept_delta, apply, diff
+from edgefleet.bundle.delta import Base, DeltaFile, accept_delta, apply, diff
 from edgefleet.bundle.pack import BundleSpec, pack_bundle
 from edgefleet.bundle.signing import SigningKey
 from edgefleet.cli import app
@@ -35,6 +36,7 @@ TRUST = TrustState(keys={KEY.public.key_id: KEY.public})
 A = pack_bundle(channel_mean_model(), KEY, BundleSpec(name="clf", version="1.0.0", release=1))
 B = pack_bundle(channel_mean_model(bias=[0.5, 0.1, 0.2, 0.3]), KEY, BundleSpec(name="clf", version="1.1.0", release=2))
 DELTA = diff(A, B, max_fraction=1.0).data
+BASE = Base.of(read_container(A))
 STATEMENT = rotation_statement(KEY, SigningKey.generate())
 FUZZ = settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
@@ -92,7 +94,7 @@ def test_signed_garbage_models_raise_only_bundle_errors(model: bytes) -> None:
 @given(st.one_of(st.binary(max_size=512), mutated(DELTA), mutated(DELTA[:120])))
 def test_delta_apply_raises_only_bundle_errors(delta: bytes) -> None:
     only_bundle_errors(lambda: apply(A, delta), lambda: accept_delta(A, delta, TRUST),
-                       lambda: DeltaFile.decode(delta, read_container(A)[MANIFEST]), lambda: diff(A, delta))
+                       lambda: DeltaFile.decode(delta, BASE), lambda: diff(A, delta))
 
 
 @FUZZ
@@ -128,3 +130,13 @@ def test_cli_apply_writes_only_its_out_file(delta: bytes, out_name: str) -> None
         if result.exit_code == 0:
             expected.add(out.resolve().relative_to(root.resolve()))
         assert written == expected
+
+
+@FUZZ
+@given(st.binary(max_size=300), st.binary(max_size=300), st.binary(max_size=64))
+def test_copy_insert_ops_round_trip_and_garbage_ops_raise_only_bundle_errors(source: bytes, target: bytes,
+                                                                               garbage: bytes) -> None:
+    mixed = source[: len(source) // 2] + target + source[len(source) // 3 :]
+    for wanted in (target, mixed):
+        assert copydiff.patch(source, copydiff.diff(source, wanted), len(wanted)) == wanted
+    only_bundle_errors(lambda: copydiff.patch(source, garbage, 1000))

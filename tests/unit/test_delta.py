@@ -5,7 +5,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import struct
 import zlib
 
 import numpy as np
@@ -13,11 +12,12 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
+from edgefleet.bundle import copydiff
 from edgefleet.bundle.container import MANIFEST, read_container, write_container
-from edgefleet.bundle.delta import MAGIC, DeltaFile, accept_delta, apply, diff
+from edgefleet.bundle.delta import MAGIC, Base, DeltaFile, accept_delta, apply, diff
 from edgefleet.bundle.encrypt import ModelKey
 from edgefleet.bundle.pack import BundleSpec, pack_bundle
-from edgefleet.bundle.protowire import graph_elements
+from edgefleet.bundle.protowire import graph_elements, write_varint, zigzag
 from edgefleet.bundle.signing import SigningKey
 from edgefleet.core.manifest import canonical_json
 from edgefleet.core.update import TrustState
@@ -55,7 +55,8 @@ def bundle(model: bytes, release: int, **spec: object) -> bytes:
 
 A = bundle(mlp(0), 1)
 B_HEAD = bundle(mlp(0, head_seed=7), 2)
-BASE = hashlib.sha256(read_container(A)["model.onnx"]).digest()
+BASE = Base.of(read_container(A))
+BASE_ID = hashlib.sha256(BASE.model).digest()[:16]
 
 
 def reason_of(action: object) -> str:
@@ -68,6 +69,8 @@ def test_a_head_only_update_sends_only_the_head_and_rebuilds_b_byte_for_byte() -
     result = diff(A, B_HEAD)
     assert result.is_delta
     assert len(result.data) < len(B_HEAD) * 0.3  # the head is 512 of ~17k weight bytes
+    kinds = [kind for _, _, kind in DeltaFile.decode(result.data, BASE).holes]
+    assert kinds.count(1) == 1 and kinds.count(0) >= LAYERS  # the head rides as a byte difference
     assert apply(A, result.data) == B_HEAD
     assert accept_delta(A, result.data, TRUST).manifest.release == 2
 
@@ -94,40 +97,36 @@ def test_encrypted_bundles_are_sent_whole() -> None:
 
 
 def test_a_delta_whose_rebuilt_model_hashes_wrong_is_refused() -> None:
-    manifest = read_container(A)[MANIFEST]
-    parsed = DeltaFile.decode(diff(A, B_HEAD).data, manifest)
+    parsed = DeltaFile.decode(diff(A, B_HEAD).data, BASE)
     skeleton = bytearray(parsed.skeleton)
     skeleton[-5] ^= 0x01
-    tampered = dataclasses.replace(parsed, skeleton=bytes(skeleton)).encode(manifest)
+    tampered = dataclasses.replace(parsed, skeleton=bytes(skeleton)).encode(BASE)
     assert reason_of(lambda: apply(A, tampered)) == "hash_mismatch"
     assert reason_of(lambda: accept_delta(A, tampered, TRUST)) == "hash_mismatch"
 
 
 def test_a_delta_whose_holes_are_swapped_hashes_wrong() -> None:
-    members = read_container(A)
-    parsed = DeltaFile.decode(diff(A, B_HEAD).data, members[MANIFEST])
-    spans = graph_elements(members["model.onnx"])
-    size = {index: spans[index][1] - spans[index][0] for _, index in parsed.holes}
+    parsed = DeltaFile.decode(diff(A, B_HEAD).data, BASE)
+    size = {index: BASE.elements[index][2] - BASE.elements[index][1] for _, index, _ in parsed.holes}
     holes = list(parsed.holes)
     i, j = next((i, j) for i in range(len(holes)) for j in range(i + 1, len(holes))
-                if size[holes[i][1]] == size[holes[j][1]] and holes[i][1] != holes[j][1])
-    holes[i], holes[j] = (holes[i][0], holes[j][1]), (holes[j][0], holes[i][1])  # same sizes, other weights
-    tampered = dataclasses.replace(parsed, holes=tuple(holes)).encode(members[MANIFEST])
+                if size[holes[i][1]] == size[holes[j][1]] and holes[i][1] != holes[j][1] and holes[i][2] == 0)
+    holes[i], holes[j] = (*holes[i][:1], holes[j][1], holes[i][2]), (*holes[j][:1], holes[i][1], holes[j][2])
+    tampered = dataclasses.replace(parsed, holes=tuple(holes)).encode(BASE)
     assert reason_of(lambda: apply(A, tampered)) == "hash_mismatch"
 
 
 def test_a_self_consistent_forgery_still_needs_the_signature() -> None:
     """A delta whose every digest an attacker recomputed rebuilds, and is then refused by decide."""
-    members = read_container(A)
-    parsed = DeltaFile.decode(diff(A, B_HEAD).data, members[MANIFEST])
+    parsed = DeltaFile.decode(diff(A, B_HEAD).data, BASE)
     target = read_container(B_HEAD)
     manifest = json.loads(target[MANIFEST])
     manifest["hardware"] = ["attacker-chosen"]
     forged_manifest = canonical_json(manifest)
     forged_b = write_container({**target, MANIFEST: forged_manifest})
     forged = dataclasses.replace(parsed, manifest=forged_manifest, target_bundle_size=len(forged_b),
-                                 target_bundle_sha256=hashlib.sha256(forged_b).digest())
-    data = forged.encode(members[MANIFEST])
+                                 target_bundle_id=hashlib.sha256(forged_b).digest()[:16])
+    data = forged.encode(BASE)
     assert apply(A, data) == forged_b
     assert reason_of(lambda: accept_delta(A, data, TRUST)) == "bad_signature"
     stranger = SigningKey.generate()
@@ -154,17 +153,30 @@ def test_padded_and_foreign_deltas_are_refused() -> None:
     assert reason_of(lambda: apply(A, b"PK\x03\x04" + data[4:])) == "malformed"
 
 
-def test_a_zip_bomb_body_stops_at_the_declared_size() -> None:
-    manifest = read_container(A)[MANIFEST]
-    compressor = zlib.compressobj(9, zdict=manifest[-32768:])
-    body = compressor.compress(b"\x00" * (64 << 20)) + compressor.flush()
-    header = struct.pack(">8sB32s32sQIIQIQ", MAGIC, 1, BASE, b"\x00" * 32, 100, 10, 10, 10, 0, len(body))
-    assert reason_of(lambda: apply(A, header + body)) == "oversized"
+def header(*sizes: int) -> bytes:
+    return MAGIC + b"\x01" + BASE_ID + b"\x00" * 16 + b"".join(write_varint(size) for size in sizes)
+
+
+def test_a_zip_bomb_stream_stops_at_the_declared_size() -> None:
+    compressor = zlib.compressobj(9, zdict=BASE.skeleton[-32768:])
+    bomb = compressor.compress(b"\x00" * (64 << 20)) + compressor.flush()
+    assert reason_of(lambda: apply(A, header(100, 10, 10, 10, 0, len(bomb), 0) + bomb)) == "oversized"
 
 
 def test_declared_sizes_are_capped_before_anything_is_read() -> None:
-    header = struct.pack(">8sB32s32sQIIQIQ", MAGIC, 1, BASE, b"\x00" * 32, 1 << 60, 10, 10, 1 << 60, 0, 0)
-    assert reason_of(lambda: apply(A, header)) == "oversized"
+    assert reason_of(lambda: apply(A, header(1 << 60, 10, 10, 1 << 60, 0, 0, 0))) == "oversized"
+    assert reason_of(lambda: apply(A, header(100, 1 << 40, 10, 10, 0, 0, 0))) == "oversized"
+    assert reason_of(lambda: apply(A, header(100, 10, 10, 10, 1 << 30, 0, 0))) == "oversized"
+
+
+def test_copy_ops_cannot_reach_outside_their_source() -> None:
+    source = b"0123456789abcdef" * 4
+    target = b"xx" + source[5:40] + b"yy"
+    assert copydiff.patch(source, copydiff.diff(source, target), len(target)) == target
+    outside = write_varint(20 << 1 | 1) + write_varint(zigzag(60))
+    assert reason_of(lambda: copydiff.patch(source, outside, 100)) == "malformed"
+    assert reason_of(lambda: copydiff.patch(source, write_varint(50 << 1) + b"short", 100)) == "malformed"
+    assert reason_of(lambda: copydiff.patch(source, write_varint(20 << 1 | 1) + b"\x00", 10)) == "malformed"
 
 
 def test_models_that_are_not_protobuf_cannot_be_diffed_but_still_ship() -> None:

@@ -115,9 +115,19 @@ def golden_set(model: bytes, golden: np.ndarray | Sequence[np.ndarray], first_in
             raise ConfigError(f"golden sample {index} of shape {x.shape} does not fit the model: {exc}") from exc
         if not (np.all(np.isfinite(x)) and np.all(np.isfinite(y))):
             raise ConfigError(f"golden sample {index}: input or output is not finite")
-        samples.append(GoldenSample(input=x.ravel().tolist(), input_shape=list(x.shape),
-                                    output=y.ravel().tolist(), output_shape=list(y.shape)))
+        samples.append(GoldenSample(input=_compact(x), input_shape=list(x.shape),
+                                    output=_compact(y), output_shape=list(y.shape)))
     return GoldenSet(samples=samples, atol=atol, rtol=rtol)
+
+
+def _compact(array: np.ndarray) -> list[float]:
+    """Values as JSON floats; float32 ones in their shortest exact form (``0.1``, not ``0.10000000149011612``)."""
+    flat = array.ravel()
+    if flat.dtype != np.float32:
+        return [float(v) for v in flat.tolist()]
+    short = [float(str(v)) for v in flat]
+    exact = np.asarray(short, dtype=np.float32) == flat
+    return [s if ok else float(v) for s, ok, v in zip(short, exact.tolist(), flat.tolist(), strict=True)]
 
 
 def write_bundle(path: Path, data: bytes) -> None:

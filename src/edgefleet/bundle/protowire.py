@@ -15,6 +15,8 @@ from edgefleet.errors import BundleError
 
 GRAPH_FIELD = 7  # ModelProto.graph
 _VARINT, _FIXED64, _LENGTH, _FIXED32 = 0, 1, 2, 5
+# GraphProto field -> the field holding its name: node.name, initializer (TensorProto).name, value infos' name
+_NAME_FIELDS = {1: 3, 5: 8, 11: 1, 12: 1, 13: 1}
 
 
 def read_varint(data: bytes, pos: int, end: int) -> tuple[int, int]:
@@ -29,6 +31,25 @@ def read_varint(data: bytes, pos: int, end: int) -> tuple[int, int]:
         if byte < 0x80:
             return value, pos
         shift += 7
+
+
+def write_varint(value: int) -> bytes:
+    """Encode a non-negative integer as a base-128 varint."""
+    out = bytearray()
+    while value >= 0x80:
+        out.append((value & 0x7F) | 0x80)
+        value >>= 7
+    out.append(value)
+    return bytes(out)
+
+
+def zigzag(value: int) -> int:
+    """Map a signed integer to an unsigned one (0, -1, 1, -2 ... -> 0, 1, 2, 3 ...)."""
+    return value * 2 if value >= 0 else -value * 2 - 1
+
+
+def unzigzag(value: int) -> int:
+    return value >> 1 if value % 2 == 0 else -((value + 1) >> 1)
 
 
 def fields(data: bytes, start: int, end: int) -> Iterator[tuple[int, int, int, int]]:
@@ -56,10 +77,21 @@ def fields(data: bytes, start: int, end: int) -> Iterator[tuple[int, int, int, i
         pos = after
 
 
-def graph_elements(model: bytes) -> list[tuple[int, int]]:
-    """Byte spans of every length-delimited field's contents directly inside the model's graph(s)."""
-    spans: list[tuple[int, int]] = []
+def graph_elements(model: bytes) -> list[tuple[int, int, int]]:
+    """(graph field number, start, end) of every length-delimited field's contents directly inside the graph(s)."""
+    spans: list[tuple[int, int, int]] = []
     for number, wire, start, end in fields(model, 0, len(model)):
         if number == GRAPH_FIELD and wire == _LENGTH:
-            spans += [(s, e) for _, w, s, e in fields(model, start, end) if w == _LENGTH]
+            spans += [(n, s, e) for n, w, s, e in fields(model, start, end) if w == _LENGTH]
     return spans
+
+
+def element_name(model: bytes, field: int, start: int, end: int) -> bytes | None:
+    """The name inside a graph element (node, initializer, value info), or None when it has none."""
+    name_field = _NAME_FIELDS.get(field)
+    if name_field is None:
+        return None
+    for number, wire, s, e in fields(model, start, end):
+        if number == name_field and wire == _LENGTH:
+            return model[s:e] or None
+    return None

@@ -42,6 +42,37 @@ class ControlPlane:
     def deploy(self, model: str, devices: list[str]) -> Any:
         return self._call("POST", "/api/v1/deployments", json={"model": model, "devices": devices})
 
+    def revoke_device(self, device_id: str) -> Any:
+        return self._call("POST", f"/api/v1/devices/{device_id}/revoke")
+
+    def model_telemetry(self, model: str, since: float = 0.0) -> Any:
+        name, _, version = model.partition("@")
+        return self._call("GET", f"/api/v1/models/{name}/{version}/telemetry", params={"since": since})
+
+    def create_rollout(self, model: str, *, waves: list[str] | None = None, gates: list[Any] | None = None,
+                       select: dict[str, str] | None = None, **options: Any) -> Any:
+        """Start a rollout of ``model`` (name@version); ``options``: mode, profile, window_s, install_timeout_s..."""
+        body = {"model": model, "waves": waves or ["100%"], "gates": gates or [], "select": select or {},
+                **{k: v for k, v in options.items() if v is not None}}
+        return self._call("POST", "/api/v1/rollouts", json=body)
+
+    def rollouts(self) -> Any:
+        return self._call("GET", "/api/v1/rollouts")
+
+    def rollout(self, rollout_id: str) -> Any:
+        return self._call("GET", f"/api/v1/rollouts/{rollout_id}")
+
+    def rollout_command(self, rollout_id: str, action: str, note: str = "") -> Any:
+        """``action``: pause, resume or abort."""
+        return self._call("POST", f"/api/v1/rollouts/{rollout_id}/{action}", json={"note": note})
+
+    def metrics(self) -> str:
+        try:
+            response = self._http.get("/metrics")
+        except httpx.HTTPError as exc:
+            raise TransportError(f"GET /metrics failed: {exc}") from exc
+        return response.text
+
     def telemetry(self, device_id: str) -> Any:
         return self._call("GET", f"/api/v1/devices/{device_id}/telemetry")
 

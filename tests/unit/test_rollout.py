@@ -420,3 +420,17 @@ def test_rollback_restores_each_device_to_what_it_ran_before() -> None:
     rollback = next(d for d in sim.log if d.kind == "rollback")
     restore: Mapping[str, str | None] = rollback.restore
     assert restore[odd] == "clf@0.9.0" and all(v == OLD for k, v in restore.items() if k != odd)
+
+
+def test_every_deciding_step_gets_a_new_step_number() -> None:
+    sim = Sim(plan(window_s=100, install_timeout_s=60))
+    numbers = [sim.state.step_no]
+    for dt in (1, 10, 100, 1, 100):
+        result = sim.tick(dt)
+        if result.decisions:
+            numbers.append(result.state.step_no)
+    sim.apply(command(sim.plan, sim.state, "pause", sim.now))
+    numbers.append(sim.state.step_no)
+    sim.apply(command(sim.plan, sim.state, "resume", sim.now))
+    numbers.append(sim.state.step_no)
+    assert numbers == sorted(set(numbers)) and len(numbers) >= 5

@@ -56,8 +56,14 @@ def _register_groups() -> None:
 
     app.add_typer(keys_app, name="keys")
     app.add_typer(bundle_app, name="bundle")
+    from edgefleet.cli.fleet import device_app, model_app, rollout_app
+
+    app.add_typer(device_app, name="device")
+    app.add_typer(model_app, name="model")
+    app.add_typer(rollout_app, name="rollout")
     __import__("edgefleet.cli.build", fromlist=["register"]).register(app)
     app.add_typer(agent_app, name="agent")
+    __import__("edgefleet.cli.upstream", fromlist=["register"]).register(app)
 
 
 _register_groups()

@@ -251,12 +251,22 @@ def start(plan: RolloutPlan, rollout_id: str, devices: Mapping[str, DeviceView],
             raise ConfigError("an A/B rollout needs at least two matching devices")
         control, targets = targets[1::2], targets[0::2]
     state = RolloutState(id=rollout_id, phase="installing", created=now, targets=targets, control=control)
-    return _next_wave(plan, state, devices, now, "rollout started")
+    return _numbered(_next_wave(plan, state, devices, now, "rollout started"))
 
 
 def step(plan: RolloutPlan, state: RolloutState, obs: Observation) -> Step:
     """Advance on what the fleet reports now."""
-    s = dataclasses.replace(state, moved=dict(state.moved))
+    return _numbered(_step(plan, dataclasses.replace(state, moved=dict(state.moved)), obs))
+
+
+def _numbered(result: Step) -> Step:
+    """Every step that decides something gets the next step number (the audit trail's key)."""
+    if result.decisions:
+        result.state.step_no += 1
+    return result
+
+
+def _step(plan: RolloutPlan, s: RolloutState, obs: Observation) -> Step:
     if s.phase in (*FINAL, "paused"):
         return Step(s, (), None)
     done, failed, pending = _install_status(plan, s, obs)
@@ -271,7 +281,7 @@ def step(plan: RolloutPlan, state: RolloutState, obs: Observation) -> Step:
         reason = "installs finished" if not late else f"{len(late)} device(s) did not install in time"
         wait = Decision("wait", obs.now, s.wave, f"{reason}; observing until the window ends", until=s.deadline,
                         devices=tuple(late), values={"installs": installs})
-        later = step(plan, s, obs)
+        later = _step(plan, s, obs)
         return Step(later.state, (wait, *later.decisions), later.wake_at)
     candidate, baseline = cohorts(plan, s, obs)
     values = metrics(candidate, baseline, installs_done=len(done), installs_failed=len(failed),
@@ -306,7 +316,11 @@ def step(plan: RolloutPlan, state: RolloutState, obs: Observation) -> Step:
 def command(plan: RolloutPlan, state: RolloutState, action: Literal["pause", "resume", "abort"], now: float,
             devices: Mapping[str, DeviceView] | None = None, note: str = "") -> Step:
     """An operator's pause, resume or abort; ConfigError when it makes no sense in the current phase."""
-    s = dataclasses.replace(state, moved=dict(state.moved))
+    return _numbered(_command(plan, dataclasses.replace(state, moved=dict(state.moved)), action, now, devices, note))
+
+
+def _command(plan: RolloutPlan, s: RolloutState, action: Literal["pause", "resume", "abort"], now: float,
+             devices: Mapping[str, DeviceView] | None, note: str) -> Step:
     by = f" ({note})" if note else ""
     if s.phase in FINAL:
         raise ConfigError(f"rollout {s.id} is already {s.phase}")
@@ -334,7 +348,6 @@ def command(plan: RolloutPlan, state: RolloutState, action: Literal["pause", "re
 def _next_wave(plan: RolloutPlan, s: RolloutState, devices: Mapping[str, DeviceView], now: float, why: str,
                evidence: Mapping[str, Any] | None = None) -> Step:
     counts = wave_counts(plan, len(s.targets))
-    s.step_no += 1
     if s.wave + 1 >= len(counts):
         s.phase, s.reason = "done", f"{why}; all {len(counts)} waves done"
         decisions = [Decision("done", now, s.wave, s.reason, values=dict(evidence or {}))]
@@ -356,7 +369,7 @@ def _next_wave(plan: RolloutPlan, s: RolloutState, devices: Mapping[str, DeviceV
 
 
 def _abort(plan: RolloutPlan, s: RolloutState, now: float, why: str, evidence: Mapping[str, Any]) -> Step:
-    s.phase, s.reason, s.step_no = "aborted", why, s.step_no + 1
+    s.phase, s.reason = "aborted", why
     decisions = []
     if s.moved:
         role: Literal["active", "shadow"] = "shadow" if plan.mode == "shadow" else "active"
@@ -368,7 +381,7 @@ def _abort(plan: RolloutPlan, s: RolloutState, now: float, why: str, evidence: M
 
 def _pause(s: RolloutState, now: float, by: str, why: str, evidence: Mapping[str, Any]) -> Step:
     s.resume_phase = s.phase if s.phase != "paused" else s.resume_phase
-    s.phase, s.paused_by, s.reason, s.step_no = "paused", by, why, s.step_no + 1
+    s.phase, s.paused_by, s.reason = "paused", by, why
     return Step(s, (Decision("pause", now, s.wave, why, values=evidence),), None)
 
 

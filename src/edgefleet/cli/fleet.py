@@ -1,0 +1,189 @@
+"""``edgefleet device ...``, ``edgefleet model ...`` and ``edgefleet rollout ...``: the operator CLI over the
+REST API. The server and the operator token come from ``--server``/``--token`` or ``EDGEFLEET_SERVER`` /
+``EDGEFLEET_TOKEN``; ``--json`` prints the API's answer as JSON."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from edgefleet.errors import ConfigError
+
+device_app = typer.Typer(no_args_is_help=True, help="Provision, list, show and revoke devices.")
+model_app = typer.Typer(no_args_is_help=True, help="Push signed bundles and list model versions.")
+rollout_app = typer.Typer(no_args_is_help=True, help="Staged rollouts gated on model behaviour.")
+
+Server = Annotated[str, typer.Option("--server", envvar="EDGEFLEET_SERVER", help="control plane URL")]
+Token = Annotated[str, typer.Option("--token", envvar="EDGEFLEET_TOKEN", help="operator token")]
+Json = Annotated[bool, typer.Option("--json", help="print the API's JSON answer")]
+
+
+@contextmanager
+def _api(server: str, token: str) -> Iterator[Any]:
+    from edgefleet.client import ControlPlane
+
+    if not server or not token:
+        raise ConfigError("give the server and operator token: --server/--token or EDGEFLEET_SERVER/EDGEFLEET_TOKEN")
+    client = ControlPlane(server, token)
+    try:
+        yield client
+    finally:
+        client.close()
+
+
+def _pairs(values: list[str] | None, what: str) -> dict[str, str]:
+    out = {}
+    for value in values or []:
+        key, sep, val = value.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"{what} must be KEY=VALUE, not {value!r}")
+        out[key] = val
+    return out
+
+
+def _emit(data: Any, as_json: bool, text: str) -> None:
+    typer.echo(json.dumps(data, indent=2, sort_keys=True) if as_json else text)
+
+
+# -- devices -------------------------------------------------------------------------------------------------
+@device_app.command("add")
+def device_add(device_id: Annotated[str, typer.Argument(help="device id")],
+               out: Annotated[Path, typer.Option(help="credentials JSON to write (for edgefleet agent)")],
+               server: Server = "", token: Token = "",
+               tag: Annotated[list[str] | None, typer.Option(help="KEY=VALUE (repeatable)")] = None,
+               profile: Annotated[str | None, typer.Option(help="device profile name")] = None,
+               as_json: Json = False) -> None:
+    """Provision a device and write its credentials file (mode 0600)."""
+    from edgefleet.storage import atomic_write
+
+    with _api(server, token) as api:
+        creds = api.add_device(device_id, _pairs(tag, "--tag"), profile)
+    atomic_write(out, json.dumps(creds, indent=2).encode(), mode=0o600)
+    public = {k: v for k, v in creds.items() if k not in ("mqtt_password", "token")}
+    _emit({**public, "credentials_file": str(out)}, as_json, f"device {device_id} provisioned: {out}")
+
+
+@device_app.command("list")
+def device_list(server: Server = "", token: Token = "", as_json: Json = False) -> None:
+    """Every device, its tags, what it should run and what it reported."""
+    with _api(server, token) as api:
+        devices = api.devices()
+    lines = [f"{d['id']:<24} {'REVOKED' if d['revoked'] else (d.get('desired') or '-'):<20} "
+             f"{((d.get('reported') or {}).get('active') or '-'):<20} "
+             f"{','.join(f'{k}={v}' for k, v in sorted(d['tags'].items()))}" for d in devices]
+    _emit(devices, as_json, "\n".join([f"{'DEVICE':<24} {'DESIRED':<20} {'ACTIVE':<20} TAGS", *lines]))
+
+
+@device_app.command("show")
+def device_show(device_id: str, server: Server = "", token: Token = "", as_json: Json = False) -> None:
+    """One device in detail."""
+    with _api(server, token) as api:
+        device = api.device(device_id)
+    _emit(device, as_json, json.dumps(device, indent=2, sort_keys=True))
+
+
+@device_app.command("revoke")
+def device_revoke(device_id: str, server: Server = "", token: Token = "", as_json: Json = False) -> None:
+    """Revoke a device: its token and broker login stop working."""
+    with _api(server, token) as api:
+        device = api.revoke_device(device_id)
+    _emit(device, as_json, f"device {device_id} revoked")
+
+
+# -- models --------------------------------------------------------------------------------------------------
+@model_app.command("push")
+def model_push(bundle: Annotated[Path, typer.Argument(help="signed bundle file")], server: Server = "",
+               token: Token = "", as_json: Json = False) -> None:
+    """Upload a signed bundle; the server verifies it before registering it."""
+    from edgefleet.cli.bundle import read_file
+
+    with _api(server, token) as api:
+        model = api.push_model(read_file(bundle))
+    _emit(model, as_json, f"{model['name']}@{model['version']} release {model['release']} ({model['sha256'][:12]})")
+
+
+@model_app.command("list")
+def model_list(server: Server = "", token: Token = "", as_json: Json = False) -> None:
+    """Registered model versions."""
+    with _api(server, token) as api:
+        models = api.models()
+    lines = [f"{m['name']}@{m['version']:<12} release {m['release']:<4} {m['sha256'][:12]} {m['size']} B"
+             for m in models]
+    _emit(models, as_json, "\n".join(lines) or "no models")
+
+
+# -- rollouts ------------------------------------------------------------------------------------------------
+@rollout_app.command("create")
+def rollout_create(model: Annotated[str, typer.Argument(help="candidate NAME@VERSION")],
+                   select: Annotated[list[str] | None, typer.Option(help="KEY=VALUE tag (repeatable)")] = None,
+                   waves: Annotated[str, typer.Option(help="cumulative waves: 10%,50%,100% or 1,10,100%")] = "100%",
+                   gate: Annotated[list[str] | None, typer.Option(help="abort when true (repeatable)")] = None,
+                   pause_gate: Annotated[list[str] | None, typer.Option(help="pause when true (repeatable)")] = None,
+                   mode: Annotated[str, typer.Option(help="canary, shadow or ab")] = "canary",
+                   window: Annotated[float, typer.Option(help="observation window per wave, seconds")] = 60.0,
+                   install_timeout: Annotated[float, typer.Option(help="seconds to install a wave")] = 300.0,
+                   min_windows: Annotated[int, typer.Option(help="inference windows needed to judge")] = 10,
+                   profile: Annotated[str | None, typer.Option(help="only devices of this profile")] = None,
+                   server: Server = "", token: Token = "", as_json: Json = False) -> None:
+    """Start a staged rollout; each wave must pass its gates before the next one."""
+    gates: list[Any] = [{"expr": g, "action": "abort"} for g in gate or []]
+    gates += [{"expr": g, "action": "pause"} for g in pause_gate or []]
+    with _api(server, token) as api:
+        rollout = api.create_rollout(model, waves=[w.strip() for w in waves.split(",")], gates=gates,
+                                     select=_pairs(select, "--select"), mode=mode, window_s=window,
+                                     install_timeout_s=install_timeout, min_windows=min_windows, profile=profile)
+    _emit(rollout, as_json, f"{rollout['id']}: {model} to {rollout['targets']} device(s), {rollout['phase']}")
+
+
+@rollout_app.command("list")
+def rollout_list(server: Server = "", token: Token = "", as_json: Json = False) -> None:
+    """Every rollout and its phase."""
+    with _api(server, token) as api:
+        rollouts = api.rollouts()
+    lines = [f"{r['id']}  {r['candidate']:<20} {r['phase']:<10} wave {r['wave']}/{r['waves']}  {r['reason']}"
+             for r in rollouts]
+    _emit(rollouts, as_json, "\n".join(lines) or "no rollouts")
+
+
+@rollout_app.command("status")
+def rollout_status(rollout_id: str, server: Server = "", token: Token = "", as_json: Json = False) -> None:
+    """A rollout's phase, progress and audit trail (each decision with the values that caused it)."""
+    with _api(server, token) as api:
+        r = api.rollout(rollout_id)
+    lines = [f"{r['id']}: {r['candidate']} ({r['mode']}) {r['phase']}, wave {r['wave']}/{r['waves']}, "
+             f"{r['moved']}/{r['targets']} device(s) moved", f"  {r['reason']}" if r["reason"] else ""]
+    lines += [f"  step {d['step']} {d['kind']:<8} wave {d['wave']}: {d['reason']}" for d in r.get("decisions", [])]
+    _emit(r, as_json, "\n".join(line for line in lines if line))
+
+
+def _command(action: str, rollout_id: str, note: str, server: str, token: str, as_json: bool) -> None:
+    with _api(server, token) as api:
+        r = api.rollout_command(rollout_id, action, note or os.environ.get("USER", ""))
+    _emit(r, as_json, f"{r['id']}: {r['phase']}")
+
+
+@rollout_app.command("pause")
+def rollout_pause(rollout_id: str, note: Annotated[str, typer.Option(help="why")] = "", server: Server = "",
+                  token: Token = "", as_json: Json = False) -> None:
+    """Pause a rollout where it is."""
+    _command("pause", rollout_id, note, server, token, as_json)
+
+
+@rollout_app.command("resume")
+def rollout_resume(rollout_id: str, note: Annotated[str, typer.Option(help="why")] = "", server: Server = "",
+                   token: Token = "", as_json: Json = False) -> None:
+    """Resume a paused rollout (over a tripped pause gate: on to the next wave)."""
+    _command("resume", rollout_id, note, server, token, as_json)
+
+
+@rollout_app.command("abort")
+def rollout_abort(rollout_id: str, note: Annotated[str, typer.Option(help="why")] = "", server: Server = "",
+                  token: Token = "", as_json: Json = False) -> None:
+    """Abort a rollout and return every moved device to what it ran before."""
+    _command("abort", rollout_id, note, server, token, as_json)

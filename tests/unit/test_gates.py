@@ -199,7 +199,7 @@ def test_add_batch_reads_optional_fields_defensively() -> None:
     stats.add_batch({"windows": 4, "labelled": 4, "correct": 3, "latency_ms": {"100": 4},
                      "confidence": [0, 4], "errors": 1})
     stats.add_batch({"windows": "many", "latency_ms": {"x": 1}, "confidence": "bad", "escalations": -1})
-    stats.add_batch({"windows": 2, "escalations": 2, "latency_ms": "bad"})
+    stats.add_batch({"windows": 2, "escalations": {"sent": 2, "answered": 1}, "latency_ms": "bad"})
     assert (stats.windows, stats.labelled, stats.correct, stats.errors) == (6, 4, 3, 1)
     assert stats.escalations == 2
     assert stats.accuracy == 0.75

@@ -326,7 +326,7 @@ class CohortStats:
         bins = payload.get("confidence")
         if isinstance(bins, list):
             self.confidence = add_bins(self.confidence, [_int(b) for b in bins])
-        self.escalations = _add_optional(self.escalations, _opt_int(payload.get("escalations")))
+        self.escalations = _add_optional(self.escalations, _escalated(payload.get("escalations")))
 
     @property
     def accuracy(self) -> float | None:
@@ -392,6 +392,13 @@ def _int(value: object) -> int:
 
 def _opt_int(value: object) -> int | None:
     return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else None
+
+
+def _escalated(value: object) -> int | None:
+    """Windows sent upstream: a count, or the agent's counter mapping (its ``sent`` entry)."""
+    if isinstance(value, Mapping):
+        return _int(value.get("sent", 0))
+    return _opt_int(value)
 
 
 def _histogram(value: object) -> LatencyHistogram:

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -25,6 +28,8 @@ class LocalFleet:
     api: ControlPlane | None = None
     key: SigningKey | None = None
     server: ManagedProcess | None = None
+    server_url: str | None = None
+    operator_token: str | None = None
 
     def start_server(self, timeout_s: float = 60.0) -> ControlPlane:
         self.key = write_keypair(self.root / "keys", overwrite=True)
@@ -44,7 +49,9 @@ class LocalFleet:
 
         wait_until(ready, timeout_s, "the server to start")
         info = json.loads(info_file.read_text())
-        self.api = ControlPlane(info["api_url"], (data_dir / "operator.token").read_text().strip())
+        self.server_url = info["api_url"]
+        self.operator_token = (data_dir / "operator.token").read_text().strip()
+        self.api = ControlPlane(self.server_url, self.operator_token)
         return self.api
 
     def bundle(self, version: str, release: int, model: bytes | None = None) -> bytes:
@@ -54,12 +61,19 @@ class LocalFleet:
             name="clf", version=version, release=release, labels=list(synthetic.LABELS),
             preprocess=synthetic.preprocess_spec()))
 
-    def provision(self, device: str) -> Path:
+    def provision(self, device: str, tags: dict[str, str] | None = None, profile: str | None = None) -> Path:
         assert self.api is not None, "start_server first"
         path = self.root / "devices" / f"{device}.json"
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(self.api.add_device(device)))
+        path.write_text(json.dumps(self.api.add_device(device, tags, profile)))
         return path
+
+    def cli(self, *args: str, timeout_s: float = 60.0) -> subprocess.CompletedProcess[str]:
+        """Run ``edgefleet ARGS`` against this fleet's server (EDGEFLEET_SERVER / EDGEFLEET_TOKEN set)."""
+        assert self.server_url is not None, "start_server first"
+        env = {**os.environ, "EDGEFLEET_SERVER": self.server_url, "EDGEFLEET_TOKEN": self.operator_token or ""}
+        return subprocess.run([sys.executable, "-m", "edgefleet", *args], capture_output=True, text=True,
+                              timeout=timeout_s, env=env, check=False)
 
     def data_file(self) -> Path:
         path = self.root / "recordings.npz"

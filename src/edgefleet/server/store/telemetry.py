@@ -20,8 +20,8 @@ from edgefleet.transport.messages import Event, TelemetryBatch
 
 DeviceModelStats = dict[str, dict[str, CohortStats]]
 _CHUNK = 500
-_SUMMED = ("windows", "labelled", "correct", "skipped", "errors", "escalations", "shadow_windows", "shadow_agree",
-           "shadow_errors")
+_SUMMED = ("windows", "labelled", "correct", "skipped", "errors", "shadow_windows", "shadow_agree", "shadow_errors",
+           "imputed", "incomplete", "uncertain")
 
 
 class TelemetryStore(StoreBase):
@@ -190,6 +190,15 @@ def merge_payloads(total: dict[str, Any], part: dict[str, Any]) -> dict[str, Any
             hist.merge(LatencyHistogram.from_json(part.get(key) or {}))
         out[key] = hist.to_json()
     out["confidence"] = add_bins(list(out.get("confidence") or []), list(part.get("confidence") or []))
+    for key in ("escalations", "alerts"):
+        counters = dict(out.get(key) or {}) if isinstance(out.get(key) or {}, dict) else {}
+        part_counters = part.get(key)
+        if isinstance(part_counters, int):
+            part_counters = {"sent": part_counters}
+        for name, n in dict(part_counters or {}).items():
+            if isinstance(n, int):
+                counters[name] = counters.get(name, 0) + n
+        out[key] = counters
     classes = dict(out.get("classes") or {})
     for name, n in dict(part.get("classes") or {}).items():
         classes[name] = classes.get(name, 0) + int(n)

@@ -2,92 +2,266 @@
 
 One pipeline serves one active model (and optionally a shadow candidate that only reports). The agent builds a
 new pipeline when the active model changes and takes a telemetry batch from it every interval.
+
+Post-processing follows the manifest's ``thresholds`` (all optional):
+
+    min_confidence           a window under it is counted ``uncertain`` and raises no class alert
+    alert:<label>            alert when <label> is predicted with at least this confidence
+    anomaly_score            alert when the window's anomaly score reaches this: the model's output when it
+                             emits one value per window (an anomaly detector), otherwise the RMS of the scaled
+                             window (input energy in training standard deviations, about 1 on training data)
+    escalate_below           a window is hard when its confidence is under this (default 0.6) ...
+    escalate_margin_below    ... or its top-two probability margin is under this ...
+    escalate_entropy_above   ... or its normalized entropy (0 to 1) is over this
+
+Hard windows feed the hard-example sample and, with an escalator (tiered inference), go upstream; an upstream
+answer that comes in time is the window's decision. Telemetry describes the local model's behaviour (its
+classes, confidence and latency); alerts follow the decision. Alerts are counted per window and reported as
+events at most once per ``alert_cooldown_s`` per reason: drain them with :meth:`InferencePipeline.take_alerts`.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import time
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 
 import numpy as np
 
+from edgefleet.agent.escalation import Escalator
 from edgefleet.agent.model import LoadedModel
-from edgefleet.agent.sources import Reading
-from edgefleet.agent.stats import WindowStats
+from edgefleet.agent.sources import Reading, SensorSource
+from edgefleet.agent.stats import HardExampleSampler, WindowStats
+from edgefleet.core.drift import DriftTracker, Reference
 from edgefleet.errors import ModelError
-from edgefleet.runtime.preprocess import StreamWindower
+from edgefleet.runtime.preprocess import StreamWindower, Window
 from edgefleet.transport.messages import TelemetryBatch
 
 log = logging.getLogger(__name__)
 
+DEFAULT_HARD_BELOW = 0.6
+AlertDetail = dict[str, str | int | float | None]
+
 
 @dataclass(frozen=True)
 class Outcome:
-    """What happened to one window: a prediction, or a failure of the model."""
+    """What happened to one window: a prediction (local, or upstream's when it came in time), or a failure."""
 
     predicted: str | None
     confidence: float
     latency_ms: float
     failed: bool = False
+    upstream: bool = False
+    alert: str | None = None
+
+
+@dataclass(frozen=True)
+class PipelineOptions:
+    """Agent-side knobs of post-processing and edge filtering."""
+
+    hard_examples: int = 2
+    hard_example_bytes: int = 4096
+    alert_cooldown_s: float = 60.0
+    clock: Callable[[], float] = time.monotonic
+
+
+@dataclass(frozen=True)
+class Thresholds:
+    """The manifest's post-processing thresholds, parsed (see the module docstring)."""
+
+    min_confidence: float | None = None
+    class_alerts: Mapping[str, float] = field(default_factory=dict)
+    anomaly_score: float | None = None
+    hard_below: float = DEFAULT_HARD_BELOW
+    margin_below: float | None = None
+    entropy_above: float | None = None
+
+    @classmethod
+    def from_manifest(cls, thresholds: Mapping[str, float], escalate_below: float | None = None) -> Thresholds:
+        return cls(min_confidence=thresholds.get("min_confidence"),
+                   class_alerts={k[len("alert:"):]: v for k, v in thresholds.items() if k.startswith("alert:")},
+                   anomaly_score=thresholds.get("anomaly_score"),
+                   hard_below=escalate_below if escalate_below is not None
+                   else thresholds.get("escalate_below", DEFAULT_HARD_BELOW),
+                   margin_below=thresholds.get("escalate_margin_below"),
+                   entropy_above=thresholds.get("escalate_entropy_above"))
+
+    def is_hard(self, confidence: float, probs: np.ndarray) -> bool:
+        if confidence < self.hard_below:
+            return True
+        if self.margin_below is not None and len(probs) > 1:
+            top_two = np.partition(probs, len(probs) - 2)[-2:]
+            if float(top_two[1] - top_two[0]) < self.margin_below:
+                return True
+        if self.entropy_above is not None and len(probs) > 1:
+            p = np.clip(probs.astype(np.float64), 1e-12, 1.0)
+            if float(-(p * np.log(p)).sum() / math.log(len(p))) > self.entropy_above:
+                return True
+        return False
 
 
 class InferencePipeline:
-    """Windows -> model -> labels and statistics, for one active model and an optional shadow."""
+    """Windows -> model -> labels, alerts, statistics; for one active model and an optional shadow."""
 
     def __init__(self, model: LoadedModel, source_labels: tuple[str, ...] = (),
-                 shadow: LoadedModel | None = None) -> None:
+                 shadow: LoadedModel | None = None, *, escalator: Escalator | None = None,
+                 source: SensorSource | None = None, options: PipelineOptions = PipelineOptions()) -> None:
         self.model = model
         self.shadow = shadow
+        self.escalator = escalator
+        self.options = options
         self._truth_names = source_labels or tuple(model.manifest.labels)
         self._windower = StreamWindower(model.window)
-        self.stats = WindowStats(model.ref)
+        self.thresholds = Thresholds.from_manifest(model.manifest.thresholds,
+                                                   escalator.escalate_below if escalator else None)
+        self._drift = DriftTracker(model.window.channels,
+                                   Reference.from_spec(model.manifest.preprocess.get("drift_reference"),
+                                                       model.window.channels))
+        self._hard = HardExampleSampler(options.hard_examples, options.hard_example_bytes)
+        self.stats = WindowStats(model.ref, shadow_model=shadow.ref if shadow else None)
         self.skipped = 0
+        self.alerts: list[AlertDetail] = []
+        """Alert events not yet sent: drain with :meth:`take_alerts`."""
+        self._alert_last: dict[str, float] = {}
+        self._alert_since: dict[str, int] = {}
+        self._reported_imputed = 0
+        self._reported_incomplete = 0
+        if source is not None:
+            source.allow_missing = self.imputes
+
+    @property
+    def imputes(self) -> bool:
+        """Whether the model's preprocessing fills in missing values (the source should pass them on)."""
+        return self.model.window.imputes
 
     def push(self, reading: Reading) -> Outcome | None:
         """Feed one reading; returns the outcome when it completed a window."""
-        if reading.values.shape != (self.model.window.channels,):
+        values = reading.values
+        if values.shape != (self.model.window.channels,) or (reading.missing and not self.imputes):
             self.skipped += 1
             return None
-        window = self._windower.push(reading.values, reading.label)
+        window = self._windower.push(values, reading.label, reading.missing)
         if window is None:
             return None
-        truth = None
-        if window.label is not None and 0 <= window.label < len(self._truth_names):
-            truth = self._truth_names[window.label]
-        outcome = self._run(self.model, window.x)
-        if outcome.failed:
-            self.stats.errors += 1
-            return outcome
-        assert outcome.predicted is not None
-        self.stats.record(outcome.predicted, outcome.confidence, outcome.latency_ms, truth)
-        if self.shadow is not None:
-            shadow = self._run(self.shadow, window.x)
-            self.stats.record_shadow(shadow.predicted if not shadow.failed else None, shadow.latency_ms)
-        return outcome
+        return self._infer(window)
+
+    def take_alerts(self) -> list[AlertDetail]:
+        """The alert events raised since the last call, for ``Agent.event("alert", detail)``."""
+        alerts, self.alerts = self.alerts, []
+        return alerts
 
     def take_batch(self, device: str, seq: int, ts: float, skipped_by_source: int) -> TelemetryBatch:
         """The statistics since the previous batch; the counters start again from zero."""
-        batch = self.stats.batch(device, seq, ts, skipped_by_source + self.skipped)
+        windower = self._windower
+        batch = self.stats.batch(
+            device, seq, ts, skipped_by_source + self.skipped,
+            imputed=windower.imputed - self._reported_imputed,
+            incomplete=windower.dropped - self._reported_incomplete,
+            drift=self._drift.snapshot(), hard_examples=self._hard.take(),
+            escalations=self.escalator.take_counts() if self.escalator else None)
+        self._reported_imputed, self._reported_incomplete = windower.imputed, windower.dropped
         self.stats = WindowStats(self.model.ref, shadow_model=self.shadow.ref if self.shadow else None)
+        self._drift.reset()
         self.skipped = 0
         return batch
 
     @property
     def has_data(self) -> bool:
-        return not self.stats.empty or self.skipped > 0
+        return (not self.stats.empty or self.skipped > 0 or self._windower.dropped != self._reported_incomplete
+                or bool(self.stats.alerts))
 
-    @staticmethod
-    def _run(model: LoadedModel, x: np.ndarray) -> Outcome:
+    # one window ---------------------------------------------------------------------------------
+    def _infer(self, window: Window) -> Outcome:
+        if window.samples is not None and window.fresh:
+            self._drift.update(window.samples[:, -window.fresh:] if window.fresh < window.samples.shape[1]
+                               else window.samples)
         started = time.perf_counter()
         try:
-            probs = model.runner.run(x)[0]
+            output = self.model.runner.run(window.x)
         except ModelError as exc:
-            log.warning("inference failed on %s: %s", model.ref, exc)
+            log.warning("inference failed on %s: %s", self.model.ref, exc)
+            self.stats.errors += 1
             return Outcome(None, 0.0, (time.perf_counter() - started) * 1000.0, failed=True)
         latency_ms = (time.perf_counter() - started) * 1000.0
-        if not np.all(np.isfinite(probs)):
+        probs = output[0]
+        if not math.isfinite(float(probs.sum())):
+            self.stats.errors += 1
             return Outcome(None, 0.0, latency_ms, failed=True)
+        thresholds = self.thresholds
+        labels = self.model.manifest.labels
+        if probs.size == 1:  # an anomaly detector: its output is the score
+            value = float(probs.reshape(-1)[0])
+            anomalous = thresholds.anomaly_score is not None and value >= thresholds.anomaly_score
+            score: float | None = value
+            predicted, confidence, hard = ("anomaly" if anomalous else "normal"), 1.0, False
+        else:
+            best = int(probs.argmax())
+            predicted = labels[best] if best < len(labels) else str(best)
+            confidence = float(probs[best])
+            hard = thresholds.is_hard(confidence, probs)
+            score = None
+        truth = None
+        if window.label is not None and 0 <= window.label < len(self._truth_names):
+            truth = self._truth_names[window.label]
+        self.stats.record(predicted, confidence, latency_ms, truth)
+        if thresholds.min_confidence is not None and confidence < thresholds.min_confidence:
+            self.stats.uncertain += 1
+        decision, decided_confidence, upstream = predicted, confidence, False
+        if hard:
+            self._hard.offer(window.x, predicted, confidence, time.time())
+            if self.escalator is not None:
+                answer = self.escalator.resolve(window.x, self.model.ref, predicted, confidence)
+                if answer is not None:
+                    decision, decided_confidence, upstream = answer.label, answer.confidence, True
+        if self.shadow is not None:
+            self._run_shadow(window.x)
+        alert = self._check_alert(window, decision, decided_confidence, score)
+        return Outcome(decision, decided_confidence, latency_ms, upstream=upstream, alert=alert)
+
+    def _check_alert(self, window: Window, decision: str, confidence: float, score: float | None) -> str | None:
+        thresholds = self.thresholds
+        reason: str | None = None
+        limit: float | None = None
+        if thresholds.class_alerts:
+            limit = thresholds.class_alerts.get(decision)
+            floor = max(limit, thresholds.min_confidence or 0.0) if limit is not None else None
+            if floor is not None and confidence >= floor:
+                reason = f"class:{decision}"
+        if reason is None and thresholds.anomaly_score is not None:
+            if score is None and window.samples is not None:
+                samples = window.samples
+                score = math.sqrt(float(np.vdot(samples, samples)) / samples.size)
+            if score is not None and score >= thresholds.anomaly_score:
+                reason, limit = "anomaly_score", thresholds.anomaly_score
+        if reason is None:
+            return None
+        self.stats.record_alert(reason)
+        self._alert_since[reason] = self._alert_since.get(reason, 0) + 1
+        now = self.options.clock()
+        last = self._alert_last.get(reason)
+        if last is None or now - last >= self.options.alert_cooldown_s:
+            self._alert_last[reason] = now
+            self.alerts.append({"reason": reason, "model": self.model.ref, "label": decision,
+                                "confidence": round(confidence, 4),
+                                "score": None if score is None else round(score, 4),
+                                "threshold": limit, "windows": self._alert_since.pop(reason)})
+        return reason
+
+    def _run_shadow(self, x: np.ndarray) -> None:
+        assert self.shadow is not None
+        started = time.perf_counter()
+        try:
+            probs = self.shadow.runner.run(x)[0]
+        except ModelError as exc:
+            log.warning("shadow inference failed on %s: %s", self.shadow.ref, exc)
+            self.stats.record_shadow(None, 0.0)
+            return
+        latency_ms = (time.perf_counter() - started) * 1000.0
+        if not np.all(np.isfinite(probs)):
+            self.stats.record_shadow(None, latency_ms)
+            return
         best = int(probs.argmax())
-        labels = model.manifest.labels
-        return Outcome(labels[best] if best < len(labels) else str(best), float(probs[best]), latency_ms)
+        labels = self.shadow.manifest.labels
+        self.stats.record_shadow(labels[best] if best < len(labels) else str(best), latency_ms)

@@ -3,7 +3,14 @@
     npz:PATH[?shard=I/N&speed=X&loop=0|1]   replay the test recordings of a dataset file at its sample rate
     jsonl:PATH | jsonl:-                     one JSON object per line: {"values": [...], "label": optional int}
     csv:PATH                                 one sample per line: channel values, optional trailing label column
-                                             named "label" in a header line
+                                             named "label" in a header line; an empty cell is a missing value
+    vibration:?rate=2000&fault=outer_race... a synthetic rotating machine with a bearing (agent.sensors.vibration)
+    mqtt://HOST:PORT/TOPIC[?qos=1&queue=N]   JSON ``{"values": [...]}`` messages on a topic (agent.sensors.mqtt_source)
+
+A missing value is NaN (JSON ``null`` or ``NaN``, an empty CSV cell). A reading with one is skipped and counted
+unless the source's ``allow_missing`` is set (the inference pipeline sets it when the model's preprocessing
+spec imputes): then it is passed on with ``missing=True`` and infinities turned into NaN. A reading with no
+finite value at all is always skipped and counted.
 """
 
 from __future__ import annotations
@@ -32,27 +39,67 @@ class Reading:
 
     values: np.ndarray
     label: int | None = None
+    missing: bool = False
+    """True when some values are NaN (passed on only to a pipeline that imputes)."""
 
 
 class SensorSource(ABC):
     """A stream of readings. ``readings`` validates each one; malformed input is skipped and counted."""
 
     labels: tuple[str, ...] = ()
+    allow_missing: bool = False
 
     def __init__(self) -> None:
         self.skipped = 0
+        self.partial = 0
 
     @abstractmethod
     def _raw(self) -> Iterator[Reading | None]:
         """Yield readings, or None for a record that could not be parsed."""
 
     def readings(self) -> Iterator[Reading]:
-        """Yield every well-formed reading (a 1-D array of finite values); count the rest in ``skipped``."""
+        """Yield every well-formed reading (a 1-D array of finite values; see the module docstring for missing
+        values); count the rest in ``skipped`` and the partially missing ones passed on in ``partial``."""
         for reading in self._raw():
-            if reading is None or reading.values.ndim != 1 or not np.all(np.isfinite(reading.values)):
+            if reading is None or reading.values.ndim != 1 or reading.values.size == 0:
                 self.skipped += 1
                 continue
-            yield reading
+            values = reading.values
+            if math.isfinite(values.dot(values)):  # any NaN or infinity makes the sum of squares non-finite
+                yield reading
+                continue
+            finite = np.isfinite(values)
+            if finite.all():  # the sum of squares overflowed
+                yield reading
+            elif self.allow_missing and finite.any():
+                self.partial += 1
+                yield Reading(np.where(finite, values, np.nan).astype(np.float32), reading.label, missing=True)
+            else:
+                self.skipped += 1
+
+
+class Pacer:
+    """Releases item ``n`` no earlier than ``start + n / rate``; an infinite rate never waits."""
+
+    def __init__(self, rate_hz: float, clock: Callable[[], float] = time.monotonic,
+                 sleep: Callable[[float], None] = time.sleep) -> None:
+        if not rate_hz > 0:
+            raise ConfigError("a source's rate must be positive")
+        self._period = 1.0 / rate_hz if math.isfinite(rate_hz) else 0.0
+        self._clock = clock
+        self._sleep = sleep
+        self._start: float | None = None
+        self._emitted = 0
+
+    def wait(self) -> None:
+        """Sleep until the next item is due."""
+        if self._period:
+            if self._start is None:
+                self._start = self._clock()
+            delay = self._start + self._emitted * self._period - self._clock()
+            if delay > 0:
+                self._sleep(delay)
+        self._emitted += 1
 
 
 class ReplaySource(SensorSource):
@@ -66,25 +113,20 @@ class ReplaySource(SensorSource):
             raise DataError("replay needs recordings [n, channels, length] with one label each")
         if rate_hz <= 0 or speed <= 0:
             raise ConfigError("replay rate and speed must be positive")
-        self._recordings = recordings.astype(np.float32)
-        self._labels = labels.astype(np.int64)
-        self._period = 1.0 / (rate_hz * speed) if math.isfinite(speed) else 0.0
+        self._samples = np.ascontiguousarray(recordings.transpose(0, 2, 1), dtype=np.float32)  # rows = samples
+        self._labels = [int(label) for label in labels]
+        self._rate = rate_hz * speed
         self._loop = loop
         self._clock = clock
         self._sleep = sleep
 
     def _raw(self) -> Iterator[Reading | None]:
-        start = self._clock()
-        emitted = 0
+        pacer = Pacer(self._rate, self._clock, self._sleep)
         while True:
-            for recording, label in zip(self._recordings, self._labels, strict=True):
-                for t in range(recording.shape[1]):
-                    if self._period:
-                        delay = start + emitted * self._period - self._clock()
-                        if delay > 0:
-                            self._sleep(delay)
-                    emitted += 1
-                    yield Reading(recording[:, t], int(label))
+            for recording, label in zip(self._samples, self._labels, strict=True):
+                for row in recording:
+                    pacer.wait()
+                    yield Reading(row, label)
             if not self._loop:
                 return
 
@@ -100,13 +142,7 @@ class JsonLinesSource(SensorSource):
         for line in self._stream:
             if not line.strip():
                 continue
-            try:
-                record = json.loads(line)
-                values = np.asarray(record["values"], dtype=np.float32)
-                label = record.get("label")
-                yield Reading(values, int(label) if label is not None else None)
-            except (ValueError, KeyError, TypeError, AttributeError):
-                yield None
+            yield parse_json_reading(line)
 
 
 class CsvSource(SensorSource):
@@ -128,14 +164,30 @@ class CsvSource(SensorSource):
             try:
                 label = int(row[label_col]) if label_col is not None else None
                 cells = [c for i, c in enumerate(row) if i != label_col]
-                yield Reading(np.asarray([float(c) for c in cells], dtype=np.float32), label)
+                yield Reading(np.asarray([float(c) if c.strip() else math.nan for c in cells], dtype=np.float32),
+                              label)
             except (ValueError, IndexError):
                 yield None
+
+
+def parse_json_reading(text: str | bytes) -> Reading | None:
+    """``{"values": [...], "label": optional int}`` -> a Reading (values may be 2-D); None when malformed."""
+    try:
+        record = json.loads(text)
+        values = np.asarray(record["values"], dtype=np.float32)  # null becomes NaN: a missing value
+        label = record.get("label")
+        return Reading(values, int(label) if label is not None else None)
+    except (ValueError, KeyError, TypeError, AttributeError):
+        return None
 
 
 def open_source(spec: str) -> SensorSource:
     """Build a source from its spec string (see the module docstring)."""
     kind, _, rest = spec.partition(":")
+    if kind == "mqtt":
+        from edgefleet.agent.sensors.mqtt_source import MqttSource
+
+        return MqttSource.from_spec(spec)
     target, _, query = rest.partition("?")
     options = {k: v[-1] for k, v in parse_qs(query).items()}
     if kind == "npz":
@@ -143,7 +195,12 @@ def open_source(spec: str) -> SensorSource:
     if kind in ("jsonl", "csv"):
         stream = sys.stdin if target == "-" else _open_text(Path(target))
         return JsonLinesSource(stream) if kind == "jsonl" else CsvSource(stream)
-    raise ConfigError(f"unknown sensor source {spec!r}: use npz:PATH, jsonl:PATH|-, or csv:PATH")
+    if kind == "vibration":
+        from edgefleet.agent.sensors.vibration import VibrationSource
+
+        return VibrationSource.from_options(options)
+    raise ConfigError(f"unknown sensor source {spec!r}: use npz:PATH, jsonl:PATH|-, csv:PATH, "
+                      "vibration:?OPTIONS or mqtt://HOST:PORT/TOPIC")
 
 
 def _npz_source(path: Path, options: dict[str, str]) -> ReplaySource:
@@ -154,13 +211,18 @@ def _npz_source(path: Path, options: dict[str, str]) -> ReplaySource:
     x, y = recordings.test_x[index::count], recordings.test_y[index::count]
     if len(x) == 0:
         raise ConfigError(f"shard {index}/{count} of {path} holds no recording")
-    try:
-        speed = float(options.get("speed", "1"))
-    except ValueError as exc:
-        raise ConfigError(f"speed must be a number, got {options['speed']!r}") from exc
+    speed = number_option(options, "speed", 1.0)
     source = ReplaySource(x, y, recordings.sample_rate_hz, speed=speed, loop=options.get("loop", "1") != "0")
     source.labels = recordings.labels
     return source
+
+
+def number_option(options: dict[str, str], name: str, default: float) -> float:
+    """A numeric option of a source spec; ConfigError when it is not a number."""
+    try:
+        return float(options.get(name, default))
+    except ValueError as exc:
+        raise ConfigError(f"{name} must be a number, got {options[name]!r}") from exc
 
 
 def _shard(text: str) -> tuple[int, int]:

@@ -1,19 +1,51 @@
-"""The manifest's preprocessing spec, run on the device: scaling and a sliding window over a stream."""
+"""The manifest's preprocessing spec, run on the device: impute, scale, window, then optional features.
+
+    {"kind": "sliding_window", "channels": C, "window": W, "hop": H, "sample_rate_hz": R,
+     "mean": [C floats], "std": [C floats],                      scaling with the training statistics
+     "missing": {"strategy": "hold" | "mean", "max_fraction": 0.1},   optional: fill missing values
+     "features": [{"kind": "band_energy", "bands_hz": [[0, 50], ...]}]}   optional, see runtime.features
+
+Without ``missing`` a reading with any missing value never reaches the windower (the source skips and counts
+it), as before. With it, a missing value (NaN) is replaced by the channel's last valid value (``hold``; the
+training mean until one was seen) or the training mean (``mean``), and a window in which more than
+``max_fraction`` of the values were filled in is dropped and counted instead of being inferred on. Without
+``features`` the model input is the scaled window [1, C, W]; with them, [1, C, F].
+"""
 
 from __future__ import annotations
 
-from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
 from edgefleet.errors import BundleError
+from edgefleet.runtime.features import FeatureStep, feature_step
+
+
+@dataclass(frozen=True)
+class MissingSpec:
+    """How missing values are filled in, and how many a window may hold (a fraction of its values)."""
+
+    strategy: str = "hold"
+    max_fraction: float = 0.1
+
+    @classmethod
+    def from_manifest(cls, spec: Any) -> MissingSpec:
+        try:
+            strategy = str(spec.get("strategy", "hold"))
+            max_fraction = float(spec.get("max_fraction", 0.1))
+        except (AttributeError, TypeError, ValueError) as exc:
+            raise BundleError(f"preprocessing 'missing' is invalid: {exc}", reason="malformed") from exc
+        if strategy not in ("hold", "mean") or not 0.0 <= max_fraction <= 1.0:
+            raise BundleError("preprocessing 'missing' needs strategy hold|mean and max_fraction in [0, 1]",
+                              reason="malformed")
+        return cls(strategy, max_fraction)
 
 
 @dataclass(frozen=True)
 class WindowSpec:
-    """``{"kind": "sliding_window", "channels", "window", "hop", "mean", "std", "sample_rate_hz"}``."""
+    """The parsed spec (see the module docstring)."""
 
     channels: int
     window: int
@@ -21,6 +53,8 @@ class WindowSpec:
     mean: np.ndarray
     std: np.ndarray
     sample_rate_hz: float
+    missing: MissingSpec | None = None
+    features: tuple[FeatureStep, ...] = field(default=())
 
     @classmethod
     def from_manifest(cls, spec: dict[str, Any]) -> WindowSpec:
@@ -31,47 +65,121 @@ class WindowSpec:
             mean = np.asarray(spec["mean"], dtype=np.float32)
             std = np.asarray(spec["std"], dtype=np.float32)
             rate = float(spec.get("sample_rate_hz", 0.0))
+            steps = spec.get("features", [])
+            steps = [steps] if isinstance(steps, dict) else list(steps)
         except (KeyError, TypeError, ValueError) as exc:
             raise BundleError(f"preprocessing spec is invalid: {exc}", reason="malformed") from exc
         if channels < 1 or window < 1 or hop < 1 or mean.shape != (channels,) or std.shape != (channels,):
             raise BundleError("preprocessing spec has inconsistent sizes", reason="malformed")
         if not (np.all(np.isfinite(mean)) and np.all(std > 0)):
             raise BundleError("preprocessing statistics must be finite with std > 0", reason="malformed")
-        return cls(channels, window, hop, mean, std, rate)
+        missing = MissingSpec.from_manifest(spec["missing"]) if spec.get("missing") is not None else None
+        features = tuple(feature_step(step, sample_rate_hz=rate, window=window) for step in steps)
+        return cls(channels, window, hop, mean, std, rate, missing, features)
+
+    @property
+    def input_shape(self) -> tuple[int, int, int]:
+        """The model input one window makes: [1, channels, window] or [1, channels, features]."""
+        width = self.window
+        for step in self.features:
+            width = step.output_width(width)
+        return (1, self.channels, width)
+
+    @property
+    def imputes(self) -> bool:
+        """Whether readings with missing values should reach the windower."""
+        return self.missing is not None
 
 
 @dataclass(frozen=True)
 class Window:
-    """One model input [1, channels, window] and its label when every sample in it carried the same one."""
+    """One model input ``x``, its scaled samples [C, W], its label when every sample carried the same one, the
+    number of samples new since the previous window and the number of values filled in."""
 
     x: np.ndarray
     label: int | None
+    samples: np.ndarray | None = None
+    fresh: int = 0
+    imputed: int = 0
 
 
 class StreamWindower:
-    """Scales each sample and emits a window every ``hop`` samples once ``window`` samples are buffered."""
+    """Buffers samples in a ring and emits a window every ``hop`` samples once ``window`` are buffered.
+
+    Each sample is written twice (at ``i`` and ``i + window``) so the newest ``window`` samples are always one
+    contiguous slice; scaling happens once per window, not per sample.
+    """
 
     def __init__(self, spec: WindowSpec) -> None:
         self.spec = spec
-        self._samples: deque[np.ndarray] = deque(maxlen=spec.window)
-        self._labels: deque[int | None] = deque(maxlen=spec.window)
-        self._since_emit = 0
-
-    def push(self, values: np.ndarray, label: int | None = None) -> Window | None:
-        """Add one sample (already validated: finite, ``channels`` long)."""
-        self._samples.append((values.astype(np.float32) - self.spec.mean) / self.spec.std)
-        self._labels.append(label)
-        self._since_emit += 1
-        if len(self._samples) < self.spec.window or self._since_emit < self.spec.hop:
-            return None
-        self._since_emit = 0
-        x = np.stack(self._samples, axis=1)[np.newaxis]
-        first = self._labels[0]
-        pure = first is not None and all(lbl == first for lbl in self._labels)
-        return Window(x, first if pure else None)
+        self.dropped = 0
+        """Windows dropped because too many of their values were missing."""
+        self.imputed = 0
+        """Values filled in, over the windower's life."""
+        self._ring = np.zeros((2 * spec.window, spec.channels), dtype=np.float32)
+        self._mean_col = spec.mean.reshape(-1, 1)
+        self._std_col = spec.std.reshape(-1, 1)
+        self._filled_per_sample = [0] * spec.window
+        self._max_filled = int(spec.missing.max_fraction * spec.window * spec.channels) if spec.missing else 0
+        self._hold = spec.missing is not None and spec.missing.strategy == "hold"
+        self.reset()
 
     def reset(self) -> None:
         """Forget buffered samples (after a gap in the stream)."""
-        self._samples.clear()
-        self._labels.clear()
+        self._pos = 0
+        self._count = 0
         self._since_emit = 0
+        self._run_label: int | None = None
+        self._run = 0
+        self._filled_in_window = 0
+        self._filled_per_sample = [0] * self.spec.window
+        self._last = self.spec.mean.copy()
+
+    def push(self, values: np.ndarray, label: int | None = None, missing: bool = False) -> Window | None:
+        """Add one sample of ``channels`` values, finite unless ``missing`` (then NaN marks what is missing)."""
+        width = self.spec.window
+        filled = 0
+        if missing:
+            values, filled = self._fill(values)
+        elif self._hold:
+            self._last = values
+        pos = self._pos
+        ring = self._ring
+        ring[pos] = values
+        ring[pos + width] = values
+        self._pos = pos + 1 if pos + 1 < width else 0
+        if self.spec.missing is not None:
+            self._filled_in_window += filled - self._filled_per_sample[pos]
+            self._filled_per_sample[pos] = filled
+        if label is not None and label == self._run_label:
+            self._run += 1
+        else:
+            self._run_label, self._run = label, 1
+        self._count += 1
+        self._since_emit += 1
+        if self._count < width or self._since_emit < self.spec.hop:
+            return None
+        fresh = min(self._since_emit, width)
+        self._since_emit = 0
+        if self._filled_in_window > self._max_filled:
+            self.dropped += 1
+            return None
+        scaled = np.subtract(ring[pos + 1 : pos + 1 + width].T, self._mean_col)
+        np.divide(scaled, self._std_col, out=scaled)
+        x = scaled
+        for step in self.spec.features:
+            x = step(x)
+        pure = self._run_label if self._run >= width else None
+        return Window(x[np.newaxis], pure, scaled, fresh, self._filled_in_window)
+
+    def _fill(self, values: np.ndarray) -> tuple[np.ndarray, int]:
+        spec = self.spec
+        if spec.missing is None:
+            raise ValueError("a reading with missing values reached a windower whose spec does not impute")
+        gaps = np.isnan(values)
+        filled = int(gaps.sum())
+        source = self._last if spec.missing.strategy == "hold" else spec.mean
+        values = np.where(gaps, source, values).astype(np.float32)
+        self._last = values
+        self.imputed += filled
+        return values, filled

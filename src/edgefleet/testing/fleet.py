@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import subprocess
 import sys
 from dataclasses import dataclass, field
@@ -30,17 +31,44 @@ class LocalFleet:
     server: ManagedProcess | None = None
     server_url: str | None = None
     operator_token: str | None = None
+    replicas: dict[str, ManagedProcess] = field(default_factory=dict)
 
     def start_server(self, timeout_s: float = 60.0) -> ControlPlane:
         self.key = write_keypair(self.root / "keys", overwrite=True)
         data_dir = self.root / "server"
-        args = ["server", "--data-dir", str(data_dir), "--port", "0",
-                "--trusted-key", str(self.root / "keys" / PUBLIC_KEY_FILE)]
-        if self.mqtt_url:
-            args += ["--mqtt-url", self.mqtt_url]
-        self.server = self.group.start(ManagedProcess.edgefleet(args, self.root / "logs" / "server.log"))
+        args = ["--mqtt-url", self.mqtt_url] if self.mqtt_url else []
+        self.server, self.server_url = self._start("server", data_dir, args, {}, timeout_s)
+        self.operator_token = (data_dir / "operator.token").read_text().strip()
+        self.api = ControlPlane(self.server_url, self.operator_token)
+        return self.api
+
+    def start_replica(self, name: str, *, db_url: str, mqtt_url: str, auth_dir: Path | None = None,
+                      tick_s: float = 0.2, timeout_s: float = 60.0) -> ControlPlane:
+        """One of several ``edgefleet server`` replicas sharing a database, a broker, the artifact directory and
+        the operator token; ``name`` is stable across restarts (its MQTT sessions are kept by the broker)."""
+        if self.key is None:
+            self.key = write_keypair(self.root / "keys", overwrite=True)
+        if self.operator_token is None:
+            self.operator_token = secrets.token_urlsafe(24)
+        env = {"EDGEFLEET_REPLICA": name, "EDGEFLEET_OPERATOR_TOKEN": self.operator_token,
+               "EDGEFLEET_ARTIFACT_DIR": str(self.root / "artifacts"), "EDGEFLEET_TICK_S": str(tick_s)}
+        if auth_dir is not None:
+            env["EDGEFLEET_BROKER_AUTH_DIR"] = str(auth_dir)
+        process, url = self._start(f"server-{name}", self.root / f"server-{name}",
+                                   ["--mqtt-url", mqtt_url, "--db-url", db_url], env, timeout_s)
+        self.replicas[name] = process
+        api = ControlPlane(url, self.operator_token)
+        if self.api is None:
+            self.api, self.server_url, self.server = api, url, process
+        return api
+
+    def _start(self, log_name: str, data_dir: Path, extra: list[str], env: dict[str, str],
+               timeout_s: float) -> tuple[ManagedProcess, str]:
         info_file = data_dir / "server.json"
-        server = self.server
+        info_file.unlink(missing_ok=True)
+        args = [sys.executable, "-m", "edgefleet", "server", "--data-dir", str(data_dir), "--port", "0",
+                "--trusted-key", str(self.root / "keys" / PUBLIC_KEY_FILE), *extra]
+        server = self.group.start(ManagedProcess(args, self.root / "logs" / f"{log_name}.log", env=env))
 
         def ready() -> bool:
             if not server.running:
@@ -48,11 +76,7 @@ class LocalFleet:
             return info_file.exists()
 
         wait_until(ready, timeout_s, "the server to start")
-        info = json.loads(info_file.read_text())
-        self.server_url = info["api_url"]
-        self.operator_token = (data_dir / "operator.token").read_text().strip()
-        self.api = ControlPlane(self.server_url, self.operator_token)
-        return self.api
+        return server, str(json.loads(info_file.read_text())["api_url"])
 
     def bundle(self, version: str, release: int, model: bytes | None = None) -> bytes:
         """A signed bundle of the synthetic classifier (or ``model``) with the synthetic preprocessing."""

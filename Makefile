@@ -28,9 +28,10 @@ demo: $(VENV)/.installed-train+data
 
 # Debian's Mosquitto for the integration tests; the tests start it themselves on free loopback ports.
 services:
-	@command -v mosquitto >/dev/null 2>&1 || [ -x /usr/sbin/mosquitto ] || { \
+	@{ command -v mosquitto >/dev/null 2>&1 || [ -x /usr/sbin/mosquitto ]; } && command -v mosquitto_pub >/dev/null 2>&1 \
+	  && [ -x /usr/lib/postgresql/15/bin/postgres ] || { \
 	  $(SUDO) apt-get update -qq && \
-	  DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq mosquitto mosquitto-clients >/dev/null; }
+	  DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq mosquitto mosquitto-clients postgresql-15 >/dev/null; }
 	@# the package may start a system broker on 1883; the tests never use it, and it must not hold the port
 	@-$(SUDO) service mosquitto stop >/dev/null 2>&1 || true
 

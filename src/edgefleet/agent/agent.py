@@ -181,7 +181,11 @@ class Agent:
         started = time.monotonic()
         next_flush = started + self.config.telemetry_interval_s
         model, shadow = self.model, self.shadow
-        pipeline = InferencePipeline(model, source.labels, shadow) if model else None
+        # -- sensing/edge filtering: tiered inference (None without --upstream) and imputing sources --------
+        from edgefleet.agent.escalation import open_escalator
+
+        tiered = open_escalator(self.config)
+        pipeline = InferencePipeline(model, shadow=shadow, escalator=tiered, source=source) if model else None
         for reading in source.readings():
             now = time.monotonic()
             if self._stop.is_set() or (duration_s is not None and now - started >= duration_s):
@@ -189,9 +193,12 @@ class Agent:
             if self.model is not model or self.shadow is not shadow:  # flush what the old pair did
                 self._flush(pipeline, source)
                 model, shadow = self.model, self.shadow
-                pipeline = InferencePipeline(model, source.labels, shadow) if model else None
+                pipeline = InferencePipeline(model, shadow=shadow, escalator=tiered, source=source) if model else None
             if pipeline is not None:
                 outcome = pipeline.push(reading)
+                if pipeline.alerts:  # -- sensing/edge filtering: alert events, already rate-limited per reason
+                    for alert in pipeline.take_alerts():
+                        self.event("alert", alert)
                 if outcome is not None:
                     self._consecutive_failures = self._consecutive_failures + 1 if outcome.failed else 0
                     if self._consecutive_failures >= self.config.failures_before_rollback:
@@ -200,3 +207,5 @@ class Agent:
                 self._flush(pipeline, source)
                 next_flush = now + self.config.telemetry_interval_s
         self._flush(pipeline, source)
+        if tiered is not None:  # -- sensing/edge filtering: stop retrying escalations (the queue stays on disk)
+            tiered.close()

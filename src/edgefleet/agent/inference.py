@@ -108,11 +108,13 @@ class InferencePipeline:
     def __init__(self, model: LoadedModel, source_labels: tuple[str, ...] = (),
                  shadow: LoadedModel | None = None, *, escalator: Escalator | None = None,
                  source: SensorSource | None = None, options: PipelineOptions = PipelineOptions()) -> None:
+        """``source``: the stream this pipeline reads; its labels name the truth and it is told whether to pass
+        readings with missing values on (when the model's preprocessing imputes them)."""
         self.model = model
         self.shadow = shadow
         self.escalator = escalator
         self.options = options
-        self._truth_names = source_labels or tuple(model.manifest.labels)
+        self._truth_names = source_labels or (source.labels if source else ()) or tuple(model.manifest.labels)
         self._windower = StreamWindower(model.window)
         self.thresholds = Thresholds.from_manifest(model.manifest.thresholds,
                                                    escalator.escalate_below if escalator else None)

@@ -83,6 +83,18 @@ def test_an_encrypted_model_opens_only_with_its_key() -> None:
     assert _reason(lambda: decide(data, TRUST, decryption_key=ModelKey.generate())) == "decrypt_failed"
 
 
+def test_a_relay_can_verify_an_encrypted_bundle_it_cannot_open() -> None:
+    data = pack(encrypt_key=ModelKey.generate())
+    routed = decide(data, TRUST, open_model=False)
+    assert routed.encrypted and routed.model == read_container(data)[MODEL_ENC]
+    members = read_container(data)
+    tampered = bytearray(members[MODEL_ENC])
+    tampered[-1] ^= 1
+    assert _reason(lambda: decide(write_container({**members, MODEL_ENC: bytes(tampered)}), TRUST,
+                                  open_model=False)) == "hash_mismatch"
+    assert decide(pack(), TRUST, open_model=False).model == MODEL_BYTES  # a clear model is still checked
+
+
 def test_an_encrypted_member_must_match_what_the_manifest_says() -> None:
     clear, encrypted = read_container(pack()), read_container(pack(encrypt_key=ModelKey.generate()))
     both = write_container({**encrypted, MODEL: clear[MODEL]})

@@ -115,6 +115,15 @@ def test_replaying_an_old_rotation_cannot_undo_a_later_one() -> None:
     assert set(ring.trusted()) == {C.public.key_id}
 
 
+def test_pinning_again_never_revives_a_retired_or_revoked_key() -> None:
+    ring = (Keyring.pinned([A.public, C.public]).apply_statement(rotation_statement(A, B))
+            .apply_statement(revocation_statement(C.public.key_id, B)))
+    newcomer = SigningKey.generate().public
+    again = ring.with_pinned([A.public, C.public, newcomer])
+    assert set(again.trusted()) == {B.public.key_id, newcomer.key_id}
+    assert again.revoked == ring.revoked
+
+
 def test_the_keyring_round_trips_through_json() -> None:
     ring = (Keyring.pinned([A.public, C.public]).apply_statement(rotation_statement(A, B))
             .apply_statement(revocation_statement(C.public.key_id, B)))

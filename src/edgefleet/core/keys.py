@@ -90,6 +90,13 @@ class Keyring:
     def pinned(cls, keys: Iterable[PublicKey]) -> Keyring:
         return cls({key.key_id: KeyEntry(key) for key in keys})
 
+    def with_pinned(self, keys: Iterable[PublicKey]) -> Keyring:
+        """Add keys pinned by configuration; a key the keyring already knows keeps its state (retired, revoked)."""
+        entries = dict(self.entries)
+        for key in keys:
+            entries.setdefault(key.key_id, KeyEntry(key))
+        return Keyring(entries, self.revoked)
+
     def trusted(self) -> dict[str, PublicKey]:
         """Keys that may sign bundles and statements now: trusted and not revoked."""
         return {key_id: entry.public for key_id, entry in self.entries.items()

@@ -55,22 +55,26 @@ class TrustState:
 
 @dataclass(frozen=True)
 class AcceptedBundle:
-    """A bundle that passed every check; ``model`` is the verified model bytes."""
+    """A bundle that passed every check; ``model`` is the verified model bytes (ciphertext if ``encrypted``)."""
 
     manifest: Manifest
     model: bytes
     key_id: str
     sha256: str
+    encrypted: bool = False
 
 
 def decide(bundle: bytes, state: TrustState, *, now: datetime | None = None, allow_rollback: bool = False,
            rollback_order: bytes | None = None, decryption_key: ModelKey | None = None,
-           model_check: ModelCheck | None = check_onnx) -> AcceptedBundle:
+           model_check: ModelCheck | None = check_onnx, open_model: bool = True) -> AcceptedBundle:
     """Accept ``bundle`` for this device or raise BundleError whose ``reason`` names the refusal.
 
     ``allow_rollback`` is for bundles the device accepted before (its previous slot); a new older
     release needs ``rollback_order``, a signed rollback statement that names it. ``decryption_key``
     opens an encrypted model member. ``model_check`` inspects the verified model bytes (None: skip).
+    ``open_model=False`` is for relays that route bundles without running them (the control plane
+    without the model key): an encrypted model is then left closed and unchecked, and ``model`` holds
+    the verified ciphertext, with ``encrypted`` set.
     """
     members = read_container(bundle, state.limits)
     signatures = parse_signatures(members[SIGNATURES])
@@ -81,11 +85,14 @@ def decide(bundle: bytes, state: TrustState, *, now: datetime | None = None, all
     moment = now or datetime.now(UTC)
     _check_policy(manifest, state, moment, allow_rollback or _ordered(manifest, state, moment, rollback_order))
     _check_members(manifest, members)
+    digest = hashlib.sha256(bundle).hexdigest()
+    if not open_model and MODEL_ENC in members and manifest.encryption is not None:
+        return AcceptedBundle(manifest, members[MODEL_ENC], key_id, digest, encrypted=True)
     model = _plaintext(manifest, members, decryption_key)
     sniff_model(model, state.limits.max_member_bytes)
     if model_check is not None:
         model_check(model)
-    return AcceptedBundle(manifest, model, key_id, hashlib.sha256(bundle).hexdigest())
+    return AcceptedBundle(manifest, model, key_id, digest)
 
 
 def parse_signatures(data: bytes) -> dict[str, bytes]:

@@ -137,7 +137,10 @@ class BuildSearch:
         candidates: list[Candidate] = []
         for pass_name, config in self.recipe.configs():
             cand = self.quantize(pass_name, config)
-            self.progress(f"candidate {cand.label}" + (f": failed: {cand.error}" if cand.error else ""))
+            twin = next((c for c in candidates if c.model is not None and c.model == cand.model), None)
+            if twin is not None:
+                cand.error, cand.model = f"identical to {twin.label}", None
+            self.progress(f"candidate {cand.label}" + (f": {cand.error}" if cand.error else ""))
             if cand.model is not None:
                 try:
                     self.measure(cand)
@@ -241,9 +244,14 @@ def choose(candidates: list[Candidate], max_drop: float, size_tolerance: float) 
     passing = [c for c in candidates if c.passed and c.model is not None]
     close = finalists(candidates, size_tolerance)
     if not passing:
-        tried = ", ".join(f"{c.label} ({'failed' if c.drop_pp is None else f'{c.drop_pp:.2f} pp'})"
-                          for c in candidates)
-        return None, f"no candidate lost at most {max_drop:g} points of accuracy: {tried}"
+        drops = [f"{c.label} ({c.drop_pp:.2f} pp)" for c in candidates if c.drop_pp is not None]
+        errors: dict[str, list[str]] = {}
+        for c in candidates:
+            if c.error is not None and not c.error.startswith("identical to"):
+                errors.setdefault(c.error, []).append(c.label)
+        tried = [", ".join(drops)] if drops else []
+        tried += [f"{', '.join(labels)}: {error}" for error, labels in errors.items()]
+        return None, f"no candidate met the gate (accuracy drop <= {max_drop:g} pp): {'; '.join(tried) or 'none ran'}"
     smallest = min(c.size_bytes for c in passing)
     best = min(close, key=lambda c: (c.latency_ms(1), c.size_bytes, -(c.accuracy or 0.0)))
     others = [c.label for c in close if c is not best]

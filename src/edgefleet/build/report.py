@@ -87,7 +87,9 @@ def _mark(outcome: BuildOutcome, cand: Candidate) -> str:
         return "chosen"
     if cand is outcome.baseline:
         return "base"
-    return "pass" if cand.passed else ("error" if cand.error else "FAIL")
+    if cand.error:
+        return "same" if cand.error.startswith("identical to") else "error"
+    return "pass" if cand.passed else "FAIL"
 
 
 def print_table(outcome: BuildOutcome, console: Console | None = None) -> None:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from edgefleet.build.evaluate import open_session
 from edgefleet.build.passes import Pass, PassConfig, PassResult, register
 from edgefleet.build.quantize import QUANTIZER_ERRORS, load_checked
 from edgefleet.errors import ConfigError, ModelError
@@ -32,7 +33,7 @@ class Fp16(Pass):
             from onnxconverter_common import float16
         except ImportError as exc:
             raise ConfigError("the fp16 pass needs onnxconverter-common: pip install 'edgefleet[build]'") from exc
-        proto = load_checked(model)
+        proto = load_checked(model)  # a fresh copy: the converter changes its argument in place
         default = float16.DEFAULT_OP_BLOCK_LIST
         blocked = list(config.op_block_list) if config.op_block_list is not None else list(default)
         try:
@@ -41,5 +42,12 @@ class Fp16(Pass):
         except QUANTIZER_ERRORS as exc:
             raise ModelError(f"fp16 conversion failed: {str(exc).splitlines()[0][:300]}") from exc
         kept = sorted({n.op_type for n in proto.graph.node if n.op_type in set(blocked)})
+        if kept and all(n.op_type in set(blocked) for n in proto.graph.node):
+            raise ModelError(f"fp16: nothing to convert, every operator stays float32 ({', '.join(kept)})")
+        result = bytes(converted.SerializeToString())
+        try:
+            open_session(result)
+        except ModelError as exc:
+            raise ModelError(f"fp16 conversion produced a model ONNX Runtime rejects: {exc}") from exc
         notes = [f"left in float32 (no float16 kernel): {', '.join(kept)}"] if kept else []
-        return PassResult(model=bytes(converted.SerializeToString()), notes=notes)
+        return PassResult(model=result, notes=notes)

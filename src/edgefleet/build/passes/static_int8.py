@@ -90,6 +90,11 @@ class StaticInt8(Pass):
 
         proto = load_checked(model)
         input_name, x = check_calibration(calib_x, proto)
+        quantizable = set(_op_types())
+        if not any(n.op_type in quantizable and n.domain in ("", "ai.onnx") for n in proto.graph.node):
+            ops = sorted({f"{n.op_type} ({n.domain or 'ai.onnx'})" for n in proto.graph.node})
+            raise ModelError(f"nothing to quantize: no operator here is one ONNX Runtime's int8 quantizer handles "
+                             f"({', '.join(ops)}); left in float")
         with tempfile.TemporaryDirectory(prefix="edgefleet-calib-") as tmp:
             src, pre, cache = (Path(tmp) / n for n in ("float.onnx", "pre.onnx", "ranges.json"))
             src.write_bytes(model)
@@ -99,7 +104,7 @@ class StaticInt8(Pass):
                         quant_pre_process(str(src), str(pre), skip_symbolic_shape=True)
                     else:
                         pre.write_bytes(model)
-                    pre.write_bytes(name_nodes(pre.read_bytes()))
+                    pre.write_bytes(complete_types(name_nodes(pre.read_bytes())))
                     extra = {"percentile": config.percentile} if config.calibration == "percentile" else {}
                     calibrator = create_calibrator(pre, _op_types(), str(Path(tmp) / "augmented.onnx"),
                                                    calibrate_method=_method(config.calibration), extra_options=extra)
@@ -142,6 +147,41 @@ def stem_nodes(model: bytes) -> list[str]:
     inputs = {i.name for i in proto.graph.input} - {t.name for t in proto.graph.initializer}
     return [n.name for n in proto.graph.node
             if n.op_type in ("Conv", "ConvTranspose", "Gemm", "MatMul") and n.input and n.input[0] in inputs]
+
+
+def complete_types(model: bytes) -> bytes:
+    """Declare the element type of every node output that shape inference left untyped.
+
+    ONNX shape inference stops at operators it does not know (e.g. ai.onnx.ml's Scaler) and the quantizer
+    needs a type for each tensor it quantizes: ONNX Runtime, which does know them, supplies the types.
+    """
+    import onnxruntime as ort
+
+    proto = onnx.load_from_string(model)
+    graph = proto.graph
+    known = {v.name for v in [*graph.value_info, *graph.input, *graph.output]} | {t.name for t in graph.initializer}
+    missing = [o for n in graph.node for o in n.output if o and o not in known]
+    if not missing:
+        return model
+    probe = onnx.ModelProto()
+    probe.CopyFrom(proto)
+    probe.graph.output.extend(onnx.ValueInfoProto(name=name) for name in missing)
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    session = ort.InferenceSession(probe.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    types = {o.name: o.type for o in session.get_outputs()}
+    for name in missing:
+        elem = _ELEM_TYPES.get(types.get(name, ""))
+        if elem is not None:
+            graph.value_info.append(onnx.helper.make_tensor_value_info(name, elem, None))
+    return bytes(proto.SerializeToString())
+
+
+_ELEM_TYPES = {"tensor(float)": onnx.TensorProto.FLOAT, "tensor(float16)": onnx.TensorProto.FLOAT16,
+               "tensor(int64)": onnx.TensorProto.INT64, "tensor(int32)": onnx.TensorProto.INT32,
+               "tensor(double)": onnx.TensorProto.DOUBLE, "tensor(uint8)": onnx.TensorProto.UINT8,
+               "tensor(int8)": onnx.TensorProto.INT8, "tensor(bool)": onnx.TensorProto.BOOL,
+               "tensor(string)": onnx.TensorProto.STRING}
 
 
 def name_nodes(model: bytes) -> bytes:

@@ -41,8 +41,9 @@ def workdir(tmp_path: Path) -> Path:
 def _write(workdir: Path, model: bytes, **arrays: np.ndarray) -> list[str]:
     (workdir / "model.onnx").write_bytes(model)
     np.savez(workdir / "data.npz", **arrays)
-    return ["build", str(workdir / "model.onnx"), "--data", str(workdir / "data.npz"), "--key", str(workdir / "signing.key"),
-            "--out", str(workdir / "m.efb"), "--name", "m", "--version", "1.0.0", "--recipe", str(workdir / "fast.yaml")]
+    return ["build", str(workdir / "model.onnx"), "--data", str(workdir / "data.npz"),
+            "--key", str(workdir / "signing.key"), "--out", str(workdir / "m.efb"), "--name", "m",
+            "--version", "1.0.0", "--recipe", str(workdir / "fast.yaml")]
 
 
 def _good(seed: int = 1) -> tuple[bytes, dict[str, np.ndarray]]:
@@ -56,8 +57,8 @@ def _good(seed: int = 1) -> tuple[bytes, dict[str, np.ndarray]]:
 def test_build_writes_bundle_report_and_plot(workdir: Path, monkeypatch: pytest.MonkeyPatch,
                                               capsys: pytest.CaptureFixture[str]) -> None:
     model, arrays = _good()
-    args = _write(workdir, model, **arrays) + ["--report", str(workdir / "report.json"), "--profile", "raspberry-pi",
-                                               "--profile", "microcontroller"]
+    args = [*_write(workdir, model, **arrays), "--report", str(workdir / "report.json"),
+            "--profile", "raspberry-pi", "--profile", "microcontroller"]
     code, out = run_cli(args, monkeypatch, capsys)
     assert code == 0, out
     assert "chosen" in out and "raspberry-pi" in out
@@ -82,7 +83,7 @@ def test_nothing_passes_exits_non_zero_without_a_bundle(workdir: Path, monkeypat
     x = np.random.default_rng(1).normal(size=(400, FEATURES)).astype(np.float32)
     (workdir / "fast.yaml").write_text(FAST + "rescue: {enabled: false}\ncandidates: [{pass: static_int8}]\n")
     args = _write(workdir, model, calib_x=x[:100], test_x=x[100:], test_y=predict(model, x[100:]).argmax(axis=1))
-    code, out = run_cli(args + ["--report", str(workdir / "r.json")], monkeypatch, capsys)
+    code, out = run_cli([*args, "--report", str(workdir / "r.json")], monkeypatch, capsys)
     assert code == 4 and "no bundle written" in out and "Traceback" not in out
     assert not (workdir / "m.efb").exists()
     assert json.loads((workdir / "r.json").read_text())["passed"] is False
@@ -129,7 +130,7 @@ def test_a_file_that_is_not_onnx(workdir: Path, monkeypatch: pytest.MonkeyPatch,
 def test_bad_options_are_config_errors(extra: list[str], message: str, workdir: Path,
                                        monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
     model, arrays = _good()
-    code, out = run_cli(_write(workdir, model, **arrays) + extra, monkeypatch, capsys)
+    code, out = run_cli([*_write(workdir, model, **arrays), *extra], monkeypatch, capsys)
     assert code == 2 and message in out
 
 

@@ -4,11 +4,12 @@ retention and downsampling into hourly roll-ups."""
 from __future__ import annotations
 
 import contextlib
+import json
 import time
 from collections.abc import Iterable, Sequence
 from typing import Any
 
-from sqlalchemy import delete, func, select, update
+from sqlalchemy import delete, func, select, text, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import IntegrityError
 
@@ -38,9 +39,15 @@ class TelemetryStore(StoreBase):
         now = time.time()
         rows: dict[tuple[str, int], dict[str, Any]] = {}
         for b in batches:
-            rows.setdefault((b.device, b.seq), {"device": b.device, "seq": b.seq, "ts": b.ts, "model": b.model,
-                                                "payload": b.model_dump(mode="json"), "received": now})
-        inserted = self._insert_ignore(TelemetryRow, list(rows.values()))
+            if (b.device, b.seq) not in rows:
+                rows[(b.device, b.seq)] = {"device": b.device, "seq": b.seq, "ts": b.ts, "model": b.model,
+                                           "payload": b.model_dump_json(), "received": now}
+        if self.dialect == "postgresql":
+            inserted = self._insert_telemetry_pg(list(rows.values()))
+        else:
+            for row in rows.values():
+                row["payload"] = json.loads(row["payload"])
+            inserted = self._insert_ignore(TelemetryRow, list(rows.values()))
         seen: set[tuple[str, int]] = set()
         result = []
         for b in batches:
@@ -53,6 +60,22 @@ class TelemetryStore(StoreBase):
         row = {"device": item.device, "seq": item.seq, "ts": item.ts, "kind": item.kind, "name": item.name,
                "detail": dict(item.detail)}
         return (item.device, item.seq) in self._insert_ignore(EventRow, [row])
+
+    def _insert_telemetry_pg(self, rows: list[dict[str, Any]]) -> set[tuple[str, int]]:
+        """PostgreSQL: one statement for the whole batch, its payloads sent as one JSON array parsed server-side."""
+        with self.session() as s:
+            found = s.execute(text(
+                "INSERT INTO telemetry (device, seq, ts, model, payload, received) "
+                "SELECT e->>'device', CAST(e->>'seq' AS bigint), CAST(e->>'ts' AS float8), e->>'model', e, :received "
+                "FROM json_array_elements(CAST(:payloads AS json)) AS e "
+                "ON CONFLICT DO NOTHING RETURNING device, seq"),
+                {"payloads": "[" + ",".join(r["payload"] for r in rows) + "]", "received": time.time()})
+            new = {(r[0], int(r[1])) for r in found}
+            devices = sorted({d for d, _ in new})
+            if devices:
+                s.execute(text("UPDATE devices SET last_seen = :now WHERE id = ANY(CAST(:ids AS varchar[]))"),
+                          {"now": time.time(), "ids": devices})
+        return new
 
     def _insert_ignore(self, table: type[TelemetryRow] | type[EventRow], rows: list[dict[str, Any]]
                        ) -> set[tuple[str, int]]:

@@ -60,7 +60,9 @@ def test_gate_rescues_an_outlier_model_by_keeping_sensitive_nodes_in_float() -> 
     outcome = BuildSearch(model, outlier_data(model), load_recipe(FAST), [BUILTIN_PROFILES["raspberry-pi"]]).run()
     int8 = [c for c in outcome.candidates if c.pass_name == "static_int8" and not c.config["nodes_to_exclude"]]
     assert len(int8) == 8
-    assert all(c.drop_pp is not None and c.drop_pp > 20 for c in int8)
+    measured = [c for c in int8 if c.error is None]  # the rest produced a model identical to an earlier one
+    assert len(measured) >= 4 and all(c.error.startswith("identical") for c in int8 if c.error)
+    assert all(c.drop_pp is not None and c.drop_pp > 20 for c in measured)
     chosen = outcome.chosen
     assert chosen is not None and chosen.config["nodes_to_exclude"]
     assert set(chosen.config["nodes_to_exclude"]) == {"fc_b", "fc_c"}

@@ -111,11 +111,38 @@ def fix_batch(model: onnx.ModelProto, batch: int) -> onnx.ModelProto:
     return fixed
 
 
+#: ONNX-ML operators whose output has their input's shape (ONNX shape inference stops at them)
+_SAME_SHAPE_ML = {"Scaler", "Normalizer", "Imputer", "Binarizer"}
+
+
+def _infer(model: onnx.ModelProto) -> onnx.ModelProto:
+    """ONNX shape inference, carried across ONNX-ML operators that keep their input's shape."""
+    current = model
+    for _ in range(4):
+        try:
+            current = onnx.shape_inference.infer_shapes(current, strict_mode=False, data_prop=True)
+        except Exception:  # contrib or ML ops onnx cannot infer: keep the shapes found so far
+            return current
+        shaped = {v.name: v for v in [*current.graph.input, *current.graph.value_info, *current.graph.output]
+                  if v.type.tensor_type.HasField("shape")}
+        added = False
+        for node in current.graph.node:
+            if node.op_type in _SAME_SHAPE_ML and node.input[0] in shaped and node.output[0] not in shaped:
+                value = onnx.ValueInfoProto()
+                value.CopyFrom(shaped[node.input[0]])
+                value.name = node.output[0]
+                value.type.tensor_type.elem_type = onnx.TensorProto.FLOAT
+                kept = [v for v in current.graph.value_info if v.name != value.name]
+                del current.graph.value_info[:]
+                current.graph.value_info.extend([*kept, value])
+                added = True
+        if not added:
+            break
+    return current
+
+
 def _tensors(model: onnx.ModelProto) -> dict[str, _Tensor]:
-    try:
-        inferred = onnx.shape_inference.infer_shapes(model, strict_mode=False, data_prop=True)
-    except Exception:  # contrib or ML ops onnx cannot infer: keep the declared shapes only
-        inferred = model
+    inferred = _infer(model)
     out: dict[str, _Tensor] = {}
     for value in [*inferred.graph.input, *inferred.graph.value_info, *inferred.graph.output]:
         tensor = value.type.tensor_type
@@ -230,7 +257,7 @@ def _node_cost(node: _Node, tensors: dict[str, _Tensor]) -> NodeCost | None:
         k = a[0] if op in ("Gemm", "QGemm") and node.attrs.get("transA", 0) else a[-1]
         macs = n_out * k
         adds = n_out if op == "Gemm" and len(node.inputs) > 2 else 0
-    elif op == "BatchNormalization":
+    elif op in ("BatchNormalization", "Scaler"):
         adds, mults = n_out, n_out
     elif op in ("AveragePool", "GlobalAveragePool", "QLinearGlobalAveragePool", "QLinearAveragePool",
                 "ReduceMean"):

@@ -117,9 +117,14 @@ class BuildSearch:
         try:
             key = step.stats_key(config)
             if key is not None and (pass_name, key) not in self._stats:
-                self._stats[(pass_name, key)] = step.collect(self.float_model, self.calib, config)
-            result = step.apply(self.float_model, self._stats.get((pass_name, key)) if key is not None else None,
-                                config)
+                try:
+                    self._stats[(pass_name, key)] = step.collect(self.float_model, self.calib, config)
+                except EdgefleetError as exc:  # remembered: the same statistics would fail the same way
+                    self._stats[(pass_name, key)] = exc
+            stats = self._stats.get((pass_name, key)) if key is not None else None
+            if isinstance(stats, EdgefleetError):
+                raise stats
+            result = step.apply(self.float_model, stats, config)
         except EdgefleetError as exc:
             cand.error = str(exc)
             return cand

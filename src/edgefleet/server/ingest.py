@@ -42,6 +42,7 @@ class _Item:
     device: str
     message: TelemetryBatch | Event | ReportedState
     done: asyncio.Future[None] | None
+    raw: bytes = b""
 
 
 class Ingest:
@@ -200,13 +201,14 @@ class Ingest:
         if message.device != device:
             self._count("rejected_wrong_device")
             return None
-        return _Item(channel, device, message, None)
+        return _Item(channel, device, message, None, payload)
 
     def commit(self, batch: list[_Item]) -> None:
         """Store a batch: telemetry in one transaction, then events and reported states."""
-        telemetry = [i.message for i in batch if isinstance(i.message, TelemetryBatch)]
-        if telemetry:
-            fresh = self.store.add_telemetry_many(telemetry)
+        items = [i for i in batch if isinstance(i.message, TelemetryBatch)]
+        if items:
+            telemetry = [i.message for i in items if isinstance(i.message, TelemetryBatch)]
+            fresh = self.store.add_telemetry_many(telemetry, [i.raw for i in items])
             new = sum(fresh)
             self._count("telemetry", new)
             self._count("telemetry_duplicate", len(fresh) - new)

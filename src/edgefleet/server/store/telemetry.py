@@ -32,16 +32,21 @@ class TelemetryStore(StoreBase):
         """Store a batch; False when (device, seq) was already stored (a redelivery)."""
         return bool(self.add_telemetry_many([batch])[0])
 
-    def add_telemetry_many(self, batches: Sequence[TelemetryBatch]) -> list[bool]:
-        """Store many batches in one transaction; per batch, True if new, False if a duplicate."""
+    def add_telemetry_many(self, batches: Sequence[TelemetryBatch], raw: Sequence[bytes] | None = None
+                           ) -> list[bool]:
+        """Store many batches in one transaction; per batch, True if new, False if a duplicate.
+
+        ``raw``: the JSON each batch was validated from (stored as is, saving a serialization).
+        """
         if not batches:
             return []
         now = time.time()
         rows: dict[tuple[str, int], dict[str, Any]] = {}
-        for b in batches:
+        for i, b in enumerate(batches):
             if (b.device, b.seq) not in rows:
+                payload = raw[i].decode() if raw is not None else b.model_dump_json()
                 rows[(b.device, b.seq)] = {"device": b.device, "seq": b.seq, "ts": b.ts, "model": b.model,
-                                           "payload": b.model_dump_json(), "received": now}
+                                           "payload": payload, "received": now}
         if self.dialect == "postgresql":
             inserted = self._insert_telemetry_pg(list(rows.values()))
         else:

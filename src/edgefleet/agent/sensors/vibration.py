@@ -92,8 +92,9 @@ class VibrationSignal:
         self._severity = severity
         self._noise = noise
         self._fault_start = round(fault_after_s * rate_hz)
-        self._rng = np.random.default_rng(seed)
-        self._phases = self._rng.uniform(0, 2 * math.pi, len(HARMONICS))
+        self._rng = np.random.default_rng(seed)  # noise
+        self._jitter = np.random.default_rng((seed, 1))  # impact timing: independent of the block sizes
+        self._phases = self._jitter.uniform(0, 2 * math.pi, len(HARMONICS))
         self._gains = np.asarray(CHANNEL_GAINS[:channels], dtype=np.float64)
         resonance = resonance_hz if resonance_hz is not None else min(3000.0, 0.3 * rate_hz)
         decay_s = min(2e-3, 0.2 / self.fault_hz) if self.fault_hz else 2e-3
@@ -137,7 +138,7 @@ class VibrationSignal:
                     if self._modulation_hz:
                         amplitude *= 0.6 + 0.4 * math.cos(2 * math.pi * self._modulation_hz * when)
                     impulses[at] += amplitude
-                when += period * max(0.5, 1.0 + 0.01 * self._rng.standard_normal())
+                when += period * max(0.5, 1.0 + 0.01 * self._jitter.standard_normal())
             self._next_impact = when
             train += np.convolve(impulses, self._kernel)
         self._tail = train[n:].copy()

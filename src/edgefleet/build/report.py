@@ -14,6 +14,7 @@ from rich.table import Table
 
 from edgefleet.build.energy import ASSUMPTIONS
 from edgefleet.build.pipeline import BuildOutcome, Candidate
+from edgefleet.errors import ConfigError
 from edgefleet.storage import atomic_write
 
 REPORT_FORMAT = 1
@@ -143,7 +144,10 @@ def pareto(points: list[tuple[float, float]]) -> list[int]:
 
 def plot(outcome: BuildOutcome, path: Path) -> None:
     """Accuracy against size and against batch-1 latency for every measured model, Pareto front marked."""
-    import matplotlib
+    try:
+        import matplotlib
+    except ImportError as exc:
+        raise ConfigError("the plot needs matplotlib: pip install 'edgefleet[report]'") from exc
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

@@ -129,6 +129,13 @@ class Manifest(BaseModel):
             raise ValueError("name must be lowercase letters, digits, '.', '_' or '-', at most 64")
         return value
 
+    @field_validator("created", "expires")
+    @classmethod
+    def _iso_time(cls, value: str | None) -> str | None:
+        if value is not None:
+            datetime.fromisoformat(value)  # ValueError -> a validation error naming the field
+        return value
+
     @field_validator("version", "min_agent_version")
     @classmethod
     def _semver(cls, value: str) -> str:

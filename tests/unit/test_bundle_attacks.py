@@ -253,3 +253,11 @@ def test_the_packer_refuses_what_devices_refuse() -> None:
     with pytest.raises(BundleError) as caught:
         packed(model=pickle.dumps([1.0]))
     assert caught.value.reason == "unsafe_format"
+
+
+def test_deeply_nested_json_members_are_refused_as_malformed() -> None:
+    members = read_container(packed())
+    for name, nested in ((SIGNATURES, b"[" * 60000), (MANIFEST, b'{"a":' * 60000)):
+        with pytest.raises(BundleError) as caught:
+            decide(write_container({**members, name: nested}), TrustState(keys={KEY.public.key_id: KEY.public}))
+        assert caught.value.reason in ("malformed", "bad_signature")

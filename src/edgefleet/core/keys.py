@@ -163,7 +163,7 @@ class Keyring:
                     raise ValueError(f"entry {item['keyid']!r} is inconsistent")
                 entries[public.key_id] = KeyEntry(public, status, None if successor is None else str(successor))
             return cls(entries, frozenset(str(key_id) for key_id in raw["revoked"]))
-        except (ValueError, KeyError, TypeError, ConfigError) as exc:
+        except (ValueError, KeyError, TypeError, RecursionError, ConfigError) as exc:
             raise ConfigError(f"keyring is invalid: {exc}") from exc
 
 

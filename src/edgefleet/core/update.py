@@ -100,7 +100,7 @@ def parse_signatures(data: bytes) -> dict[str, bytes]:
     try:
         entries = json.loads(data)["signatures"]
         result = {str(e["keyid"]): base64.b64decode(e["sig"], validate=True) for e in entries}
-    except (ValueError, KeyError, TypeError, binascii.Error) as exc:
+    except (ValueError, KeyError, TypeError, binascii.Error, RecursionError) as exc:
         raise BundleError("signatures member is malformed", reason="malformed") from exc
     if not result:
         raise BundleError("bundle carries no signature", reason="bad_signature")

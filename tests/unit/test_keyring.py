@@ -46,6 +46,8 @@ def test_rotation_signed_by_the_old_key_moves_trust_to_the_new_one() -> None:
     assert accepts(rotated, bundle(B)) == B.public.key_id
     assert reason_of(lambda: accepts(rotated, bundle(A))) == "unknown_key"  # retired: no new bundles from A
     assert rotated.entries[A.public.key_id].replaced_by == B.public.key_id
+    restored = TrustState(keys=rotated.accepted_keys(), revoked=rotated.revoked)  # the slot it already runs
+    assert decide(bundle(A), restored, allow_rollback=True).key_id == A.public.key_id
     assert ring.trusted() == {A.public.key_id: A.public}  # keyrings are values: the original is unchanged
 
 

@@ -103,8 +103,11 @@ class Keyring:
                 if entry.status == "trusted" and key_id not in self.revoked}
 
     def accepted_keys(self) -> dict[str, PublicKey]:
-        """Trusted and retired keys, never revoked ones: for re-checking bundles the device accepted before
-        a rotation (its active and previous slots); new bundles and statements use :meth:`trusted`."""
+        """Trusted and retired keys, never revoked ones.
+
+        For re-checking bundles the device accepted before a rotation (its active and previous slots);
+        new bundles and statements are checked against :meth:`trusted`.
+        """
         return {key_id: entry.public for key_id, entry in self.entries.items() if key_id not in self.revoked}
 
     def apply_statement(self, data: bytes) -> Keyring:

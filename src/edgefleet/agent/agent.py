@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import base64
+import binascii
 import logging
 import threading
 import time
+from dataclasses import replace
 from typing import Any
 
 from edgefleet import __version__
@@ -15,13 +18,15 @@ from edgefleet.agent.model import LoadedModel, load_model
 from edgefleet.agent.sources import SensorSource
 from edgefleet.agent.state import AgentState
 from edgefleet.agent.updater import ERROR_KEY, STEP_KEY, HealthPolicy, Updater
+from edgefleet.core.keys import Keyring
 from edgefleet.core.update import TrustState, decide
-from edgefleet.errors import EdgefleetError, TransportError
+from edgefleet.errors import BundleError, EdgefleetError, TransportError
 from edgefleet.transport import topics
 from edgefleet.transport.link import MqttLink
 from edgefleet.transport.messages import DesiredState, Event, ReportedState, parse
 
 log = logging.getLogger(__name__)
+KEYRING_KEY = "keyring"
 
 
 class Agent:
@@ -76,9 +81,31 @@ class Agent:
         self._stop.set()
 
     # trust and models -------------------------------------------------------------------------
-    def trust(self) -> TrustState:
-        return TrustState(keys=self.config.trusted_keys, highest_release=self.state.highest_releases(),
-                          hardware=self.config.hardware, agent_version=__version__)
+    def keyring(self) -> Keyring:
+        """The pinned keys from the credentials, as changed by every verified rotation and revocation."""
+        stored = self.state.get(KEYRING_KEY)
+        ring = Keyring.from_json(stored) if stored else Keyring()
+        return ring.with_pinned(self.config.trusted_keys.values())
+
+    def trust(self, *, accepted_before: bool = False) -> TrustState:
+        """What new bundles are checked against; ``accepted_before`` admits retired keys for the device's own."""
+        ring = self.keyring()
+        state = TrustState.from_keyring(ring, highest_release=self.state.highest_releases(),
+                                        hardware=self.config.hardware, agent_version=__version__,
+                                        device_id=self.device)
+        return replace(state, keys=ring.accepted_keys()) if accepted_before else state
+
+    def apply_statements(self, statements: list[str]) -> None:
+        """Key rotations and revocations from the control plane; each is verified against the keyring."""
+        ring = self.keyring()
+        for text in statements:
+            try:
+                ring = ring.apply_statement(base64.b64decode(text, validate=True))
+            except (BundleError, binascii.Error, ValueError) as exc:
+                self.event("statement_refused", {"error": str(exc)[:200]})
+        if ring != self.keyring():
+            self.state.put(KEYRING_KEY, ring.to_json())
+            self.event("keyring_changed", {"trusted": ",".join(sorted(ring.trusted()))})
 
     def _restore(self, slot_name: str) -> LoadedModel | None:
         """Load a model the device accepted earlier (its signature and hashes are checked again)."""
@@ -87,7 +114,7 @@ class Agent:
             return None
         try:
             data = self.state.bundle_path(slot.sha256).read_bytes()
-            return load_model(decide(data, self.trust(), allow_rollback=True))
+            return load_model(decide(data, self.trust(accepted_before=True), allow_rollback=True))
         except (OSError, EdgefleetError) as exc:
             log.error("cannot restore %s model %s: %s", slot_name, slot.ref, exc)
             return None
@@ -124,6 +151,8 @@ class Agent:
             self.event("rejected_desired", {"error": str(exc)})
             return
         if desired.device == self.device:
+            if desired.statements:
+                self.apply_statements(desired.statements)
             self.updater.request(desired.model, desired.shadow)
 
     # uplink -----------------------------------------------------------------------------------

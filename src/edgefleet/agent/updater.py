@@ -7,6 +7,8 @@ was rolled back after activation is remembered and not installed again.
 
 from __future__ import annotations
 
+import base64
+import binascii
 import hashlib
 import logging
 import os
@@ -19,6 +21,7 @@ from edgefleet.agent.fetch import Fetcher
 from edgefleet.agent.healthcheck import DEFAULT_COMMAND, run_health_check
 from edgefleet.agent.model import LoadedModel, load_model
 from edgefleet.agent.state import AgentState, Slot
+from edgefleet.bundle.delta import apply as apply_delta
 from edgefleet.core.update import AcceptedBundle, TrustState, decide
 from edgefleet.errors import BundleError, EdgefleetError, TransportError
 from edgefleet.transport.messages import ModelRef
@@ -153,21 +156,43 @@ class Updater:
 
     def _verified(self, target: ModelRef) -> AcceptedBundle:
         stored = self._state.bundle_path(target.sha256)
-        if stored.exists():
-            data = stored.read_bytes()
-        else:
-            self._step("downloading", target=target.ref)
-            part = self._state.data_dir / "downloads" / f"{target.sha256}.part"
-            data = self._fetcher.fetch(target.url, part, target.size)
-            part.unlink(missing_ok=True)
+        data = stored.read_bytes() if stored.exists() else self._download(target)
         self._step("verifying", target=target.ref)
         if hashlib.sha256(data).hexdigest() != target.sha256:
             raise BundleError("downloaded bundle does not match the announced SHA-256", reason="hash_mismatch")
         previous = self._state.slot("previous")  # going back one step is not a rollback attack
-        accepted = decide(data, self._trust(), allow_rollback=previous is not None and previous.sha256 == target.sha256)
+        try:
+            order = base64.b64decode(target.rollback_order, validate=True) if target.rollback_order else None
+        except (binascii.Error, ValueError) as exc:
+            raise BundleError("rollback order is not base64", reason="malformed") from exc
+        accepted = decide(data, self._trust(), rollback_order=order,
+                          allow_rollback=previous is not None and previous.sha256 == target.sha256)
         if not stored.exists():
             self._state.save_bundle(accepted.sha256, data)
         return accepted
+
+    def _download(self, target: ModelRef) -> bytes:
+        """The delta against the active bundle when one is offered and applies cleanly; else the whole bundle."""
+        self._step("downloading", target=target.ref)
+        downloads = self._state.data_dir / "downloads"
+        active = self._state.slot("active")
+        if target.delta_url and active is not None and active.sha256 == target.delta_base_sha256:
+            part = downloads / f"{target.sha256}.delta.part"
+            try:
+                delta = self._fetcher.fetch(target.delta_url, part, target.delta_size or target.size)
+                rebuilt = apply_delta(self._state.bundle_path(active.sha256).read_bytes(), delta)
+                if hashlib.sha256(rebuilt).hexdigest() == target.sha256:
+                    self._event("delta_applied", {"target": target.ref, "bytes": len(delta), "full": target.size})
+                    return rebuilt
+                log.warning("delta for %s rebuilt the wrong bundle; fetching it whole", target.ref)
+            except (BundleError, OSError) as exc:
+                log.warning("delta for %s unusable (%s); fetching it whole", target.ref, exc)
+            finally:
+                part.unlink(missing_ok=True)
+        part = downloads / f"{target.sha256}.part"
+        data = self._fetcher.fetch(target.url, part, target.size)
+        part.unlink(missing_ok=True)
+        return data
 
     def _checked(self, accepted: AcceptedBundle, target: ModelRef) -> LoadedModel:
         self._step("health_checking", target=target.ref)

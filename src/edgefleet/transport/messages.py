@@ -31,6 +31,10 @@ class ModelRef(BaseModel):
     sha256: str
     size: int
     url: str = Field(description="artifact URL, relative to the server's base URL")
+    delta_url: str | None = Field(default=None, description="weight-level delta from delta_base_sha256")
+    delta_base_sha256: str | None = None
+    delta_size: int | None = Field(default=None, ge=0)
+    rollback_order: str | None = Field(default=None, description="base64 signed order allowing a lower release")
 
     @property
     def ref(self) -> str:
@@ -43,6 +47,7 @@ class DesiredState(_Message):
     device: str
     model: ModelRef | None = None
     shadow: ModelRef | None = Field(default=None, description="candidate to run beside the model, reporting only")
+    statements: list[str] = Field(default_factory=list, description="base64 signed key rotations and revocations")
     issued_at: float = Field(default_factory=time.time)
 
 

@@ -49,7 +49,8 @@ class Ingest:
     """Validates what devices send and stores it in batches; counts every outcome in ``counts``."""
 
     def __init__(self, store: Store, endpoint: MqttEndpoint, *, replica: str = "server", mqtt5: bool = True,
-                 batch_max: int = 1000, flush_s: float = 0.01, receive_maximum: int = 4000) -> None:
+                 batch_max: int = 1000, flush_s: float = 0.01, receive_maximum: int = 4000,
+                 session_expiry_s: int = 600) -> None:
         self.store = store
         self.endpoint = endpoint
         self.replica = replica
@@ -57,6 +58,7 @@ class Ingest:
         self.batch_max = batch_max
         self.flush_s = flush_s
         self.receive_maximum = receive_maximum
+        self.session_expiry_s = session_expiry_s
         self.counts: Counter[str] = Counter()
         self._lock = threading.Lock()
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -96,7 +98,8 @@ class Ingest:
 
     async def _main(self) -> None:
         self._stopping, self._wake = asyncio.Event(), asyncio.Event()
-        props: dict[str, Any] = {"session_expiry_interval": 24 * 3600, "receive_maximum": self.receive_maximum} \
+        props: dict[str, Any] = {"session_expiry_interval": self.session_expiry_s,
+                                     "receive_maximum": self.receive_maximum} \
             if self.mqtt5 else {}
         client = Client(f"edgefleet-{self.replica}-ingest", clean_session=False,
                         optimistic_acknowledgement=not self.mqtt5, **props)
@@ -109,17 +112,30 @@ class Ingest:
                              version=MQTTv50 if self.mqtt5 else MQTTv311)
         writer = asyncio.create_task(self._writer())
         await self._stopping.wait()
-        writer.cancel()
+        # A clean stop leaves the shared group: stop taking messages, store and acknowledge what came, then end
+        # the session (expiry 0) so that the broker hands this replica's share to the others. A crash keeps
+        # the session for session_expiry_s, and the replica restarted under the same name gets its share back.
         try:
-            await client.disconnect()
+            client.unsubscribe([s.topic for s in self._subscriptions()])
+            await asyncio.sleep(0.2)
+            while self._queue:
+                await asyncio.sleep(self.flush_s * 2)
+            await asyncio.sleep(0.1)
+        finally:
+            writer.cancel()
+        try:
+            await client.disconnect(**({"session_expiry_interval": 0} if self.mqtt5 else {}))
         except Exception as exc:  # already gone: nothing to tidy
             log.debug("ingest disconnect: %s", exc)
 
-    def _on_connect(self, client: Client, _flags: int, _rc: int, _props: object) -> None:
+    def _subscriptions(self) -> list[Subscription]:
         share = f"$share/{SHARE_GROUP}/" if self.mqtt5 else ""
-        client.subscribe([Subscription(f"{share}{topics.device_filter('telemetry')}", qos=1),
-                          Subscription(f"{share}{topics.device_filter('events')}", qos=1),
-                          Subscription(topics.device_filter("reported"), qos=1)])
+        return [Subscription(f"{share}{topics.device_filter('telemetry')}", qos=1),
+                Subscription(f"{share}{topics.device_filter('events')}", qos=1),
+                Subscription(topics.device_filter("reported"), qos=1)]
+
+    def _on_connect(self, client: Client, _flags: int, _rc: int, _props: object) -> None:
+        client.subscribe(self._subscriptions())
         self._connected.set()
 
     async def _on_message(self, _client: Client, topic: str, payload: bytes, _qos: int, _props: object) -> int:

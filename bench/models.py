@@ -1,11 +1,14 @@
 """Models for the benchmarks, trained briefly on real data that packages ship (plain torch, no torchvision).
 
 * ``mobilenet_v2``: MobileNetV2 (inverted residuals, ReLU6, width multiplier) written out in plain torch;
-* ``digits_96``: scikit-learn's 8x8 digits upscaled to 96x96x3, the input size of small MobileNets.
+* ``digits_96``: scikit-learn's 8x8 digits upscaled to 96x96x3, the input size of small MobileNets;
+* trained models with their calibration and test data (``BenchModel``) for ``bench_compress``.
 """
 
 from __future__ import annotations
 
+import time
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -68,3 +71,59 @@ def digits_96(seed: int = 0) -> dict[str, Any]:
 
     return {"train_x": up(ds.train_x), "train_y": ds.train_y, "test_x": up(ds.test_x), "test_y": ds.test_y,
             "labels": list(ds.labels)}
+
+
+@dataclass(frozen=True)
+class BenchModel:
+    """A trained float model and its data: calibration inputs, test inputs and labels."""
+
+    name: str
+    model: bytes
+    calib_x: np.ndarray
+    test_x: np.ndarray
+    test_y: np.ndarray
+    train_s: float
+
+
+def _calib(x: np.ndarray, n: int = 256, seed: int = 0) -> np.ndarray:
+    idx = np.sort(np.random.default_rng(seed).choice(len(x), size=min(n, len(x)), replace=False))
+    return np.ascontiguousarray(x[idx])
+
+
+def basicmotions_cnn1d(epochs: int = 60) -> BenchModel:
+    """The demo's model: 40-sample windows of BasicMotions (hop 5 for test windows), 1D-CNN."""
+    from edgefleet.build.skeleton import TRAIN_HOP, normalize
+    from edgefleet.build.train import export_onnx, train_cnn1d
+    from edgefleet.data.basicmotions import load_basicmotions
+    from edgefleet.data.windows import channel_stats, sliding_windows
+
+    start = time.perf_counter()
+    rec = load_basicmotions()
+    mean, std = channel_stats(rec.train_x)
+    train_x, train_y = sliding_windows(normalize(rec.train_x, mean, std), rec.train_y, 40, TRAIN_HOP)
+    test_x, test_y = sliding_windows(normalize(rec.test_x, mean, std), rec.test_y, 40, 5)
+    net = train_cnn1d(train_x, train_y, len(rec.labels), epochs=epochs, seed=0)
+    return BenchModel("BasicMotions 1D-CNN", export_onnx(net, 6, 40), _calib(train_x), test_x, test_y,
+                      time.perf_counter() - start)
+
+
+def dataset_model(name: str, label: str, epochs: int) -> BenchModel:
+    """edgefleet's default small model for a bundled dataset (what `edgefleet build --dataset` trains)."""
+    from edgefleet.build.inputs import from_dataset
+
+    start = time.perf_counter()
+    inputs = from_dataset(name, epochs=epochs)
+    d = inputs.data
+    return BenchModel(label, inputs.model, d.calib_x, d.test_x, d.test_y, time.perf_counter() - start)
+
+
+def mobilenet_v2_digits(epochs: int = 3) -> BenchModel:
+    """MobileNetV2 (width 0.5) at 96x96x3 trained briefly on upscaled digits."""
+    from edgefleet.build.train import export_classifier, train_classifier
+
+    start = time.perf_counter()
+    data = digits_96()
+    net = train_classifier(lambda: mobilenet_v2(10), data["train_x"], data["train_y"], 10, epochs=epochs, seed=0,
+                           batch=32)
+    return BenchModel("MobileNetV2-0.5 96x96", export_classifier(net, (3, 96, 96)), _calib(data["train_x"]),
+                      data["test_x"], data["test_y"], time.perf_counter() - start)

@@ -6,12 +6,13 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable, Hashable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
 
 from edgefleet.build.analyze import ModelAnalysis, analyze
+from edgefleet.build.compact import compact
 from edgefleet.build.evaluate import accuracy
 from edgefleet.build.latency import LatencyStats, compare_latency, measure_latency
 from edgefleet.build.passes import PassConfig, get_pass
@@ -39,7 +40,8 @@ class Candidate:
     label: str
     pass_name: str
     config: dict[str, Any]
-    model: bytes | None = None
+    model: bytes | None = None  # what ships: compacted (short names) for candidates
+    raw: bytes | None = None  # the pass's output, node names intact (the rescue needs them)
     accuracy: float | None = None
     drop_pp: float | None = None
     passed: bool = False
@@ -98,7 +100,7 @@ class BuildSearch:
         cand.accuracy = accuracy(cand.model, self.data.test_x, self.data.test_y)
         cand.drop_pp = 100.0 * (self.baseline_accuracy - cand.accuracy)
         cand.passed = cand.drop_pp <= self.recipe.max_accuracy_drop + 1e-9
-        cand.analysis = analyze(cand.model)
+        cand.analysis = replace(analyze(cand.raw or cand.model), file_bytes=len(cand.model))
         if timing:
             spec = self.recipe.latency
             for batch in spec.batches:
@@ -128,7 +130,7 @@ class BuildSearch:
         except EdgefleetError as exc:
             cand.error = str(exc)
             return cand
-        cand.model, cand.notes = result.model, list(result.notes)
+        cand.raw, cand.model, cand.notes = result.model, compact(result.model), list(result.notes)
         cand.build_s = time.perf_counter() - start
         return cand
 
@@ -170,15 +172,15 @@ class BuildSearch:
 
     def rescue(self, candidates: list[Candidate], trials: list[dict[str, Any]]) -> Candidate | None:
         """Keep the most sensitive tensors of the best int8 candidate in float until the gate passes."""
-        bases = [c for c in candidates if c.pass_name == "static_int8" and c.model is not None]
+        bases = [c for c in candidates if c.pass_name == "static_int8" and c.raw is not None and c.model is not None]
         if not bases:
             return None
         base = max(bases, key=lambda c: (c.accuracy or 0.0, c.config.get("per_channel", False)))
         step = get_pass("static_int8")
         config = step.config_type.model_validate(base.config)
         stats = self._stats[("static_int8", step.stats_key(config))]
-        assert base.model is not None
-        ranked = rank_tensors(base.model, stats.model, self.calib[: self.recipe.rescue.samples])
+        assert base.raw is not None
+        ranked = rank_tensors(base.raw, stats.model, self.calib[: self.recipe.rescue.samples])
         compute = {n for e in ranked for n in e.nodes}
         limit = max(2, math.ceil(self.recipe.rescue.max_float_fraction * len(compute)))
         self.progress(f"rescue: ranking {len(ranked)} quantized tensors of {base.label}")

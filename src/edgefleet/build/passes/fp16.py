@@ -5,6 +5,7 @@ Uses onnxconverter-common's float16 converter (the ``build`` extra); ops it cann
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 from edgefleet.build.evaluate import open_session
@@ -37,8 +38,10 @@ class Fp16(Pass):
         default = float16.DEFAULT_OP_BLOCK_LIST
         blocked = list(config.op_block_list) if config.op_block_list is not None else list(default)
         try:
-            converted = float16.convert_float_to_float16(proto, keep_io_types=config.keep_io_types,
-                                                         op_block_list=blocked)
+            with warnings.catch_warnings(record=True) as caught:  # one warning per value out of fp16 range
+                warnings.simplefilter("always")
+                converted = float16.convert_float_to_float16(proto, keep_io_types=config.keep_io_types,
+                                                             op_block_list=blocked)
         except QUANTIZER_ERRORS as exc:
             raise ModelError(f"fp16 conversion failed: {str(exc).splitlines()[0][:300]}") from exc
         kept = sorted({n.op_type for n in proto.graph.node if n.op_type in set(blocked)})
@@ -50,4 +53,7 @@ class Fp16(Pass):
         except ModelError as exc:
             raise ModelError(f"fp16 conversion produced a model ONNX Runtime rejects: {exc}") from exc
         notes = [f"left in float32 (no float16 kernel): {', '.join(kept)}"] if kept else []
+        clipped = sum("truncated" in str(w.message) for w in caught)
+        if clipped:
+            notes.append(f"{clipped} weight value(s) outside the float16 range were clamped")
         return PassResult(model=result, notes=notes)

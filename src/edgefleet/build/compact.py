@@ -21,7 +21,8 @@ def _short(i: int) -> str:
 
 
 def compact(model: bytes) -> bytes:
-    """The same model with every internal tensor renamed ``t<base36>`` and node names and docs dropped.
+    """The same model with every internal tensor renamed ``t<base36>``, node names, docs, metadata and unused
+    opset imports dropped.
 
     Models with subgraphs (If, Loop, Scan) are returned unchanged: their bodies may use outer names.
     """
@@ -51,4 +52,8 @@ def compact(model: bytes) -> bytes:
     graph.ClearField("doc_string")
     proto.ClearField("doc_string")
     del proto.metadata_props[:]
+    used = {n.domain for n in graph.node} | {"", "ai.onnx"}
+    kept = [o for o in proto.opset_import if o.domain in used]
+    del proto.opset_import[:]
+    proto.opset_import.extend(kept)
     return bytes(proto.SerializeToString())

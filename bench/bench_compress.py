@@ -10,8 +10,6 @@ Run from the repository root: ``python -m bench.bench_compress`` (``make bench-c
 
 from __future__ import annotations
 
-import contextlib
-import io
 import tempfile
 import time
 from collections.abc import Callable
@@ -24,7 +22,7 @@ from bench.common import markdown_table, publish
 from bench.models import BenchModel, basicmotions_cnn1d, dataset_model, mobilenet_v2_digits
 from edgefleet.build.evaluate import accuracy
 from edgefleet.build.latency import LatencyStats, compare_latency
-from edgefleet.build.passes.static_int8 import StaticInt8, StaticInt8Config
+from edgefleet.build.passes.static_int8 import StaticInt8, StaticInt8Config, quiet_quantizer
 from edgefleet.build.pipeline import BuildData, BuildSearch
 from edgefleet.build.recipe import load_recipe
 
@@ -41,7 +39,7 @@ def ort_quantize(model: bytes, calib: np.ndarray, *, per_channel: bool) -> bytes
     with tempfile.TemporaryDirectory() as tmp:
         src, out = Path(tmp) / "f.onnx", Path(tmp) / "q.onnx"
         src.write_bytes(model)
-        with contextlib.redirect_stdout(io.StringIO()):
+        with quiet_quantizer():
             quantize_static(str(src), str(out), ArrayReader("x", calib, 8), per_channel=per_channel)
         return out.read_bytes()
 
@@ -100,12 +98,15 @@ def anatomy(bm: BenchModel) -> list[dict[str, Any]]:
     pre = onnx.load_from_string(stats.model)
     depthwise = tuple(n.name for n in pre.graph.node if n.op_type == "Conv"
                       and any(a.name == "group" and a.i > 1 for a in n.attribute))
+    no_sym_kernel = tuple(mlas_unsymmetric(pre))
     variants: list[tuple[str, dict[str, Any]]] = [
         ("uint8 act, per-tensor", {"per_channel": False}),
         ("uint8 act, per-channel", {}),
         ("uint8 act, per-tensor, stem conv in float", {"per_channel": False, "float_stem": True}),
         ("uint8 act, per-channel, stem conv in float", {"float_stem": True}),
         ("uint8 act, per-channel, depthwise convs in float", {"nodes_to_exclude": depthwise}),
+        ("uint8 act, per-tensor, convs without an MLAS symmetric kernel in float",
+         {"per_channel": False, "nodes_to_exclude": no_sym_kernel}),
         ("int8 act (ORT default type), per-channel", {"activation_type": "int8"}),
         ("uint8 act, per-tensor, Relu/Clip kept in the graph", {"per_channel": False,
                                                                   "keep_removable_activations": True}),
@@ -121,6 +122,20 @@ def anatomy(bm: BenchModel) -> list[dict[str, Any]]:
     return [{"variant": name, "accuracy": accuracy(model, bm.test_x, bm.test_y), "latency_b1_ms": s.median_ms,
              "latency_b1_p10_ms": s.p10_ms, "latency_b1_p90_ms": s.p90_ms, "speedup_b1": base / s.median_ms}
             for (name, model, _), s in zip(models, stats_b1, strict=True)]
+
+
+def mlas_unsymmetric(model: Any) -> list[str]:
+    """Convs that ONNX Runtime's x86 symmetric int8 conv kernels (MlasConvSym) cannot take: depthwise with a
+    channel count not a multiple of 16; others with input channels not a multiple of 4, or fewer than 16 or
+    not a multiple of 8 output channels."""
+    weights = {t.name: list(t.dims) for t in model.graph.initializer}
+    out = []
+    for node in (n for n in model.graph.node if n.op_type == "Conv" and n.input[1] in weights):
+        m, c = weights[node.input[1]][:2]
+        group = next((a.i for a in node.attribute if a.name == "group"), 1)
+        if (group > 1 and group % 16) or (group == 1 and (c % 4 or m < 16 or m % 8)):
+            out.append(node.name)
+    return out
 
 
 def _levels_side_by_side(models: list[tuple[bytes, str]], x: np.ndarray, rounds: int = 9,

@@ -5,14 +5,12 @@ Good for MatMul/Gemm-heavy models; convolutions become ConvInteger, which ONNX R
 
 from __future__ import annotations
 
-import contextlib
-import io
 import tempfile
 from pathlib import Path
 from typing import Any, Literal
 
 from edgefleet.build.passes import Pass, PassConfig, PassResult, register
-from edgefleet.build.passes.static_int8 import unquantized_notes
+from edgefleet.build.passes.static_int8 import quiet_quantizer, unquantized_notes
 from edgefleet.build.quantize import QUANTIZER_ERRORS, load_checked
 from edgefleet.errors import ModelError
 
@@ -42,7 +40,7 @@ class DynamicInt8(Pass):
             src, out = Path(tmp) / "float.onnx", Path(tmp) / "int8.onnx"
             src.write_bytes(model)
             try:
-                with contextlib.redirect_stdout(io.StringIO()):
+                with quiet_quantizer():
                     quantize_dynamic(str(src), str(out), op_types_to_quantize=list(config.op_types),
                                      per_channel=config.per_channel,
                                      weight_type=QuantType.QUInt8 if config.weight_type == "uint8" else QuantType.QInt8,

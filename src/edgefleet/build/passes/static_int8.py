@@ -10,8 +10,9 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import logging
 import tempfile
-from collections.abc import Hashable
+from collections.abc import Hashable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -51,6 +52,17 @@ class StaticStats:
     model: bytes
     ranges_json: str
     method: str
+
+
+@contextlib.contextmanager
+def quiet_quantizer() -> Iterator[None]:
+    """Keep ONNX Runtime's quantizer from printing: calibrator progress (stdout) and advice (root logger)."""
+    logging.disable(logging.WARNING)
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):
+            yield
+    finally:
+        logging.disable(logging.NOTSET)
 
 
 def _method(name: str) -> Any:
@@ -99,7 +111,7 @@ class StaticInt8(Pass):
             src, pre, cache = (Path(tmp) / n for n in ("float.onnx", "pre.onnx", "ranges.json"))
             src.write_bytes(model)
             try:  # the histogram calibrators print progress to stdout: keep it out of the CLI's
-                with contextlib.redirect_stdout(io.StringIO()):
+                with quiet_quantizer():
                     if config.preprocess:
                         quant_pre_process(str(src), str(pre), skip_symbolic_shape=True)
                     else:
@@ -126,7 +138,7 @@ class StaticInt8(Pass):
             if config.float_stem:
                 excluded += [n for n in stem_nodes(stats.model) if n not in excluded]
             try:
-                with contextlib.redirect_stdout(io.StringIO()):
+                with quiet_quantizer():
                     quantize_static(
                         str(pre), str(out), None, quant_format=QuantFormat.QDQ, per_channel=config.per_channel,
                         reduce_range=config.reduce_range, activation_type=_qtype(config.activation_type),

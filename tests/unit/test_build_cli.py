@@ -136,5 +136,6 @@ def test_bad_options_are_config_errors(extra: list[str], message: str, workdir: 
 
 def test_unknown_dataset_is_a_config_error(workdir: Path, monkeypatch: pytest.MonkeyPatch,
                                            capsys: pytest.CaptureFixture[str]) -> None:
-    code, out = run_cli(["build", "--dataset", "imagenet", "--key", str(workdir / "signing.key")], monkeypatch, capsys)
+    code, out = run_cli(["build", "--dataset", "imagenet", "--key", str(workdir / "signing.key"), "--out",
+                         str(workdir / "x.efb"), "--name", "x", "--version", "1.0.0"], monkeypatch, capsys)
     assert code == 2 and "GunPoint" in out

@@ -119,6 +119,16 @@ def test_choose_smallest_then_fastest_within_tolerance() -> None:
     assert chosen is a
 
 
+def test_choose_prefers_accuracy_when_times_are_within_noise() -> None:
+    """Same size, 2% apart in time: timing noise, so the more accurate one (smaller drop) wins."""
+    fast, accurate = _cand("fast", 1000, 1.0, 0.4), _cand("accurate", 1000, 1.02, 0.0)
+    fast.accuracy, accurate.accuracy = 0.896, 0.9
+    chosen, reason = choose([fast, accurate], 1.0, 0.05, 0.05)
+    assert chosen is accurate and "most accurate" in reason
+    chosen, _ = choose([fast, accurate], 1.0, 0.05, 0.0)
+    assert chosen is fast
+
+
 def test_recipe_yaml_grid_and_errors() -> None:
     recipe = load_recipe("max_accuracy_drop: 0.5\ncandidates:\n  - pass: static_int8\n"
                          "    grid: {calibration: [minmax, entropy]}\n    options: {per_channel: false}\n")

@@ -166,7 +166,8 @@ class BuildSearch:
             stats = compare_latency([c.model for c in close if c.model], self.data.test_x, 1, threads=spec.threads)
             for cand, fresh in zip(close, stats, strict=True):
                 cand.latency[1] = fresh
-        chosen, reason = choose(candidates, self.recipe.max_accuracy_drop, self.recipe.size_tolerance)
+        chosen, reason = choose(candidates, self.recipe.max_accuracy_drop, self.recipe.size_tolerance,
+                                self.recipe.latency_tolerance)
         return BuildOutcome(baseline=baseline, candidates=candidates, chosen=chosen, reason=reason,
                             max_accuracy_drop=self.recipe.max_accuracy_drop, rescue_trials=trials)
 
@@ -246,8 +247,10 @@ def finalists(candidates: list[Candidate], size_tolerance: float) -> list[Candid
     return [c for c in passing if c.size_bytes <= smallest * (1 + size_tolerance)]
 
 
-def choose(candidates: list[Candidate], max_drop: float, size_tolerance: float) -> tuple[Candidate | None, str]:
-    """The smallest passing candidate; among those within ``size_tolerance`` of it, the fastest at batch 1."""
+def choose(candidates: list[Candidate], max_drop: float, size_tolerance: float,
+           latency_tolerance: float = 0.05) -> tuple[Candidate | None, str]:
+    """The smallest passing candidate; among those within ``size_tolerance`` of it, the fastest at batch 1;
+    among those within ``latency_tolerance`` of the fastest (timing noise), the most accurate."""
     passing = [c for c in candidates if c.passed and c.model is not None]
     close = finalists(candidates, size_tolerance)
     if not passing:
@@ -260,13 +263,18 @@ def choose(candidates: list[Candidate], max_drop: float, size_tolerance: float) 
         tried += [f"{', '.join(labels)}: {error}" for error, labels in errors.items()]
         return None, f"no candidate met the gate (accuracy drop <= {max_drop:g} pp): {'; '.join(tried) or 'none ran'}"
     smallest = min(c.size_bytes for c in passing)
-    best = min(close, key=lambda c: (c.latency_ms(1), c.size_bytes, -(c.accuracy or 0.0)))
+    fastest = min(c.latency_ms(1) for c in close)
+    quick = [c for c in close if c.latency_ms(1) <= fastest * (1 + latency_tolerance)]
+    best = max(quick, key=lambda c: (c.accuracy or 0.0, -c.size_bytes, -c.latency_ms(1)))
     others = [c.label for c in close if c is not best]
     reason = (f"{best.label}: passes the gate (drop {best.drop_pp:.2f} pp <= {max_drop:g} pp); "
               f"the smallest passing model is {smallest:,} bytes and this one is {best.size_bytes:,}")
     if others:
         reason += (f"; among candidates within {100 * size_tolerance:g}% of that size ({', '.join(others)}) "
                    f"it is the fastest at batch 1 ({best.latency_ms(1):.3f} ms, timed side by side)")
+        if len(quick) > 1:
+            reason += (f", the most accurate of the {len(quick)} within {100 * latency_tolerance:g}% of the "
+                       "fastest time")
     failed = [c.label for c in candidates if not c.passed]
     if failed:
         reason += f"; rejected by the gate or failed: {', '.join(failed)}"

@@ -13,6 +13,7 @@ A recipe is YAML validated by pydantic; every field has a default, so an empty f
       - pass: fp16
     rescue: {enabled: true, max_float_fraction: 0.5, samples: 64}
     size_tolerance: 0.05          # sizes within 5% of the smallest count as equal; then the fastest wins
+    latency_tolerance: 0.05       # times within 5% of the fastest count as equal; then the most accurate wins
     latency: {batches: [1, 32], warmup: 5, budget_s: 0.5, min_runs: 10, max_runs: 200, threads: 1}
 """
 
@@ -84,6 +85,7 @@ class Recipe(_Frozen):
     candidates: list[CandidateSpec] = Field(default_factory=_default_candidates)
     rescue: RescueSpec = RescueSpec()
     size_tolerance: float = Field(default=0.05, ge=0)
+    latency_tolerance: float = Field(default=0.05, ge=0, description="timings this close count as equal")
     latency: LatencySpec = LatencySpec()
     seed: int = 0
 

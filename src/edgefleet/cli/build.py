@@ -13,10 +13,11 @@ from edgefleet.errors import ConfigError, ModelError
 def build(
     model: Annotated[str | None, typer.Argument(help="ONNX file, or module:function returning (torch model, data)")]
     = None,
-    key: Annotated[Path, typer.Option(help="signing.key")] = Path("signing.key"),
-    out: Annotated[Path, typer.Option(help="bundle file to write")] = Path("model.efb"),
-    name: Annotated[str, typer.Option(help="model name in the bundle")] = "model",
-    version: Annotated[str, typer.Option(help="semantic version, e.g. 1.0.0")] = "0.1.0",
+    *,
+    key: Annotated[Path, typer.Option(help="signing.key")],
+    out: Annotated[Path, typer.Option(help="bundle file to write")],
+    name: Annotated[str, typer.Option(help="model name in the bundle")],
+    version: Annotated[str, typer.Option(help="semantic version, e.g. 1.0.0")],
     data: Annotated[Path | None, typer.Option(help=".npz with calib_x, test_x, test_y (for an ONNX file)")] = None,
     dataset: Annotated[str | None, typer.Option(help="train a default model on a bundled dataset instead: "
                                                 "BasicMotions, ItalyPowerDemand, GunPoint, ACSF1, digits")] = None,

@@ -104,11 +104,11 @@ def rollout(fleet: LocalFleet, endpoint: MqttEndpoint) -> dict[str, Any]:
     try:
         sim.start(timeout_s=300)
         api.deploy("clf@1.0.0", [d.id for d in devices])
-        wait_until(lambda: sim.count(lambda d: d.active == "clf@1.0.0") == AGENTS, 300, "version 1 installed")
+        _progress(sim, "clf@1.0.0", AGENTS, 600)
         started = time.monotonic()
         created = api.create_rollout("clf@2.0.0", waves=["10%", "50%", "100%"], select={"group": "agents"},
                                      window_s=0, gates=["accuracy_drop > 5%"], min_windows=1)
-        wait_until(lambda: api.rollout(created["id"])["phase"] in ("done", "aborted", "paused"), 300,
+        wait_until(lambda: api.rollout(created["id"])["phase"] in ("done", "aborted", "paused"), 600,
                    "the rollout to finish", interval_s=0.1)
         rollout_s = time.monotonic() - started
         status = api.rollout(created["id"])
@@ -118,6 +118,18 @@ def rollout(fleet: LocalFleet, endpoint: MqttEndpoint) -> dict[str, Any]:
                 "rollout_errors": len(sim.errors)}
     finally:
         sim.stop()
+
+
+def _progress(sim: SimFleet, model: str, wanted: int, timeout_s: float) -> None:
+    """Wait (bounded) until ``wanted`` simulated agents run ``model``, logging progress and errors."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        done = sim.count(lambda d: d.active == model)
+        if done >= wanted:
+            return
+        log(f"{done}/{wanted} agents run {model}; {len(sim.errors)} errors {sim.errors[:2]}")
+        time.sleep(5)
+    raise TimeoutError(f"only {sim.count(lambda d: d.active == model)}/{wanted} agents run {model}")
 
 
 # -- 3: ingest -----------------------------------------------------------------------------------------------
@@ -217,8 +229,8 @@ def main() -> None:
         api.push_model(fleet.bundle("1.0.0", 1))
         api.push_model(fleet.bundle("2.0.0", 2))
         result: dict[str, Any] = {}
-        result.update(fanout(fleet, url, endpoint))
         result.update(rollout(fleet, endpoint))
+        result.update(fanout(fleet, url, endpoint))
         c_rate = mosquitto_c(endpoint)
         log(f"mosquitto C clients: {c_rate:.0f} msg/s")
         devices = [f"agent-{i:04d}" for i in range(min(AGENTS, 200))]

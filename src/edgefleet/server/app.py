@@ -212,9 +212,10 @@ def create_app(ctx: ServerContext) -> FastAPI:
     def artifact(digest: str, token: Annotated[str, Depends(bearer)]) -> FileResponse:
         path = ctx.artifacts.path(digest)
         if not hmac.compare_digest(token.encode(), ctx.operator_token.encode()):
-            device = device_for_token(token)
-            assigned = {ctx.store.model_by_id(m) for m in (device.desired_model_id, device.desired_shadow_id) if m}
-            if digest not in {m.sha256 for m in assigned if m is not None}:
+            assigned = ctx.store.assigned_artifacts(sha256_text(token))
+            if assigned is None:
+                raise HTTPException(403, "unknown or revoked device token")
+            if digest not in assigned:
                 raise HTTPException(403, "artifact is not assigned to this device")
         if path is None:
             raise HTTPException(404, "no such artifact")
@@ -224,12 +225,6 @@ def create_app(ctx: ServerContext) -> FastAPI:
         device = ctx.store.get_device(device_id)
         if device is None:
             raise HTTPException(404, f"unknown device {device_id!r}")
-        return device
-
-    def device_for_token(token: str) -> Device:
-        device = ctx.store.device_by_token(sha256_text(token))
-        if device is None or device.revoked:
-            raise HTTPException(403, "unknown or revoked device token")
         return device
 
     def device_json(d: Device, models: dict[int, ModelVersion] | None = None) -> dict[str, Any]:

@@ -17,6 +17,8 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Literal
 
+from sqlalchemy import Row
+
 from edgefleet.core.rollout import (
     DeviceView,
     Observation,
@@ -43,7 +45,7 @@ def model_ref(model: ModelVersion) -> ModelRef:
                     size=model.size, url=f"/api/v1/artifacts/{model.sha256}")
 
 
-def desired_message(device: Device, models: Mapping[int, ModelVersion]) -> DesiredState:
+def desired_message(device: Device | Row[Any], models: Mapping[int, ModelVersion]) -> DesiredState:
     """The desired state of a device; the shadow candidate is included once the message schema has the field."""
     active = models.get(device.desired_model_id) if device.desired_model_id else None
     fields: dict[str, Any] = {"device": device.id, "model": model_ref(active) if active else None}
@@ -208,7 +210,7 @@ class Orchestrator:
             return f"{model.name}@{model.version}" if model else None
 
         views = {}
-        for d in self.store.list_devices():
+        for d in self.store.device_views():
             reported = d.reported or {}
             shadow = reported.get("shadow")
             views[d.id] = DeviceView(d.id, dict(d.tags or {}), d.profile, ref(d.desired_model_id),

@@ -8,7 +8,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import bindparam, create_engine, event, select, update
+from sqlalchemy import Row, bindparam, create_engine, event, select, text, update
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
@@ -43,7 +43,7 @@ class StoreBase:
                 self.engine: Engine = create_engine(url, poolclass=StaticPool) if ":memory:" in url else \
                     create_engine(url)
             else:
-                self.engine = create_engine(url, pool_pre_ping=True, pool_size=5, max_overflow=5)
+                self.engine = create_engine(url, pool_recycle=300, pool_size=8, max_overflow=8)
         except (SQLAlchemyError, ValueError, ImportError) as exc:
             raise ConfigError(f"bad database URL {_redact(url)!r}: {exc}") from exc
         self.dialect = self.engine.dialect.name
@@ -122,6 +122,18 @@ class StoreBase:
         with self.session() as s:
             return s.scalar(select(Device).where(Device.token_sha256 == token_sha256))
 
+    def assigned_artifacts(self, token_sha256: str) -> set[str] | None:
+        """The artifact digests a device token may fetch (its active and shadow models); None for a token of
+        no device, or of a revoked one. One query: this runs for every download."""
+        with self.session() as s:
+            device = s.scalar(select(Device).where(Device.token_sha256 == token_sha256))
+            if device is None or device.revoked:
+                return None
+            ids = [m for m in (device.desired_model_id, device.desired_shadow_id) if m is not None]
+            if not ids:
+                return set()
+            return set(s.scalars(select(ModelVersion.sha256).where(ModelVersion.id.in_(ids))))
+
     def list_devices(self) -> list[Device]:
         with self.session() as s:
             return list(s.scalars(select(Device).order_by(Device.id)))
@@ -131,10 +143,19 @@ class StoreBase:
         with self.session() as s:
             assign_desired(s, device_ids, model_id, shadow=shadow)
 
-    def desired_unpublished(self, limit: int = 10_000) -> list[Device]:
-        """Devices whose desired state changed since it was last published."""
+    def desired_unpublished(self, limit: int = 100_000) -> list[Row[Any]]:
+        """Devices whose desired state changed since it was last published: rows of id, desired_model_id,
+        desired_shadow_id, desired_rev and revoked (plain rows, not ORM objects: this runs every tick)."""
         with self.session() as s:
-            return list(s.scalars(select(Device).where(Device.desired_rev > Device.published_rev).limit(limit)))
+            return list(s.execute(select(Device.id, Device.desired_model_id, Device.desired_shadow_id,
+                                         Device.desired_rev, Device.revoked)
+                                  .where(Device.desired_rev > Device.published_rev).limit(limit)))
+
+    def device_views(self) -> list[Row[Any]]:
+        """Every device's id, tags, profile, desired_model_id, reported and revoked, as plain rows."""
+        with self.session() as s:
+            return list(s.execute(select(Device.id, Device.tags, Device.profile, Device.desired_model_id,
+                                         Device.reported, Device.revoked).order_by(Device.id)))
 
     def mark_published(self, device_id: str, rev: int) -> None:
         self.mark_published_many([(device_id, rev)])
@@ -144,6 +165,12 @@ class StoreBase:
         if not revisions:
             return
         table: Any = Device.__table__
+        if self.dialect == "postgresql":
+            with self.session() as s:
+                s.execute(text("UPDATE devices AS d SET published_rev = v.rev FROM unnest(CAST(:ids AS varchar[]), "
+                               "CAST(:revs AS integer[])) AS v(id, rev) WHERE d.id = v.id AND d.published_rev < v.rev"),
+                          {"ids": [d for d, _ in revisions], "revs": [r for _, r in revisions]})
+            return
         with self.session() as s:
             s.connection().execute(
                 update(table).where(table.c.id == bindparam("device"), table.c.published_rev < bindparam("rev"))
@@ -171,6 +198,13 @@ def assign_desired(s: Session, device_ids: list[str], model_id: int | None, *, s
     """Within a transaction: set the active (or shadow) desired model of each device and bump its revision."""
     column = "desired_shadow_id" if shadow else "desired_model_id"
     ids = sorted(set(device_ids))
+    if ids and s.get_bind().dialect.name == "postgresql":  # one statement, one array parameter
+        changed: Any = s.execute(text(f"UPDATE devices SET {column} = :model, desired_rev = desired_rev + 1 "
+                                      "WHERE id = ANY(CAST(:ids AS varchar[]))"), {"model": model_id, "ids": ids})
+        if changed.rowcount == len(ids):
+            return
+        found = set(s.scalars(select(Device.id).where(Device.id.in_(ids))))
+        raise StoreError(f"unknown device {sorted(set(ids) - found)[0]!r}")
     for i in range(0, len(ids), 500):
         chunk = ids[i:i + 500]
         result: Any = s.execute(update(Device).where(Device.id.in_(chunk))

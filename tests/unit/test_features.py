@@ -150,3 +150,15 @@ def test_missing_values_without_an_imputing_spec_are_refused() -> None:
 def test_specs_the_device_cannot_run_are_refused(bad: dict[str, Any]) -> None:
     with pytest.raises(BundleError):
         WindowSpec.from_manifest(spec(**bad))
+
+
+def test_windows_stay_exact_across_buffer_compactions() -> None:
+    parsed = WindowSpec.from_manifest(spec())
+    windower = StreamWindower(parsed)
+    raw = np.random.default_rng(5).standard_normal((3000, 2)).astype(np.float32)
+    for i, row in enumerate(raw):
+        window = windower.push(row)
+        if window is not None:
+            expected = (raw[i + 1 - WINDOW : i + 1].T - parsed.mean[:, None]) / parsed.std[:, None]
+            np.testing.assert_allclose(window.x[0], expected, rtol=1e-6, atol=1e-6)
+    assert windower._count == 3000

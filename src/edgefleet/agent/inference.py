@@ -27,6 +27,7 @@ import math
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import numpy as np
 
@@ -45,8 +46,7 @@ DEFAULT_HARD_BELOW = 0.6
 AlertDetail = dict[str, str | int | float | None]
 
 
-@dataclass(frozen=True)
-class Outcome:
+class Outcome(NamedTuple):
     """What happened to one window: a prediction (local, or upstream's when it came in time), or a failure."""
 
     predicted: str | None
@@ -61,7 +61,9 @@ class Outcome:
 class PipelineOptions:
     """Agent-side knobs of post-processing and edge filtering."""
 
-    hard_examples: int = 2
+    hard_examples: int = 1
+    """Hard (low-confidence) model inputs sampled per telemetry batch: each costs about its input's size in
+    float16, base64; one per batch keeps a batch near 1.7 KB for the demo's model."""
     hard_example_bytes: int = 4096
     alert_cooldown_s: float = 60.0
     clock: Callable[[], float] = time.monotonic
@@ -116,6 +118,10 @@ class InferencePipeline:
         self.options = options
         self._truth_names = source_labels or (source.labels if source else ()) or tuple(model.manifest.labels)
         self._windower = StreamWindower(model.window)
+        self._shape = (model.window.channels,)
+        self._imputes = model.window.imputes
+        self._window_push = self._windower.push
+        self._labels = list(model.manifest.labels)
         self.thresholds = Thresholds.from_manifest(model.manifest.thresholds,
                                                    escalator.escalate_below if escalator else None)
         self._drift = DriftTracker(model.window.channels,
@@ -141,13 +147,12 @@ class InferencePipeline:
     def push(self, reading: Reading) -> Outcome | None:
         """Feed one reading; returns the outcome when it completed a window."""
         values = reading.values
-        if values.shape != (self.model.window.channels,) or (reading.missing and not self.imputes):
+        missing = reading.missing
+        if values.shape != self._shape or (missing and not self._imputes):
             self.skipped += 1
             return None
-        window = self._windower.push(values, reading.label, reading.missing)
-        if window is None:
-            return None
-        return self._infer(window)
+        window = self._window_push(values, reading.label, missing)
+        return None if window is None else self._infer(window)
 
     def take_alerts(self) -> list[AlertDetail]:
         """The alert events raised since the last call, for ``Agent.event("alert", detail)``."""
@@ -177,8 +182,7 @@ class InferencePipeline:
     # one window ---------------------------------------------------------------------------------
     def _infer(self, window: Window) -> Outcome:
         if window.samples is not None and window.fresh:
-            self._drift.update(window.samples[:, -window.fresh:] if window.fresh < window.samples.shape[1]
-                               else window.samples)
+            self._drift.update_window(window.samples, window.fresh)
         started = time.perf_counter()
         try:
             output = self.model.runner.run(window.x)
@@ -188,20 +192,19 @@ class InferencePipeline:
             return Outcome(None, 0.0, (time.perf_counter() - started) * 1000.0, failed=True)
         latency_ms = (time.perf_counter() - started) * 1000.0
         probs = output[0]
-        if not math.isfinite(float(probs.sum())):
+        best, top, finite = _top(probs)
+        if not finite:
             self.stats.errors += 1
             return Outcome(None, 0.0, latency_ms, failed=True)
         thresholds = self.thresholds
-        labels = self.model.manifest.labels
+        labels = self._labels
         if probs.size == 1:  # an anomaly detector: its output is the score
-            value = float(probs.reshape(-1)[0])
-            anomalous = thresholds.anomaly_score is not None and value >= thresholds.anomaly_score
-            score: float | None = value
+            anomalous = thresholds.anomaly_score is not None and top >= thresholds.anomaly_score
+            score: float | None = top
             predicted, confidence, hard = ("anomaly" if anomalous else "normal"), 1.0, False
         else:
-            best = int(probs.argmax())
             predicted = labels[best] if best < len(labels) else str(best)
-            confidence = float(probs[best])
+            confidence = top
             hard = thresholds.is_hard(confidence, probs)
             score = None
         truth = None
@@ -224,6 +227,8 @@ class InferencePipeline:
 
     def _check_alert(self, window: Window, decision: str, confidence: float, score: float | None) -> str | None:
         thresholds = self.thresholds
+        if not thresholds.class_alerts and thresholds.anomaly_score is None:
+            return None
         reason: str | None = None
         limit: float | None = None
         if thresholds.class_alerts:
@@ -267,3 +272,15 @@ class InferencePipeline:
         best = int(probs.argmax())
         labels = self.shadow.manifest.labels
         self.stats.record_shadow(labels[best] if best < len(labels) else str(best), latency_ms)
+
+
+def _top(scores: np.ndarray) -> tuple[int, float, bool]:
+    """Index and value of the largest score, and whether every score is finite (pure Python for short outputs)."""
+    if scores.size <= 64:
+        values = scores.ravel().tolist()
+        if not math.isfinite(sum(values)):  # a NaN or an infinity anywhere
+            return 0, math.nan, False
+        top = max(values)
+        return values.index(top), top, True
+    best = int(scores.argmax())
+    return best, float(scores.ravel()[best]), bool(np.isfinite(scores).all())

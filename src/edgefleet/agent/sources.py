@@ -7,10 +7,8 @@
     vibration:?rate=2000&fault=outer_race... a synthetic rotating machine with a bearing (agent.sensors.vibration)
     mqtt://HOST:PORT/TOPIC[?qos=1&queue=N]   JSON ``{"values": [...]}`` messages on a topic (agent.sensors.mqtt_source)
 
-A missing value is NaN (JSON ``null`` or ``NaN``, an empty CSV cell). A reading with one is skipped and counted
-unless the source's ``allow_missing`` is set (the inference pipeline sets it when the model's preprocessing
-spec imputes): then it is passed on with ``missing=True`` and infinities turned into NaN. A reading with no
-finite value at all is always skipped and counted.
+A missing value is NaN (JSON null or NaN, an empty CSV cell); a reading with one is skipped and counted unless
+``allow_missing`` is set (by a pipeline whose preprocessing imputes), then passed on with ``missing=True``.
 """
 
 from __future__ import annotations
@@ -58,14 +56,19 @@ class SensorSource(ABC):
         """Yield readings, or None for a record that could not be parsed."""
 
     def readings(self) -> Iterator[Reading]:
-        """Yield every well-formed reading (a 1-D array of finite values; see the module docstring for missing
-        values); count the rest in ``skipped`` and the partially missing ones passed on in ``partial``."""
+        """Yield every well-formed reading (a 1-D array of finite values, or with ``allow_missing`` some NaN, an
+        infinity counting as missing); count the rest in ``skipped`` (a reading with no finite value always) and
+        the partially missing ones passed on in ``partial``."""
+        isfinite = math.isfinite
         for reading in self._raw():
-            if reading is None or reading.values.ndim != 1 or reading.values.size == 0:
+            if reading is None:
                 self.skipped += 1
                 continue
             values = reading.values
-            if math.isfinite(values.dot(values)):  # any NaN or infinity makes the sum of squares non-finite
+            if values.ndim != 1 or not values.size:
+                self.skipped += 1
+                continue
+            if isfinite(values.dot(values)):  # any NaN or infinity makes the sum of squares non-finite
                 yield reading
                 continue
             finite = np.isfinite(values)
@@ -86,8 +89,7 @@ class Pacer:
         if not rate_hz > 0:
             raise ConfigError("a source's rate must be positive")
         self._period = 1.0 / rate_hz if math.isfinite(rate_hz) else 0.0
-        self._clock = clock
-        self._sleep = sleep
+        self._clock, self._sleep = clock, sleep
         self._start: float | None = None
         self._emitted = 0
 

@@ -42,9 +42,13 @@ class WindowStats:
 
     def record(self, predicted: str, confidence: float, latency_ms: float, truth: str | None) -> None:
         self.windows += 1
-        self.classes[predicted] = self.classes.get(predicted, 0) + 1
+        classes = self.classes
+        classes[predicted] = classes.get(predicted, 0) + 1
         self.latency.add(latency_ms)
-        self.confidence[confidence_bin(confidence)] += 1
+        if 0.0 <= confidence < 1.0:  # the common case of confidence_bin, inline: this runs for every window
+            self.confidence[int(confidence * CONFIDENCE_BINS)] += 1
+        else:
+            self.confidence[confidence_bin(confidence)] += 1
         self._last_predicted = predicted
         if truth is not None:
             self.labelled += 1

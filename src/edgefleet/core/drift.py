@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 
 PSI_FLOOR = 1e-4  # fraction given to an empty bin, so ln(o/e) stays finite
+PENDING_BYTES = 1 << 20  # windows kept by reference before their fresh samples are folded in
 DEFAULT_EDGES = (-2.0, -1.0, -0.5, 0.0, 0.5, 1.0, 2.0)
 
 
@@ -38,8 +39,8 @@ class DriftSnapshot:
     psi: float | None = None
 
     def to_json(self) -> dict[str, Any]:
-        return {"n": self.n, "mean_z": [round(v, 4) for v in self.mean_z],
-                "std_ratio": [round(v, 4) for v in self.std_ratio], "score": round(self.score, 4),
+        return {"n": self.n, "mean_z": [round(v, 3) for v in self.mean_z],
+                "std_ratio": [round(v, 3) for v in self.std_ratio], "score": round(self.score, 3),
                 "psi": None if self.psi is None else round(self.psi, 4)}
 
 
@@ -92,9 +93,28 @@ class DriftTracker:
     def reset(self) -> None:
         self.n = 0
         self._used = 0
+        self._pending: list[tuple[np.ndarray, int]] = []
+        self._pending_bytes = 0
         self._sum = np.zeros(self.channels)
         self._sum_sq = np.zeros(self.channels)
         self._bins = None if self.reference is None else np.zeros((self.channels, len(self.reference.edges) + 1))
+
+    def update_window(self, samples: np.ndarray, fresh: int) -> None:
+        """Add the newest ``fresh`` samples of a scaled window [channels, width]; kept by reference and folded in
+        groups, so the per-window cost is a list append."""
+        self._pending.append((samples, fresh))
+        self._pending_bytes += samples.nbytes
+        if self._pending_bytes > PENDING_BYTES:
+            self._fold_pending()
+
+    def _fold_pending(self) -> None:
+        pending, self._pending, self._pending_bytes = self._pending, [], 0
+        groups: dict[tuple[tuple[int, ...], int], list[np.ndarray]] = {}
+        for samples, fresh in pending:
+            groups.setdefault((samples.shape, fresh), []).append(samples)
+        for (shape, fresh), windows in groups.items():
+            newest = np.stack(windows)[:, :, shape[1] - min(fresh, shape[1]):]  # [n, channels, fresh]
+            self.update(newest.transpose(1, 0, 2).reshape(self.channels, -1))
 
     def update(self, z: np.ndarray) -> None:
         """Add scaled samples [channels, k] (the ones not seen in a previous window)."""
@@ -126,6 +146,7 @@ class DriftTracker:
 
     def snapshot(self) -> DriftSnapshot | None:
         """The statistics since the last reset; None when no sample arrived."""
+        self._fold_pending()
         self._fold()
         if self.n == 0:
             return None

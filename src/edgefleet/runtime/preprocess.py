@@ -15,7 +15,7 @@ training mean until one was seen) or the training mean (``mean``), and a window 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -91,8 +91,7 @@ class WindowSpec:
         return self.missing is not None
 
 
-@dataclass(frozen=True)
-class Window:
+class Window(NamedTuple):
     """One model input ``x``, its scaled samples [C, W], its label when every sample carried the same one, the
     number of samples new since the previous window and the number of values filled in."""
 
@@ -103,11 +102,15 @@ class Window:
     imputed: int = 0
 
 
-class StreamWindower:
-    """Buffers samples in a ring and emits a window every ``hop`` samples once ``window`` are buffered.
+COMPACT_EVERY = 1024  # samples written between two moves of the newest window to the buffer's start
 
-    Each sample is written twice (at ``i`` and ``i + window``) so the newest ``window`` samples are always one
-    contiguous slice; scaling happens once per window, not per sample.
+
+class StreamWindower:
+    """Buffers samples and emits a window every ``hop`` samples once ``window`` are buffered.
+
+    Samples are appended to a buffer ``window + COMPACT_EVERY`` rows long, so the newest ``window`` samples are
+    always one contiguous slice; when it is full, the newest ``window - 1`` rows move to its start (one copy per
+    ``COMPACT_EVERY`` samples). Scaling happens once per window, not per sample.
     """
 
     def __init__(self, spec: WindowSpec) -> None:
@@ -116,17 +119,20 @@ class StreamWindower:
         """Windows dropped because too many of their values were missing."""
         self.imputed = 0
         """Values filled in, over the windower's life."""
-        self._ring = np.zeros((2 * spec.window, spec.channels), dtype=np.float32)
+        self._width = spec.window
+        self._hop = spec.hop
+        self._channels = spec.channels
+        self._buffer = np.zeros((spec.window + COMPACT_EVERY, spec.channels), dtype=np.float32)
         self._mean_col = spec.mean.reshape(-1, 1)
         self._std_col = spec.std.reshape(-1, 1)
-        self._filled_per_sample = [0] * spec.window
+        self._imputing = spec.missing is not None
         self._max_filled = int(spec.missing.max_fraction * spec.window * spec.channels) if spec.missing else 0
         self._hold = spec.missing is not None and spec.missing.strategy == "hold"
         self.reset()
 
     def reset(self) -> None:
         """Forget buffered samples (after a gap in the stream)."""
-        self._pos = 0
+        self._end = 0
         self._count = 0
         self._since_emit = 0
         self._run_label: int | None = None
@@ -137,40 +143,47 @@ class StreamWindower:
 
     def push(self, values: np.ndarray, label: int | None = None, missing: bool = False) -> Window | None:
         """Add one sample of ``channels`` values, finite unless ``missing`` (then NaN marks what is missing)."""
-        width = self.spec.window
         filled = 0
         if missing:
             values, filled = self._fill(values)
         elif self._hold:
             self._last = values
-        pos = self._pos
-        ring = self._ring
-        ring[pos] = values
-        ring[pos + width] = values
-        self._pos = pos + 1 if pos + 1 < width else 0
-        if self.spec.missing is not None:
-            self._filled_in_window += filled - self._filled_per_sample[pos]
-            self._filled_per_sample[pos] = filled
-        if label is not None and label == self._run_label:
-            self._run += 1
-        else:
-            self._run_label, self._run = label, 1
-        self._count += 1
-        self._since_emit += 1
-        if self._count < width or self._since_emit < self.spec.hop:
+        end = self._end
+        if end == len(self._buffer):
+            keep = self._width - 1
+            self._buffer[:keep] = self._buffer[end - keep : end]
+            end = keep
+        self._buffer[end] = values
+        self._end = end = end + 1
+        if self._imputing:
+            slot = self._count % self._width
+            self._filled_in_window += filled - self._filled_per_sample[slot]
+            self._filled_per_sample[slot] = filled
+        if label is not None:
+            if label == self._run_label:
+                self._run += 1
+            else:
+                self._run_label, self._run = label, 1
+        elif self._run_label is not None:
+            self._run_label = None
+        count = self._count = self._count + 1
+        since = self._since_emit + 1
+        if since < self._hop or count < self._width:
+            self._since_emit = since
             return None
-        fresh = min(self._since_emit, width)
         self._since_emit = 0
         if self._filled_in_window > self._max_filled:
             self.dropped += 1
             return None
-        scaled = np.subtract(ring[pos + 1 : pos + 1 + width].T, self._mean_col)
+        width = self._width
+        scaled = np.empty((self._channels, width), dtype=np.float32)  # C order: the runtime takes it as it is
+        np.subtract(self._buffer[end - width : end].T, self._mean_col, out=scaled)
         np.divide(scaled, self._std_col, out=scaled)
         x = scaled
         for step in self.spec.features:
             x = step(x)
-        pure = self._run_label if self._run >= width else None
-        return Window(x[np.newaxis], pure, scaled, fresh, self._filled_in_window)
+        return Window(x[np.newaxis], self._run_label if self._run >= width else None, scaled,
+                      since if since < width else width, self._filled_in_window)
 
     def _fill(self, values: np.ndarray) -> tuple[np.ndarray, int]:
         spec = self.spec

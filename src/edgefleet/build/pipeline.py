@@ -275,7 +275,10 @@ def choose(candidates: list[Candidate], max_drop: float, size_tolerance: float,
         if len(quick) > 1:
             reason += (f", the most accurate of the {len(quick)} within {100 * latency_tolerance:g}% of the "
                        "fastest time")
-    failed = [c.label for c in candidates if not c.passed]
+    same = [c.label for c in candidates if (c.error or "").startswith("identical to")]
+    failed = [c.label for c in candidates if not c.passed and c.label not in same]
     if failed:
         reason += f"; rejected by the gate or failed: {', '.join(failed)}"
+    if same:
+        reason += f"; identical to an earlier candidate: {', '.join(same)}"
     return best, reason

@@ -71,7 +71,7 @@ def build(
 
     outcome = BuildSearch(inputs.model, inputs.data, the_recipe, profiles,
                           progress=lambda msg: console.print(f"[dim]{msg}[/dim]", highlight=False)).run()
-    print_table(outcome, Console())
+    print_table(outcome)
     if report is not None:
         write_json(report, report_json(outcome, name=name, version=version))
         plot = plot or report.with_suffix(".png")

@@ -186,6 +186,8 @@ def plot(outcome: BuildOutcome, path: Path) -> None:
         ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _pos: f"{v:g}"))  # type: ignore[no-untyped-call]
         ax.set_xlabel(xlabel)
         ax.set_ylabel("test accuracy (%)")
+        low, high = ax.get_ylim()
+        ax.set_ylim(low, min(high, 100.5))
         ax.grid(True, which="major", alpha=0.3)
         ax.legend(loc="best", fontsize=8)
     key = "   ".join(f"{i}: {c.label}" for i, c in enumerate(cands))

@@ -189,9 +189,12 @@ def loadgen(host: str, port: int, rate: int, total: int, seq_base: int, devices:
     import paho.mqtt.client as mqtt
     from paho.mqtt.enums import CallbackAPIVersion
 
+    window = 2000
+    acked_count = [0]
     client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"loadgen-{os.getpid()}")
-    client.max_inflight_messages_set(5000)
+    client.max_inflight_messages_set(window)
     client.max_queued_messages_set(0)
+    client.on_publish = lambda *_args: acked_count.__setitem__(0, acked_count[0] + 1)
     client.connect(host, port)
     client.loop_start()
     n = len(devices)
@@ -206,6 +209,9 @@ def loadgen(host: str, port: int, rate: int, total: int, seq_base: int, devices:
         delay = due - time.monotonic()
         if delay > 0.002:
             time.sleep(delay)
+        limit = time.monotonic() + 60
+        while i - acked_count[0] >= window and time.monotonic() < limit:  # never queue past the window
+            time.sleep(0.0005)
         infos.append(client.publish(topic, payload, qos=1))
     deadline = time.monotonic() + 120
     for info in infos:

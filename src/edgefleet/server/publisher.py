@@ -14,6 +14,8 @@ from edgefleet.transport import topics
 from edgefleet.transport.messages import DesiredState
 from edgefleet.transport.mqtt_url import MqttEndpoint
 
+_WINDOW = 1000
+
 
 class DesiredPublisher:
     """One MQTT connection that publishes retained desired states and waits until the broker has them."""
@@ -24,7 +26,7 @@ class DesiredPublisher:
         self._client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=client_id, clean_session=True)
         if endpoint.username is not None:
             self._client.username_pw_set(endpoint.username, endpoint.password)
-        self._client.max_inflight_messages_set(1000)
+        self._client.max_inflight_messages_set(_WINDOW)
         self._client.max_queued_messages_set(0)
         self._client.reconnect_delay_set(min_delay=1, max_delay=10)
         self._client.on_connect = self._on_connect
@@ -54,18 +56,20 @@ class DesiredPublisher:
             return
         if not self._connected.wait(min(timeout_s, 10.0)):
             raise TransportError(f"no MQTT connection to {self.endpoint.url}")
-        with self._lock:
-            infos = [self._client.publish(topics.desired(s.device), s.to_bytes(), qos=1, retain=True) for s in states]
         deadline = time.monotonic() + timeout_s
-        for info in infos:
-            if info.rc not in (mqtt.MQTT_ERR_SUCCESS, mqtt.MQTT_ERR_NO_CONN):
-                raise TransportError(f"publish failed: {mqtt.error_string(info.rc)}")
-            try:
-                info.wait_for_publish(max(0.01, deadline - time.monotonic()))
-            except (RuntimeError, ValueError) as exc:
-                raise TransportError(f"desired state not published: {exc}") from exc
-            if not info.is_published():
-                raise TransportError(f"desired states not acknowledged within {timeout_s:g} s")
+        with self._lock:  # in windows no larger than paho's in-flight limit: its queue is costly per ack
+            for start in range(0, len(states), _WINDOW):
+                infos = [self._client.publish(topics.desired(s.device), s.to_bytes(), qos=1, retain=True)
+                         for s in states[start:start + _WINDOW]]
+                for info in infos:
+                    if info.rc not in (mqtt.MQTT_ERR_SUCCESS, mqtt.MQTT_ERR_NO_CONN):
+                        raise TransportError(f"publish failed: {mqtt.error_string(info.rc)}")
+                    try:
+                        info.wait_for_publish(max(0.01, deadline - time.monotonic()))
+                    except (RuntimeError, ValueError) as exc:
+                        raise TransportError(f"desired state not published: {exc}") from exc
+                    if not info.is_published():
+                        raise TransportError(f"desired states not acknowledged within {timeout_s:g} s")
         self.published += len(states)
 
     def _on_connect(self, _c: mqtt.Client, _u: object, _f: object, reason: object, _p: object) -> None:

@@ -71,8 +71,8 @@ class TelemetryStore(StoreBase):
         with self.session() as s:
             found = s.execute(text(
                 "INSERT INTO telemetry (device, seq, ts, model, payload, received) "
-                "SELECT e->>'device', CAST(e->>'seq' AS bigint), CAST(e->>'ts' AS float8), e->>'model', e, :received "
-                "FROM json_array_elements(CAST(:payloads AS json)) AS e "
+                "SELECT e->>'device', CAST(e->>'seq' AS bigint), CAST(e->>'ts' AS float8), e->>'model', "
+                "CAST(e AS json), :received FROM jsonb_array_elements(CAST(:payloads AS jsonb)) AS e "
                 "ON CONFLICT DO NOTHING RETURNING device, seq"),
                 {"payloads": "[" + ",".join(r["payload"] for r in rows) + "]", "received": time.time()})
             new = {(r[0], int(r[1])) for r in found}

@@ -74,3 +74,31 @@ def test_a_less_accurate_model_is_stopped_in_its_first_wave_and_rolled_back(flee
             assert all(e["detail"].get("activated") != "clf@2.0.0" for e in api.events(device))
     human = fleet.cli("rollout", "status", rollout["id"])
     assert human.returncode == 0 and "aborted" in human.stdout and "rollback" in human.stdout
+
+
+def test_a_shadow_candidate_that_disagrees_is_stopped_and_stops_shadowing(fleet: LocalFleet) -> None:
+    api = fleet.api
+    assert api is not None
+    api.push_model(fleet.bundle("1.0.0", 1))
+    api.push_model(fleet.bundle("2.0.0", 2, synthetic.channel_mean_model(bias=[0.0, 0.0, 0.0, 40.0])))
+    devices = DEVICES[:2]
+    for device in devices:
+        fleet.provision(device, tags={"site": "lab"})
+    api.deploy("clf@1.0.0", devices)
+    for i, device in enumerate(devices):
+        fleet.start_agent(device, shard=f"{i}/{len(devices)}", speed=20.0, duration_s=120, telemetry_interval_s=0.5)
+    wait_until(lambda: all(_active(fleet, d) == "clf@1.0.0" for d in devices), 60, "version 1 everywhere")
+
+    rollout = api.create_rollout("clf@2.0.0", mode="shadow", waves=["100%"], select={"site": "lab"}, window_s=3,
+                                 gates=["shadow_disagreement > 20%"], min_windows=5, install_timeout_s=60)
+    assert rollout["decisions"][0]["kind"] == "assign" and api.device(devices[0])["shadow"] == "clf@2.0.0"
+    wait_until(lambda: api.rollout(rollout["id"])["phase"] in ("aborted", "done", "paused"), 90, "the verdict")
+    status = api.rollout(rollout["id"])
+    assert status["phase"] == "aborted", status["reason"]
+    rollback = next(d for d in status["decisions"] if d["kind"] == "rollback")
+    assert rollback["values"]["metrics"]["shadow_disagreement"] > 0.2
+    for device in devices:
+        assert api.device(device)["shadow"] is None and api.device(device)["desired"] == "clf@1.0.0"
+    wait_until(lambda: all((api.device(d)["reported"] or {}).get("shadow") is None for d in devices), 60,
+               "the agents to stop shadowing")
+    assert all(_active(fleet, d) == "clf@1.0.0" for d in devices)  # shadow never touched the active model

@@ -68,10 +68,13 @@ def fanout(fleet: LocalFleet, url: str, endpoint: MqttEndpoint) -> dict[str, Any
     ids = [f"light-{i:05d}" for i in range(LIGHT)]
     bulk_devices(url, ids, {"group": "light"})
     sim = SimFleet(endpoint, [SimDevice(d) for d in ids], connect_concurrency=500)
+    sent_before = telemetry_rows(url)
     try:
         connect_s = sim.start(timeout_s=300)
         log(f"{sim.connected} light clients connected in {connect_s:.1f} s")
-        sim.send_telemetry_all()
+        sim.send_telemetry_all()  # every connection also sends telemetry; let the server take it in first
+        wait_until(lambda: telemetry_rows(url) >= sent_before + sim.connected, 120, "the light clients' telemetry",
+                   interval_s=0.5)
         started = time.monotonic()
         rollout = api.create_rollout("clf@1.0.0", waves=["100%"], select={"group": "light"}, window_s=0,
                                      install_timeout_s=3600)

@@ -70,6 +70,7 @@ class Ingest:
         self._wake: asyncio.Event | None = None
         self._devices: dict[str, bool] = {}
         self._unknown: dict[str, float] = {}
+        self._refreshed = 0.0
 
     # lifecycle --------------------------------------------------------------------------------
     def start(self, timeout_s: float = 15.0) -> None:
@@ -243,6 +244,10 @@ class Ingest:
         now = time.monotonic()
         if now - self._unknown.get(device, -10.0) < 1.0:
             return None
+        if now - self._refreshed > 2.0:  # many new devices at once: one query for all, not one each
+            self.refresh_devices()
+            if device in self._devices:
+                return self._devices[device]
         row = self.store.get_device(device)
         if row is None:
             if len(self._unknown) > 100_000:
@@ -254,7 +259,8 @@ class Ingest:
 
     def refresh_devices(self) -> None:
         """Re-read every device's standing (revocations made through another replica)."""
-        self._devices = {d.id: d.revoked for d in self.store.list_devices()}
+        self._devices = self.store.device_standing()
+        self._refreshed = time.monotonic()
 
     def _count(self, key: str, n: int = 1) -> None:
         if n:

@@ -151,6 +151,11 @@ class StoreBase:
                                          Device.desired_rev, Device.revoked)
                                   .where(Device.desired_rev > Device.published_rev).limit(limit)))
 
+    def device_standing(self) -> dict[str, bool]:
+        """Every device id and whether it is revoked (one light query)."""
+        with self.session() as s:
+            return {d: bool(r) for d, r in s.execute(select(Device.id, Device.revoked))}
+
     def device_views(self) -> list[Row[Any]]:
         """Every device's id, tags, profile, desired_model_id, reported and revoked, as plain rows."""
         with self.session() as s:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import tempfile
@@ -280,4 +281,5 @@ if __name__ == "__main__":
         loadgen(sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5]), int(sys.argv[6]),
                 sys.argv[7].split(","))
     else:
+        signal.signal(signal.SIGTERM, lambda *_a: sys.exit(143))  # so that the finally blocks stop the services
         main()

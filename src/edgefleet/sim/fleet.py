@@ -147,12 +147,7 @@ class SimFleet:
         target = desired.model
         assert target is not None and self._http is not None and self._downloads is not None
         try:
-            async with self._downloads:
-                response = await self._http.get(f"{self.server_url}{target.url}",
-                                                headers={"Authorization": f"Bearer {device.token}"})
-            if response.status_code != 200:
-                raise TransportError(f"download refused: HTTP {response.status_code}")
-            data = response.content
+            data = await self._download(device, target.url)
             if hashlib.sha256(data).hexdigest() != target.sha256:
                 raise TransportError("downloaded bundle does not match the announced SHA-256")
             accepted = await asyncio.get_running_loop().run_in_executor(None, lambda: decide(
@@ -167,6 +162,24 @@ class SimFleet:
         device.activated_at[target.ref] = time.monotonic()
         self.report(device)
         self.send_telemetry(device)
+
+    async def _download(self, device: SimDevice, url: str, attempts: int = 5) -> bytes:
+        """GET the artifact with the device's token; network failures are retried with backoff, like the agent."""
+        assert self._http is not None and self._downloads is not None
+        for attempt in range(attempts):
+            try:
+                async with self._downloads:
+                    response = await self._http.get(f"{self.server_url}{url}",
+                                                    headers={"Authorization": f"Bearer {device.token}"})
+                if response.status_code == 200:
+                    return response.content
+                if response.status_code < 500:
+                    raise TransportError(f"download refused: HTTP {response.status_code}")
+            except httpx.HTTPError as exc:
+                if attempt == attempts - 1:
+                    raise TransportError(f"download failed: {type(exc).__name__} {exc}") from exc
+            await asyncio.sleep(0.5 * 2 ** attempt)
+        raise TransportError(f"download of {url} failed {attempts} times")
 
     def report(self, device: SimDevice) -> None:
         if device.client is not None:

@@ -5,8 +5,6 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Protocol
 
-import httpx
-
 from edgefleet.errors import TransportError
 
 
@@ -26,6 +24,8 @@ class ArtifactFetcher:
 
     def fetch(self, url: str, part_file: Path, max_bytes: int) -> bytes:
         """Download ``url`` (relative to the server) into ``part_file``, resuming what is there; return it all."""
+        import httpx  # only when a download starts: the agent's resident memory stays small
+
         try:
             return self._fetch(url, part_file, max_bytes)
         except httpx.HTTPError as exc:
@@ -34,6 +34,8 @@ class ArtifactFetcher:
             raise TransportError(f"cannot write download {part_file}: {exc.strerror}") from exc
 
     def _fetch(self, url: str, part_file: Path, max_bytes: int) -> bytes:
+        import httpx
+
         part_file.parent.mkdir(parents=True, exist_ok=True)
         have = part_file.stat().st_size if part_file.exists() else 0
         if have >= max_bytes:

@@ -66,7 +66,7 @@ def check(model_path: Path, manifest_path: Path, runs: int = 20) -> float:
     runner = OnnxRuntimeRunner(model_path.read_bytes())
     check_golden(manifest, runner.run)
     spec = WindowSpec.from_manifest(manifest.preprocess)
-    probe = np.zeros((1, spec.channels, spec.window), dtype=np.float32)
+    probe = np.zeros(spec.input_shape, dtype=np.float32)
     output = runner.run(probe)
     labels = manifest.labels
     if output.ndim != 2 or output.shape[0] != 1 or (labels and output.shape[1] != len(labels)):

@@ -17,7 +17,8 @@ class _Message(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     def to_bytes(self) -> bytes:
-        return self.model_dump_json().encode()
+        """Compact JSON: fields with no value (None) are left out; the receiver reads them as absent."""
+        return self.model_dump_json(exclude_none=True).encode()
 
 
 class ModelRef(BaseModel):

@@ -62,6 +62,9 @@ def agent(ctx: typer.Context,
 
     def _stop(_signum: int, _frame: FrameType | None) -> None:
         device.request_stop()
+        close = getattr(stream, "close", None)  # an idle source (MQTT) would otherwise wait for its next reading
+        if callable(close):
+            close()
 
     signal.signal(signal.SIGTERM, _stop)
     signal.signal(signal.SIGINT, _stop)

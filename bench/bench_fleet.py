@@ -182,10 +182,9 @@ def ingest_ladder(url: str, endpoint: MqttEndpoint, devices: list[str], seq_base
 
 
 def best(rows: list[dict[str, Any]]) -> tuple[float, int]:
-    """Highest stored rate among the steps with zero loss that kept up (>= 90% of the offer), and total loss."""
-    kept = [r["stored_per_s"] for r in rows if r["lost"] == 0 and r["stored_per_s"] >= 0.9 * r["offered_per_s"]]
-    clean = [min(r["stored_per_s"], r["offered_per_s"]) for r in rows if r["lost"] == 0]
-    return (max(kept) if kept else (max(clean) if clean else 0.0)), sum(r["lost"] for r in rows)
+    """The highest stored rate among the steps with zero loss, and the total loss over the ladder."""
+    clean = [r["stored_per_s"] for r in rows if r["lost"] == 0]
+    return (max(clean) if clean else 0.0), sum(r["lost"] for r in rows)
 
 
 def loadgen(host: str, port: int, rate: int, total: int, seq_base: int, devices: list[str]) -> None:
@@ -272,8 +271,9 @@ def main() -> None:
                             [[1, r["offered_per_s"], r["stored_per_s"], r["lost"]] for r in one]
                             + [[2, r["offered_per_s"], r["stored_per_s"], r["lost"]] for r in two])
     publish("fleet", result, f"{table}\n\nIngest ladder ({STEP_S:g} s per step, QoS 1 publishes from one paho "
-            f"process, 200-byte telemetry batches):\n\n{ladder}\n\nAll on one 2-core machine: broker, database, "
-            "server(s), load generator and simulated devices share the cores.")
+            f"process, 200-byte telemetry batches; stored/s from the first publish to the last row committed; the "
+            f"ingest figure above is the best zero-loss step):\n\n{ladder}\n\nAll on one 2-core machine: broker, "
+            "database, server(s), load generator and simulated devices share the cores (and other jobs ran beside).")
 
 
 if __name__ == "__main__":

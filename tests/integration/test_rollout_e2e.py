@@ -1,5 +1,6 @@
 """End to end with real processes: a deliberately less accurate model, rolled out through the CLI with an
-accuracy gate, is stopped in its first wave and the device it reached goes back to the previous version."""
+accuracy gate, is stopped in its first wave and the device it reached goes back to the previous version; the
+same model in shadow mode is stopped by its disagreement with the active model."""
 
 from __future__ import annotations
 
@@ -36,8 +37,9 @@ def test_a_less_accurate_model_is_stopped_in_its_first_wave_and_rolled_back(flee
     api = fleet.api
     assert api is not None
     api.push_model(fleet.bundle("1.0.0", 1))
-    # a large bias on one class: the model answers "delta" for everything, right only a quarter of the time
-    api.push_model(fleet.bundle("2.0.0", 2, synthetic.channel_mean_model(bias=[0.0, 0.0, 0.0, 40.0])))
+    # a sign error: the true class gets the lowest score, so the model is wrong on every labelled window
+    # (each agent's shard holds one class, so a biased model would be right on one device: not a fair test)
+    api.push_model(fleet.bundle("2.0.0", 2, synthetic.channel_mean_model(scale=-4.0)))
     for device in DEVICES:
         fleet.provision(device, tags={"site": "lab"})
     api.deploy("clf@1.0.0", DEVICES)
@@ -80,7 +82,7 @@ def test_a_shadow_candidate_that_disagrees_is_stopped_and_stops_shadowing(fleet:
     api = fleet.api
     assert api is not None
     api.push_model(fleet.bundle("1.0.0", 1))
-    api.push_model(fleet.bundle("2.0.0", 2, synthetic.channel_mean_model(bias=[0.0, 0.0, 0.0, 40.0])))
+    api.push_model(fleet.bundle("2.0.0", 2, synthetic.channel_mean_model(scale=-4.0)))
     devices = DEVICES[:2]
     for device in devices:
         fleet.provision(device, tags={"site": "lab"})

@@ -211,15 +211,34 @@ def create_app(ctx: ServerContext) -> FastAPI:
     @app.get("/api/v1/artifacts/{digest}", response_model=None)
     def artifact(digest: str, token: Annotated[str, Depends(bearer)]) -> FileResponse:
         path = ctx.artifacts.path(digest)
-        if not hmac.compare_digest(token.encode(), ctx.operator_token.encode()):
-            assigned = ctx.store.assigned_artifacts(sha256_text(token))
-            if assigned is None:
-                raise HTTPException(403, "unknown or revoked device token")
-            if digest not in assigned:
-                raise HTTPException(403, "artifact is not assigned to this device")
+        authorize_artifact(token, digest)
         if path is None:
             raise HTTPException(404, "no such artifact")
         return FileResponse(path, media_type="application/octet-stream", headers={"ETag": f'"{digest}"'})
+
+    @app.get("/api/v1/artifacts/{digest}/delta/{base}", response_model=None)
+    def artifact_delta(digest: str, base: str, token: Annotated[str, Depends(bearer)]) -> FileResponse:
+        """Only the weights that changed from ``base`` (a bundle the device runs) to ``digest``."""
+        authorize_artifact(token, digest)
+        if ctx.store.model_by_sha(base) is None:
+            raise HTTPException(404, "no such base artifact")
+        try:
+            path = ctx.artifacts.delta(base, digest)
+        except BundleError as exc:
+            raise HTTPException(422, f"no delta between these bundles: {exc}") from exc
+        if path is None:
+            raise HTTPException(404, "no such artifact")
+        return FileResponse(path, media_type="application/octet-stream")
+
+    def authorize_artifact(token: str, digest: str) -> None:
+        """The operator, or a device this artifact is assigned to; anyone else is refused."""
+        if hmac.compare_digest(token.encode(), ctx.operator_token.encode()):
+            return
+        assigned = ctx.store.assigned_artifacts(sha256_text(token))
+        if assigned is None:
+            raise HTTPException(403, "unknown or revoked device token")
+        if digest not in assigned:
+            raise HTTPException(403, "artifact is not assigned to this device")
 
     def known_device(device_id: str) -> Device:
         device = ctx.store.get_device(device_id)

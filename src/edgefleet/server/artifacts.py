@@ -25,6 +25,22 @@ class ArtifactStore:
             atomic_write(path, data)
         return digest
 
+    def delta(self, base: str, target: str) -> Path | None:
+        """A weight-level delta from bundle ``base`` to bundle ``target``, built once and kept beside them.
+
+        When a delta would not pay off (see ``bundle.delta.diff``) the file holds ``target`` whole, which the
+        device's delta path accepts as it is. None when either bundle is unknown.
+        """
+        base_path, target_path = self.path(base), self.path(target)
+        if base_path is None or target_path is None:
+            return None
+        path = self.root / "deltas" / f"{base}-{target}"
+        if not path.is_file():
+            from edgefleet.bundle.delta import diff
+
+            atomic_write(path, diff(base_path.read_bytes(), target_path.read_bytes()).data)
+        return path
+
     def path(self, digest: str) -> Path | None:
         """The file for ``digest``, or None when the digest is malformed or unknown."""
         if not _SHA256.match(digest):

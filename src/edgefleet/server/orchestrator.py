@@ -40,15 +40,24 @@ log = logging.getLogger(__name__)
 Publisher = Callable[[Sequence[DesiredState]], None]
 
 
-def model_ref(model: ModelVersion) -> ModelRef:
-    return ModelRef(name=model.name, version=model.version, release=model.release, sha256=model.sha256,
-                    size=model.size, url=f"/api/v1/artifacts/{model.sha256}")
+def model_ref(model: ModelVersion, base_sha256: str | None = None) -> ModelRef:
+    """Where a device fetches ``model``; with the bundle it runs now (``base_sha256``), a delta is offered too."""
+    ref = ModelRef(name=model.name, version=model.version, release=model.release, sha256=model.sha256,
+                   size=model.size, url=f"/api/v1/artifacts/{model.sha256}")
+    if base_sha256 and base_sha256 != model.sha256:
+        ref = ref.model_copy(update={"delta_url": f"/api/v1/artifacts/{model.sha256}/delta/{base_sha256}",
+                                     "delta_base_sha256": base_sha256})
+    return ref
 
 
 def desired_message(device: Device | Row[Any], models: Mapping[int, ModelVersion]) -> DesiredState:
     """The desired state of a device; the shadow candidate is included once the message schema has the field."""
     active = models.get(device.desired_model_id) if device.desired_model_id else None
-    fields: dict[str, Any] = {"device": device.id, "model": model_ref(active) if active else None}
+    reported = getattr(device, "reported", None) or {}
+    running = reported.get("active_sha256") if isinstance(reported, dict) else None
+    known = {m.sha256 for m in models.values()}
+    base = running if running in known else None
+    fields: dict[str, Any] = {"device": device.id, "model": model_ref(active, base) if active else None}
     if "shadow" in DesiredState.model_fields:
         shadow = models.get(device.desired_shadow_id) if device.desired_shadow_id else None
         fields["shadow"] = model_ref(shadow) if shadow else None

@@ -145,10 +145,11 @@ class StoreBase:
 
     def desired_unpublished(self, limit: int = 100_000) -> list[Row[Any]]:
         """Devices whose desired state changed since it was last published: rows of id, desired_model_id,
-        desired_shadow_id, desired_rev and revoked (plain rows, not ORM objects: this runs every tick)."""
+        desired_shadow_id, desired_rev, revoked and reported (the bundle it runs, for deltas); plain rows,
+        not ORM objects: this runs every tick."""
         with self.session() as s:
             return list(s.execute(select(Device.id, Device.desired_model_id, Device.desired_shadow_id,
-                                         Device.desired_rev, Device.revoked)
+                                         Device.desired_rev, Device.revoked, Device.reported)
                                   .where(Device.desired_rev > Device.published_rev).limit(limit)))
 
     def device_standing(self) -> dict[str, bool]:

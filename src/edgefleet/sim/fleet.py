@@ -198,7 +198,8 @@ class SimFleet:
                                windows=windows, labelled=windows, correct=correct, latency_ms={"150": windows},
                                confidence=confidence)
         device.seq += 1
-        device.client.publish(topics.telemetry(device.id), batch.to_bytes(), qos=1)
+        # model_dump_json, not to_bytes: to_bytes leaves out None, and TelemetryBatch requires "model" (even None)
+        device.client.publish(topics.telemetry(device.id), batch.model_dump_json().encode(), qos=1)
 
     def send_telemetry_all(self) -> None:
         """Every connected device sends one batch (called from any thread)."""

@@ -97,7 +97,7 @@ class TelemetryBatch(_Message):
     device: str
     seq: int = Field(ge=0)
     ts: float
-    model: str | None
+    model: str | None = None
     windows: int = Field(ge=0)
     labelled: int = Field(ge=0, default=0)
     correct: int = Field(ge=0, default=0)

@@ -341,7 +341,7 @@ class CohortStats:
         return sum(n * (i + 0.5) * width for i, n in enumerate(self.confidence)) / total
 
     def to_json(self) -> dict[str, Any]:
-        return {"devices": self.devices, "windows": self.windows, "labelled": self.labelled,
+        return {"devices": self.devices, "windows": self.windows, "labelled": self.labelled, "correct": self.correct,
                 "accuracy": self.accuracy, "errors": self.errors, "latency_p95_ms": self.latency.quantile(0.95),
                 "mean_confidence": self.mean_confidence, "escalations": self.escalations,
                 "shadow_windows": self.shadow_windows, "shadow_agree": self.shadow_agree}

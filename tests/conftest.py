@@ -13,6 +13,7 @@ import pytest
 
 from edgefleet.errors import ConfigError
 from edgefleet.server.broker import EmbeddedBroker
+from edgefleet.testing.fleet import LocalFleet
 from edgefleet.testing.mosquitto import Mosquitto, find_mosquitto
 from edgefleet.transport.mqtt_url import MqttEndpoint
 
@@ -81,3 +82,17 @@ def postgres_url(postgres_cluster: object) -> Iterator[str]:
     url = create_database(postgres_cluster)
     yield url
     drop_database(url.rsplit("/", 1)[1])
+
+
+# --- local fleets -------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def fleet(tmp_path: Path) -> Iterator[LocalFleet]:
+    """A real `edgefleet server` (embedded broker, SQLite) for agents to be started against; stopped after."""
+    local = LocalFleet(tmp_path)
+    try:
+        local.start_server()
+        yield local
+    finally:
+        local.close()

@@ -3,9 +3,6 @@ reports running, the agent rebuilds and verifies the new bundle from it, and onl
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from pathlib import Path
-
 import pytest
 
 from edgefleet.processes import wait_until
@@ -13,16 +10,6 @@ from edgefleet.testing import synthetic
 from edgefleet.testing.fleet import LocalFleet
 
 pytestmark = pytest.mark.integration
-
-
-@pytest.fixture
-def fleet(tmp_path: Path) -> Iterator[LocalFleet]:
-    local = LocalFleet(tmp_path)
-    try:
-        local.start_server()
-        yield local
-    finally:
-        local.close()
 
 
 def test_a_fine_tuned_model_arrives_as_a_delta(fleet: LocalFleet) -> None:

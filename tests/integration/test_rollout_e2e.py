@@ -5,8 +5,6 @@ same model in shadow mode is stopped by its disagreement with the active model."
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 
@@ -16,16 +14,6 @@ from edgefleet.testing.fleet import LocalFleet
 
 pytestmark = pytest.mark.integration
 DEVICES = [f"dev-{i}" for i in range(4)]
-
-
-@pytest.fixture
-def fleet(tmp_path: Path) -> Iterator[LocalFleet]:
-    local = LocalFleet(tmp_path)
-    try:
-        local.start_server()
-        yield local
-    finally:
-        local.close()
 
 
 def _active(fleet: LocalFleet, device: str) -> str | None:

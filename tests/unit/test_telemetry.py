@@ -6,8 +6,6 @@ import numpy as np
 import pytest
 
 from edgefleet.core.telemetry import CONFIDENCE_BINS, LatencyHistogram, confidence_bin
-from edgefleet.server.aggregate import sequence_gaps, summarize
-from edgefleet.transport.messages import TelemetryBatch
 
 
 def test_quantiles_are_within_resolution_of_numpy() -> None:
@@ -45,14 +43,3 @@ def test_confidence_bins_cover_zero_to_one() -> None:
     assert confidence_bin(0.0) == 0
     assert confidence_bin(1.0) == CONFIDENCE_BINS - 1
     assert confidence_bin(float("nan")) == 0
-
-
-def test_summaries_add_batches_per_model_and_count_gaps() -> None:
-    def batch(seq: int, model: str, correct: int) -> TelemetryBatch:
-        return TelemetryBatch(device="d", seq=seq, ts=0.0, model=model, windows=10, labelled=10,
-                              correct=correct, classes={"a": 10}, latency_ms={"100": 10})
-
-    summaries = summarize([batch(0, "m@1", 9), batch(1, "m@1", 7), batch(3, "m@2", 10)])
-    assert summaries["m@1"].windows == 20 and summaries["m@1"].accuracy == pytest.approx(0.8)
-    assert summaries["m@2"].accuracy == 1.0
-    assert sequence_gaps([0, 1, 3]) == 1 and sequence_gaps([]) == 0

@@ -188,7 +188,7 @@ def _levels_side_by_side(models: list[tuple[bytes, str]], xs: list[np.ndarray], 
                          runs: int = 15) -> list[LatencyStats]:
     import onnxruntime as ort
 
-    from edgefleet.build.latency import batch_of
+    from edgefleet.build.latency import batch_of, time_interleaved
 
     sessions = []
     for model, level in models:
@@ -198,17 +198,7 @@ def _levels_side_by_side(models: list[tuple[bytes, str]], xs: list[np.ndarray], 
                                             else ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED)
         sessions.append(ort.InferenceSession(model, options, providers=["CPUExecutionProvider"]))
     feeds = [{"x": batch_of(x, 1)} for x in xs]
-    samples: list[list[float]] = [[] for _ in sessions]
-    for s, feed in zip(sessions, feeds, strict=True):
-        s.run(None, feed)
-    for _ in range(rounds):
-        for i, (s, feed) in enumerate(zip(sessions, feeds, strict=True)):
-            for _ in range(runs):
-                start = time.perf_counter()
-                s.run(None, feed)
-                samples[i].append((time.perf_counter() - start) * 1e3)
-    return [LatencyStats(1, float(np.median(t)), float(np.percentile(t, 10)), float(np.percentile(t, 90)), len(t))
-            for t in samples]
+    return time_interleaved(sessions, feeds, 1, rounds=rounds, runs=runs)
 
 
 def targets(rows: list[dict[str, Any]]) -> list[str]:

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -73,7 +75,13 @@ def compare_latency(
     """
     sessions = [open_session(m, threads=threads) for m in models]
     feeds = [{s.get_inputs()[0].name: batch_of(x, batch)} for s in sessions]
-    samples: list[list[float]] = [[] for _ in models]
+    return time_interleaved(sessions, feeds, batch, rounds=rounds, runs=runs)
+
+
+def time_interleaved(sessions: Sequence[Any], feeds: Sequence[dict[str, np.ndarray]], batch: int, *,
+                     rounds: int = 7, runs: int = 15) -> list[LatencyStats]:
+    """Time already-open sessions, one feed each, in interleaved rounds (see :func:`compare_latency`)."""
+    samples: list[list[float]] = [[] for _ in sessions]
     try:
         for s, feed in zip(sessions, feeds, strict=True):
             s.run(None, feed)

@@ -145,7 +145,8 @@ def test_kill_9_at_each_update_step_leaves_a_runnable_model_and_resumes(
     assert rig.state().get("active") in ("clf@1.0.0", "clf@2.0.0")
 
     resumed = rig.start()
-    wait_until(lambda: rig.state().get("active") == "clf@2.0.0", 30, "the update to complete after restart")
+    wait_until(lambda: rig.state().get("active") == "clf@2.0.0" and rig.state().get("update_state") == "idle", 30,
+               "the update to complete after restart")
     state = rig.state()
     assert state.get("candidate") is None and state.get("update_state") == "idle"
     assert state.get("previous") == "clf@1.0.0"

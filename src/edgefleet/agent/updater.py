@@ -81,6 +81,8 @@ class Updater:
         active = self._state.slot("active")
         if target is None or (active is not None and active.sha256 == target.sha256):
             self._state.put(PENDING_KEY, None)
+            if self._state.get(STEP_KEY, "idle") != "idle":  # killed after activating, before saying so
+                self._step("idle")
         elif target.sha256 in self._state.get(FAILED_KEY, []):
             self._state.put(PENDING_KEY, None)
             self._step("idle", error=f"{target.ref} was rolled back on this device; not installing it again",

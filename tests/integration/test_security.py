@@ -1,9 +1,11 @@
 """Per-device MQTT credentials with real clients, on Mosquitto (password + ACL files, reloaded on SIGHUP)
 and on the embedded amqtt broker (the same files through our plugins): a device reaches only its own topics,
-a wrong or revoked login is refused, and the server's own user sees everything."""
+a wrong or revoked login is refused, a device revoked while connected is cut off (it can neither publish nor
+receive any more), and the server's own user sees everything."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import shutil
 import subprocess
@@ -12,13 +14,23 @@ import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import IO
 
 import paho.mqtt.client as mqtt
 import pytest
+from amqtt.contexts import Action, BaseContext
+from amqtt.session import Session
 from paho.mqtt.enums import CallbackAPIVersion
 
 from edgefleet.server.broker import EmbeddedBroker
-from edgefleet.server.broker_auth import SERVER_USER, BrokerAccess, allowed, hash_password, verify_password
+from edgefleet.server.broker_auth import (
+    SERVER_USER,
+    BrokerAccess,
+    DeviceTopicAcl,
+    allowed,
+    hash_password,
+    verify_password,
+)
 from edgefleet.server.mosquitto_secure import SecureMosquitto
 
 pytestmark = pytest.mark.integration
@@ -75,6 +87,7 @@ class Peer:
         self.received: list[tuple[str, bytes]] = []
         self.connack: list[bool] = []
         self.subacks: list[list[bool]] = []
+        self.disconnects = 0
         self._cond = threading.Condition()
         self.client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"{user or 'anon'}-{uuid.uuid4().hex[:6]}")
         if user is not None:
@@ -82,6 +95,7 @@ class Peer:
         self.client.on_connect = self._on_connect
         self.client.on_message = self._on_message
         self.client.on_subscribe = self._on_subscribe
+        self.client.on_disconnect = self._on_disconnect
         self.client.connect(broker.host, broker.port, keepalive=10)
         self.client.loop_start()
 
@@ -98,6 +112,11 @@ class Peer:
     def _on_subscribe(self, _c: mqtt.Client, _u: object, _mid: int, codes: list[object], _p: object) -> None:
         with self._cond:
             self.subacks.append([not getattr(c, "is_failure", False) for c in codes])
+            self._cond.notify_all()
+
+    def _on_disconnect(self, _c: mqtt.Client, _u: object, _f: object, _rc: object, _p: object) -> None:
+        with self._cond:
+            self.disconnects += 1
             self._cond.notify_all()
 
     def wait(self, predicate: object, what: str) -> None:
@@ -192,6 +211,110 @@ def test_a_revoked_device_is_refused_after_the_broker_reloads(broker: SecuredBro
     still = Peer(broker, "dev-a", PASSWORDS["dev-a"])
     assert still.connected()
     still.close()
+
+
+def _fence(server: Peer, a: Peer, b_telemetry: bytes, b_desired: bytes) -> None:
+    """Offer dev-b a message each way, then wait until dev-a's messages, sent after them, have gone through."""
+    server.publish("ef/v1/dev-b/desired", b_desired)
+    a.publish("ef/v1/dev-a/telemetry", b"fence")
+    server.publish("ef/v1/dev-a/desired", b"fence")
+    server.wait(lambda: (("ef/v1/dev-a/telemetry", b"fence") in server.received), "dev-a's telemetry")
+    a.wait(lambda: (("ef/v1/dev-a/desired", b"fence") in a.received), "dev-a's desired state")
+    assert all(p != b_telemetry for _t, p in server.received)
+
+
+def test_a_device_revoked_while_connected_can_no_longer_publish_or_receive(
+        broker: SecuredBroker, peers: dict[str, Peer]) -> None:
+    server, a, b = peers["server"], peers["dev-a"], peers["dev-b"]
+    assert server.subscribe("ef/v1/+/telemetry")
+    assert a.subscribe("ef/v1/dev-a/desired") and b.subscribe("ef/v1/dev-b/desired")
+    b.publish("ef/v1/dev-b/telemetry", b"before")
+    server.publish("ef/v1/dev-b/desired", b"desired-before")
+    server.wait(lambda: ("ef/v1/dev-b/telemetry", b"before") in server.received, "telemetry before revocation")
+    b.wait(lambda: ("ef/v1/dev-b/desired", b"desired-before") in b.received, "desired state before revocation")
+
+    broker.provision(revoked=("dev-b",))
+    b.wait(lambda: b.disconnects > 0, "the broker to close the revoked device's connection")
+    b.client.publish("ef/v1/dev-b/telemetry", b"after", qos=1)  # paho queues it; a reconnect is refused
+    _fence(server, a, b"after", b"desired-after")
+    assert ("ef/v1/dev-b/desired", b"desired-after") not in b.received
+    assert not any(b.connack[1:]), "the revoked device logged in again"
+    assert a.disconnects == 0 and server.disconnects == 0
+
+
+class _Lines:
+    """The lines a child process writes to a pipe, collected on a thread."""
+
+    def __init__(self, stream: IO[str]) -> None:
+        self.lines: list[str] = []
+        self._cond = threading.Condition()
+        threading.Thread(target=self._read, args=(stream,), daemon=True).start()
+
+    def _read(self, stream: IO[str]) -> None:
+        for line in stream:
+            with self._cond:
+                self.lines.append(line.rstrip("\n"))
+                self._cond.notify_all()
+
+    def wait_for(self, text: str) -> None:
+        with self._cond:
+            assert self._cond.wait_for(lambda: any(text in line for line in self.lines), WAIT_S), \
+                f"no line with {text!r} in {self.lines}"
+
+
+def test_c_clients_of_a_device_revoked_while_connected_are_cut_off(broker: SecuredBroker,
+                                                                   peers: dict[str, Peer]) -> None:
+    if shutil.which("mosquitto_sub") is None or shutil.which("mosquitto_pub") is None:
+        pytest.skip("needs mosquitto-clients")
+    server, a = peers["server"], peers["dev-a"]
+    assert server.subscribe("ef/v1/+/telemetry") and a.subscribe("ef/v1/dev-a/desired")
+    server.publish("ef/v1/dev-b/desired", b"desired-before", retain=True)
+    login = ["-h", broker.host, "-p", str(broker.port), "-q", "1", "-u", "dev-b", "-P", PASSWORDS["dev-b"]]
+    sub = subprocess.Popen(["mosquitto_sub", *login, "-t", "ef/v1/dev-b/desired"], stdout=subprocess.PIPE,
+                           stderr=subprocess.PIPE, text=True)
+    pub = subprocess.Popen(["mosquitto_pub", *login, "-t", "ef/v1/dev-b/telemetry", "-l"], stdin=subprocess.PIPE,
+                           stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        assert sub.stdout is not None and sub.stderr is not None and pub.stdin is not None and pub.stderr is not None
+        received, sub_errors, pub_errors = _Lines(sub.stdout), _Lines(sub.stderr), _Lines(pub.stderr)
+        received.wait_for("desired-before")
+        pub.stdin.write("before\n")
+        pub.stdin.flush()
+        server.wait(lambda: ("ef/v1/dev-b/telemetry", b"before") in server.received, "telemetry before revocation")
+
+        broker.provision(revoked=("dev-b",))
+        sub.wait(timeout=30)  # cut off; its reconnect is refused and mosquitto_sub gives up
+        sub_errors.wait_for("not authorised")
+        pub_errors.wait_for("not authorised")  # mosquitto_pub -l keeps trying to reconnect, refused each time
+        with contextlib.suppress(BrokenPipeError):
+            pub.stdin.write("after\n")
+            pub.stdin.flush()
+        _fence(server, a, b"after", b"desired-after")
+        assert sub.returncode != 0 and received.lines == ["desired-before"]
+    finally:
+        for process in (sub, pub):
+            if process.poll() is None:
+                process.kill()
+            process.wait(timeout=10)
+
+
+def test_the_embedded_acl_refuses_a_user_no_longer_in_the_password_file(tmp_path: Path) -> None:
+    access = BrokerAccess(tmp_path / "auth", SERVER_PASSWORD)
+    access.sync((d, HASHES[d], False) for d in PASSWORDS)
+    context = BaseContext()
+    context.config = DeviceTopicAcl.Config(password_file=str(access.passwd_path))
+    acl = DeviceTopicAcl(context)
+    session = Session()
+    session.username = "dev-b"
+
+    def may(action: Action, topic: str) -> bool | None:
+        return asyncio.run(acl.topic_filtering(session=session, topic=topic, action=action))
+
+    assert may(Action.PUBLISH, "ef/v1/dev-b/telemetry") and may(Action.RECEIVE, "ef/v1/dev-b/desired")
+    access.sync((d, HASHES[d], d == "dev-b") for d in PASSWORDS)  # revoked: the same session may do nothing
+    assert not may(Action.PUBLISH, "ef/v1/dev-b/telemetry") and not may(Action.RECEIVE, "ef/v1/dev-b/desired")
+    session.username = "dev-a"
+    assert may(Action.PUBLISH, "ef/v1/dev-a/telemetry")
 
 
 def test_mosquitto_c_clients_obey_the_same_rules(broker: SecuredBroker) -> None:

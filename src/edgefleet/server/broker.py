@@ -35,7 +35,7 @@ def broker_config(host: str, port: int, password_file: Path | None = None) -> di
     plugins: dict[str, Any] = {"amqtt.plugins.authentication.AnonymousAuthPlugin": {"allow_anonymous": True}}
     if password_file is not None:
         plugins = {"edgefleet.server.broker_auth.PasswordFileAuth": {"password_file": str(password_file)},
-                   "edgefleet.server.broker_auth.DeviceTopicAcl": {}}
+                   "edgefleet.server.broker_auth.DeviceTopicAcl": {"password_file": str(password_file)}}
     return {"listeners": {"default": {"type": "tcp", "bind": f"{host}:{port}"}}, "plugins": plugins}
 
 

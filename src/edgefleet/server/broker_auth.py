@@ -4,7 +4,12 @@ One password file in Mosquitto's ``$7$`` format (PBKDF2-SHA512, as ``mosquitto_p
 rule: a device may subscribe to (and receive) only ``ef/v1/<its id>/desired`` and publish only to its own
 ``reported``, ``telemetry`` and ``events``; the server's own user may do anything. The server writes the
 files from the store (:class:`BrokerAccess`); Mosquitto re-reads them on SIGHUP (its ``pid_file``), the
-embedded broker's :class:`PasswordFileAuth` plugin whenever the file changes.
+embedded broker's plugins whenever the file changes (:class:`PasswordFile`).
+
+Revocation also takes effect on a connection opened before it: on reload Mosquitto 2 re-checks every connected
+client against the new password file and disconnects the ones no longer in it; in the embedded broker
+:class:`DeviceTopicAcl` refuses such a user every publish and delivery, and the broker process closes its
+connection (:mod:`edgefleet.server.broker_process`). Either way the client's reconnect is refused.
 """
 
 from __future__ import annotations
@@ -138,6 +143,51 @@ class BrokerAccess:
 
 
 # -- amqtt plugins (loaded by the embedded broker's child process) -------------------------------------------
+class PasswordFile:
+    """The users of a Mosquitto password file, re-read whenever the file changes (mtime, size or inode)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.generation = 0
+        """Bumped on every reload, so that watchers can tell that the users changed."""
+        self._stamp: tuple[int, int, int] | None = None
+        self._users: dict[str, str] = {}
+
+    def users(self) -> dict[str, str]:
+        """user -> encoded password, as the file says now (no users if it is missing)."""
+        try:
+            stat = self.path.stat()
+            stamp: tuple[int, int, int] | None = (stat.st_mtime_ns, stat.st_size, stat.st_ino)
+        except OSError:
+            stamp = None
+        if stamp == self._stamp and self.generation:
+            return self._users
+        users = {}
+        if stamp is not None:
+            try:
+                text = self.path.read_text(encoding="utf-8")
+            except OSError:
+                text = ""
+            for line in text.splitlines():
+                user, sep, encoded = line.strip().partition(":")
+                if sep and user and not user.startswith("#"):
+                    users[user] = encoded
+        self._users, self._stamp = users, stamp
+        self.generation += 1
+        return users
+
+
+_PASSWORD_FILES: dict[Path, PasswordFile] = {}
+
+
+def password_file(path: str | Path) -> PasswordFile:
+    """One :class:`PasswordFile` per path in this process, shared by the plugins and the revocation watcher."""
+    key = Path(path)
+    if key not in _PASSWORD_FILES:
+        _PASSWORD_FILES[key] = PasswordFile(key)
+    return _PASSWORD_FILES[key]
+
+
 class PasswordFileAuth(BaseAuthPlugin):  # type: ignore[misc]
     """Authenticate against the shared password file, re-read whenever it changes."""
 
@@ -147,30 +197,11 @@ class PasswordFileAuth(BaseAuthPlugin):  # type: ignore[misc]
 
     def __init__(self, context: BaseContext) -> None:
         super().__init__(context)
-        self._path = Path(self._get_config_option("password_file", ""))
-        self._stamp: tuple[float, int] | None = None
-        self._users: dict[str, str] = {}
-
-    def _load(self) -> None:
-        try:
-            stat = self._path.stat()
-        except OSError:
-            self._users = {}
-            return
-        stamp = (stat.st_mtime, stat.st_size)
-        if stamp == self._stamp:
-            return
-        users = {}
-        for line in self._path.read_text(encoding="utf-8").splitlines():
-            user, sep, encoded = line.strip().partition(":")
-            if sep and user and not user.startswith("#"):
-                users[user] = encoded
-        self._users, self._stamp = users, stamp
+        self._file = password_file(self._get_config_option("password_file", ""))
 
     async def authenticate(self, *, session: Session) -> bool | None:
-        self._load()
         user, password = session.username, session.password
-        encoded = self._users.get(user or "")
+        encoded = self._file.users().get(user or "")
         ok = encoded is not None and password is not None and verify_password(str(password), encoded)
         if not ok:
             log.info("MQTT login refused for %r", user)
@@ -178,15 +209,28 @@ class PasswordFileAuth(BaseAuthPlugin):  # type: ignore[misc]
 
 
 class DeviceTopicAcl(BaseTopicPlugin):  # type: ignore[misc]
-    """Each device only on its own topics; the server's user everywhere (see :func:`allowed`)."""
+    """Each device only on its own topics; the server's user everywhere (see :func:`allowed`).
+
+    With ``password_file``, a user no longer in the file (a revoked device) may do nothing, on a connection
+    opened before the revocation too: its publishes are dropped and nothing is delivered to it.
+    """
 
     @dataclass
     class Config:
         server_user: str = SERVER_USER
+        password_file: str = ""
+
+    def __init__(self, context: BaseContext) -> None:
+        super().__init__(context)
+        path = self._get_config_option("password_file", "")
+        self._file = password_file(path) if path else None
 
     async def topic_filtering(self, *, session: Session | None = None, topic: str | None = None,
                               action: Action | None = None) -> bool | None:
         if session is None or topic is None or action is None:
             return False
+        if self._file is not None and (session.username or "") not in self._file.users():
+            return False
         server_user = self._get_config_option("server_user", SERVER_USER)
         return allowed(session.username, topic, str(action.value), server_user)
+

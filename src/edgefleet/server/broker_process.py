@@ -4,7 +4,8 @@ Started by :class:`edgefleet.server.broker.EmbeddedBroker`, which keeps the brok
 runs MQTT clients. Once its listeners are bound it writes its pid to ``CONFIG`` with the suffix ``.ready``
 (:func:`ready_path`). Exits 0 on SIGTERM or SIGINT, 2 on a bad configuration, 6 if the broker cannot start
 (e.g. the port is taken), and on its own if the parent process goes away (so a killed test run leaves no
-broker behind).
+broker behind). With a password file (:mod:`edgefleet.server.broker_auth`), each time the file changes the
+connections of users no longer in it (revoked devices) are closed.
 """
 
 from __future__ import annotations
@@ -24,10 +25,13 @@ from amqtt.errors import BrokerError
 from amqtt.session import Session
 
 from edgefleet.server.broker import ready_path
+from edgefleet.server.broker_auth import PasswordFile, password_file
 
 logger = logging.getLogger("edgefleet.broker")
 
 _PARENT_POLL_S = 1.0
+_REVOCATION_POLL_S = 0.25
+AUTH_PLUGIN = "edgefleet.server.broker_auth.PasswordFileAuth"
 
 
 def load_config(path: Path) -> dict[str, Any]:
@@ -65,12 +69,16 @@ async def serve(config: dict[str, Any], ready_file: Path | None = None) -> None:
     broker = ScopedRetainBroker(config)
     await broker.start()
     logger.info("broker started: %s", {k: v.get("bind") for k, v in config.get("listeners", {}).items()})
+    path = _password_file_path(config)
+    revocations = asyncio.create_task(_close_revoked(broker, password_file(path))) if path else None
     if ready_file is not None:
         _write_atomically(ready_file, f"{os.getpid()}\n")
     try:
         await stop.wait()
     finally:
         watchdog.cancel()
+        if revocations is not None:
+            revocations.cancel()
         if ready_file is not None:
             ready_file.unlink(missing_ok=True)
         logger.info("broker stopping")
@@ -84,6 +92,31 @@ async def _watch_parent(stop: asyncio.Event, parent_pid: int) -> None:
         await asyncio.sleep(_PARENT_POLL_S)
     logger.warning("parent process %d is gone; shutting down", parent_pid)
     stop.set()
+
+
+def _password_file_path(config: dict[str, Any]) -> Path | None:
+    options = (config.get("plugins") or {}).get(AUTH_PLUGIN)
+    path = options.get("password_file") if isinstance(options, dict) else None
+    return Path(path) if path else None
+
+
+async def _close_revoked(broker: Broker, users_file: PasswordFile) -> None:
+    """Whenever the password file changes, close every connection whose user is no longer in it.
+
+    The ACL plugin already refuses such a user every publish and delivery; this also cuts the connection, and
+    the client's reconnect is refused by the authentication plugin.
+    """
+    seen = -1
+    while True:
+        users = users_file.users()
+        if users_file.generation != seen:
+            seen = users_file.generation
+            for client_id, (session, handler) in list(broker.sessions.items()):
+                if session.transitions.state == "connected" and (session.username or "") not in users:
+                    logger.info("closing the connection of %r (client %s): no longer authorised",
+                                session.username, client_id)
+                    await handler.handle_connection_closed()
+        await asyncio.sleep(_REVOCATION_POLL_S)
 
 
 def _write_atomically(path: Path, text: str) -> None:

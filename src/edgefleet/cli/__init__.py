@@ -23,13 +23,40 @@ def server(data_dir: Annotated[Path, typer.Option(help="state, artifacts and the
            host: Annotated[str, typer.Option(help="address to bind")] = "127.0.0.1",
            mqtt_url: Annotated[str | None, typer.Option(help="external broker; default: embedded")] = None,
            db_url: Annotated[str | None, typer.Option(help="SQLAlchemy URL; default: SQLite in DATA_DIR")] = None,
-           trusted_key: Annotated[list[Path] | None, typer.Option(help="signing.pub to trust")] = None) -> None:
-    """Run the control plane: REST API, MQTT ingest, and (by default) an embedded broker."""
+           trusted_key: Annotated[list[Path] | None, typer.Option(help="signing.pub to trust")] = None,
+           replica: Annotated[str, typer.Option(
+               envvar="EDGEFLEET_REPLICA", help="stable name of this replica (its MQTT client ids)")] = "server",
+           operator_token: Annotated[str | None, typer.Option(
+               envvar="EDGEFLEET_OPERATOR_TOKEN", show_default=False,
+               help="operator API token (prefer the variable: flags show in `ps`); default: DATA_DIR/operator.token, "
+                    "created if missing")] = None,
+           artifact_dir: Annotated[Path | None, typer.Option(
+               envvar="EDGEFLEET_ARTIFACT_DIR", help="artifact store, shared by replicas; default: DATA_DIR/artifacts")
+           ] = None,
+           broker_auth_dir: Annotated[Path | None, typer.Option(
+               envvar="EDGEFLEET_BROKER_AUTH_DIR",
+               help="with --mqtt-url: where Mosquitto reads the password/ACL files this server writes (and its pid "
+                    "file, to reload them)")] = None,
+           device_mqtt_url: Annotated[str | None, typer.Option(
+               envvar="EDGEFLEET_DEVICE_MQTT_URL", help="broker address handed to devices; default: the server's")
+           ] = None,
+           mqtt5: Annotated[bool, typer.Option(
+               "--mqtt5/--no-mqtt5", envvar="EDGEFLEET_MQTT5",
+               help="MQTT v5 with an external broker (shared telemetry subscription); --no-mqtt5 for 3.1.1")] = True,
+           tick: Annotated[float, typer.Option(
+               envvar="EDGEFLEET_TICK_S", help="orchestrator period in seconds")] = 1.0) -> None:
+    """Run the control plane: REST API, MQTT ingest, and (by default) an embedded broker.
+
+    Every option after --trusted-key also reads the environment variable shown; a flag wins over it.
+    """
     from edgefleet.server.main import ServerSettings, run_server
 
+    settings = ServerSettings(data_dir=data_dir, host=host, port=port, mqtt_url=mqtt_url, db_url=db_url,
+                              trusted_keys=trusted_key or [], replica=replica, operator_token=operator_token,
+                              artifact_dir=artifact_dir, broker_auth_dir=broker_auth_dir,
+                              device_mqtt_url=device_mqtt_url, mqtt5=mqtt5, tick_s=tick)
     setup_logging()
-    run_server(ServerSettings(data_dir=data_dir, host=host, port=port, mqtt_url=mqtt_url, db_url=db_url,
-                              trusted_keys=trusted_key or []))
+    run_server(settings)
 
 
 @app.command("demo")

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
+import re
 import secrets
 import socket
 from collections.abc import Callable
@@ -34,9 +36,18 @@ TOKEN_FILE = "operator.token"
 INFO_FILE = "server.json"
 
 
+REPLICA_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+MIN_TOKEN_CHARS = 16
+MAX_TICK_S = 3600.0
+
+
 @dataclass(frozen=True)
 class ServerSettings:
-    """How to run one server process."""
+    """How to run one server process; validated on construction (ConfigError, one line, names the setting).
+
+    The CLI fills it from its flags, each of which also reads an ``EDGEFLEET_...`` environment variable
+    (``edgefleet server --help`` lists them).
+    """
 
     data_dir: Path
     host: str = "127.0.0.1"
@@ -45,6 +56,46 @@ class ServerSettings:
     db_url: str | None = None
     trusted_keys: list[Path] = field(default_factory=list)
     operator_token: str | None = None
+    """None: read from (or created in) DATA_DIR/operator.token."""
+    replica: str = "server"
+    """Stable name of this replica, used in its MQTT client ids (sessions survive a restart under it)."""
+    artifact_dir: Path | None = None
+    """Where artifacts are stored (shared by replicas); None: DATA_DIR/artifacts."""
+    broker_auth_dir: Path | None = None
+    """Where an external Mosquitto reads the password and ACL files the server writes (and its pid file)."""
+    device_mqtt_url: str | None = None
+    """The broker address handed to devices in their credentials; None: the server's own broker address."""
+    mqtt5: bool = True
+    """Use MQTT v5 (shared subscriptions) with an external broker; False for a 3.1.1-only broker."""
+    tick_s: float = 1.0
+    """Orchestrator period in seconds."""
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.port <= 65535:
+            raise ConfigError(f"--port must be 0-65535, not {self.port}")
+        if not REPLICA_NAME.fullmatch(self.replica):
+            raise ConfigError(f"--replica {self.replica!r}: 1-64 letters, digits, '.', '_' or '-', starting with a "
+                              "letter or digit")
+        if self.operator_token is not None and (len(self.operator_token) < MIN_TOKEN_CHARS
+                                                or not self.operator_token.isprintable()
+                                                or any(c.isspace() for c in self.operator_token)):
+            raise ConfigError(f"--operator-token must be at least {MIN_TOKEN_CHARS} printable characters without "
+                              "spaces")
+        if not (math.isfinite(self.tick_s) and 0 < self.tick_s <= MAX_TICK_S):
+            raise ConfigError(f"--tick must be more than 0 and at most {MAX_TICK_S:g} seconds, not {self.tick_s:g}")
+        if self.mqtt_url is not None:
+            endpoint = parse_mqtt_url(self.mqtt_url)
+            if self.broker_auth_dir is not None and endpoint.password is None:
+                raise ConfigError("--broker-auth-dir needs the server's own credentials in --mqtt-url "
+                                  "(mqtt://USER:PASSWORD@HOST:PORT)")
+        elif self.broker_auth_dir is not None:
+            raise ConfigError("--broker-auth-dir is for an external Mosquitto: give its --mqtt-url too")
+        if self.device_mqtt_url is not None:
+            parse_mqtt_url(self.device_mqtt_url)
+        for flag, path in (("--artifact-dir", self.artifact_dir), ("--broker-auth-dir", self.broker_auth_dir),
+                           ("--data-dir", self.data_dir)):
+            if path is not None and path.exists() and not path.is_dir():
+                raise ConfigError(f"{flag} {path} is not a directory")
 
 
 def operator_token(settings: ServerSettings) -> str:
@@ -68,30 +119,20 @@ def load_trusted(settings: ServerSettings) -> dict[str, PublicKey]:
 
 
 def run_server(settings: ServerSettings) -> None:
-    """Start everything, serve until SIGINT/SIGTERM, then stop everything that was started.
-
-    Environment (for replicas; flags take precedence where they exist): ``EDGEFLEET_REPLICA`` (stable name,
-    used in MQTT client ids), ``EDGEFLEET_OPERATOR_TOKEN``, ``EDGEFLEET_ARTIFACT_DIR`` (shared by replicas),
-    ``EDGEFLEET_BROKER_AUTH_DIR`` (where an external Mosquitto reads its password/ACL files and pid),
-    ``EDGEFLEET_DEVICE_MQTT_URL`` (the broker address handed to devices), ``EDGEFLEET_MQTT5`` (0 for a 3.1.1
-    external broker), ``EDGEFLEET_TICK_S`` (orchestrator period).
-    """
-    env = os.environ
+    """Start everything, serve until SIGINT/SIGTERM, then stop everything that was started."""
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     trusted = load_trusted(settings)
-    token = operator_token(settings) if not env.get("EDGEFLEET_OPERATOR_TOKEN") else env["EDGEFLEET_OPERATOR_TOKEN"]
-    replica = env.get("EDGEFLEET_REPLICA", "server")
+    token = operator_token(settings)
+    replica = settings.replica
     store = Store(settings.db_url or sqlite_url(settings.data_dir))
     port = settings.port or free_port(settings.host)
     broker: EmbeddedBroker | None = None
     access: BrokerAccess | None = None
     if settings.mqtt_url:
         endpoint = parse_mqtt_url(settings.mqtt_url)
-        auth_dir = env.get("EDGEFLEET_BROKER_AUTH_DIR")
-        if auth_dir:
-            if endpoint.password is None:
-                raise ConfigError("EDGEFLEET_BROKER_AUTH_DIR needs the server's credentials in --mqtt-url")
-            access = BrokerAccess(Path(auth_dir), endpoint.password, endpoint.username or SERVER_USER)
+        if settings.broker_auth_dir is not None:
+            assert endpoint.password is not None  # ServerSettings checked it
+            access = BrokerAccess(settings.broker_auth_dir, endpoint.password, endpoint.username or SERVER_USER)
     else:
         secret = _secret(settings.data_dir / "broker" / "server.secret")
         access = BrokerAccess(settings.data_dir / "broker" / "auth", secret)
@@ -102,21 +143,20 @@ def run_server(settings: ServerSettings) -> None:
         endpoint = MqttEndpoint(plain.host, plain.port, SERVER_USER, secret)
     if access is not None:
         access.sync(_credentials(store))
-    mqtt5 = settings.mqtt_url is not None and env.get("EDGEFLEET_MQTT5", "1") != "0"
+    mqtt5 = settings.mqtt_url is not None and settings.mqtt5  # the embedded amqtt broker speaks 3.1.1 only
     ingest = Ingest(store, endpoint, replica=replica, mqtt5=mqtt5)
     publisher = DesiredPublisher(endpoint, f"edgefleet-{replica}-publisher")
     metrics = Metrics()
-    orchestrator = Orchestrator(store, publisher.publish_many, replica=replica,
-                                interval_s=float(env.get("EDGEFLEET_TICK_S", "1.0")))
+    orchestrator = Orchestrator(store, publisher.publish_many, replica=replica, interval_s=settings.tick_s)
     try:
         ingest.start()
         publisher.start()
         republish_desired(store, publisher)
         public_url = f"http://{settings.host}:{port}"
-        ctx = ServerContext(store=store, artifacts=ArtifactStore(Path(env.get("EDGEFLEET_ARTIFACT_DIR") or
-                                                                      settings.data_dir / "artifacts")),
+        ctx = ServerContext(store=store, artifacts=ArtifactStore(settings.artifact_dir or
+                                                                 settings.data_dir / "artifacts"),
                             trusted_keys=trusted, operator_token=token, public_url=public_url,
-                            device_mqtt_url=env.get("EDGEFLEET_DEVICE_MQTT_URL") or endpoint.url,
+                            device_mqtt_url=settings.device_mqtt_url or endpoint.url,
                             orchestrator=orchestrator, metrics=metrics, access=access)
         orchestrator.housekeeping = ctx.sync_broker
         metrics.ingest_counts = ingest.snapshot

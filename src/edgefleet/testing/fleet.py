@@ -50,12 +50,12 @@ class LocalFleet:
             self.key = write_keypair(self.root / "keys", overwrite=True)
         if self.operator_token is None:
             self.operator_token = secrets.token_urlsafe(24)
-        env = {"EDGEFLEET_REPLICA": name, "EDGEFLEET_OPERATOR_TOKEN": self.operator_token,
-               "EDGEFLEET_ARTIFACT_DIR": str(self.root / "artifacts"), "EDGEFLEET_TICK_S": str(tick_s)}
+        args = ["--mqtt-url", mqtt_url, "--db-url", db_url, "--replica", name,
+                "--artifact-dir", str(self.root / "artifacts"), "--tick", str(tick_s)]
         if auth_dir is not None:
-            env["EDGEFLEET_BROKER_AUTH_DIR"] = str(auth_dir)
-        process, url = self._start(f"server-{name}", self.root / f"server-{name}",
-                                   ["--mqtt-url", mqtt_url, "--db-url", db_url], env, timeout_s)
+            args += ["--broker-auth-dir", str(auth_dir)]
+        env = {"EDGEFLEET_OPERATOR_TOKEN": self.operator_token}  # --operator-token's variable: not in `ps` output
+        process, url = self._start(f"server-{name}", self.root / f"server-{name}", args, env, timeout_s)
         self.replicas[name] = process
         api = ControlPlane(url, self.operator_token)
         if self.api is None:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import shutil
 import subprocess
 import threading
@@ -14,7 +15,7 @@ import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO
+from typing import IO, Protocol
 
 import paho.mqtt.client as mqtt
 import pytest
@@ -32,6 +33,8 @@ from edgefleet.server.broker_auth import (
     verify_password,
 )
 from edgefleet.server.mosquitto_secure import SecureMosquitto
+from edgefleet.testing.fleet import LocalFleet
+from edgefleet.transport.mqtt_url import parse_mqtt_url
 
 pytestmark = pytest.mark.integration
 WAIT_S = 10.0
@@ -80,10 +83,18 @@ def broker(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[SecuredBr
         embedded.stop()
 
 
+class HostPort(Protocol):
+    @property
+    def host(self) -> str: ...
+
+    @property
+    def port(self) -> int: ...
+
+
 class Peer:
     """A paho client that records what it receives and the CONNACK it got."""
 
-    def __init__(self, broker: SecuredBroker, user: str | None, password: str | None) -> None:
+    def __init__(self, broker: HostPort, user: str | None, password: str | None) -> None:
         self.received: list[tuple[str, bytes]] = []
         self.connack: list[bool] = []
         self.subacks: list[list[bool]] = []
@@ -315,6 +326,44 @@ def test_the_embedded_acl_refuses_a_user_no_longer_in_the_password_file(tmp_path
     assert not may(Action.PUBLISH, "ef/v1/dev-b/telemetry") and not may(Action.RECEIVE, "ef/v1/dev-b/desired")
     session.username = "dev-a"
     assert may(Action.PUBLISH, "ef/v1/dev-a/telemetry")
+
+
+@pytest.fixture(params=["embedded", "mosquitto"])
+def served(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[LocalFleet]:
+    """A real `edgefleet server`: with its embedded broker, or with a secured Mosquitto whose files it writes."""
+    fleet = LocalFleet(tmp_path)
+    mosquitto: SecureMosquitto | None = None
+    try:
+        if request.param == "embedded":
+            fleet.start_server()
+        else:
+            request.getfixturevalue("mosquitto_binary")
+            mosquitto = SecureMosquitto(tmp_path / "mosquitto", SERVER_PASSWORD)
+            mosquitto.start()
+            fleet.start_replica("a", db_url=f"sqlite:///{tmp_path / 'server.db'}", mqtt_url=mosquitto.server_url,
+                                auth_dir=mosquitto.auth_dir)
+        yield fleet
+    finally:
+        fleet.close()
+        if mosquitto is not None:
+            mosquitto.stop()
+
+
+def test_revoking_through_the_server_cuts_off_the_devices_open_connection(served: LocalFleet) -> None:
+    logins = {d: json.loads(served.provision(d).read_text()) for d in ("dev-a", "dev-b")}
+    peers = {d: Peer(parse_mqtt_url(c["mqtt_url"]), c["mqtt_username"], c["mqtt_password"]) for d, c in logins.items()}
+    try:
+        for device, peer in peers.items():
+            assert peer.connected() and peer.subscribe(f"ef/v1/{device}/desired")
+        revoked = served.cli("device", "revoke", "dev-b")
+        assert revoked.returncode == 0, revoked.stderr
+        b = peers["dev-b"]
+        b.wait(lambda: b.disconnects > 0, "the broker to close the revoked device's connection")
+        assert not any(b.connack[1:]), "the revoked device logged in again"
+        assert peers["dev-a"].disconnects == 0
+    finally:
+        for peer in peers.values():
+            peer.close()
 
 
 def test_mosquitto_c_clients_obey_the_same_rules(broker: SecuredBroker) -> None:

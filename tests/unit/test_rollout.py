@@ -273,6 +273,28 @@ def test_ab_compares_the_treatment_half_with_the_control_half() -> None:
     assert sim.on(NEW) == set()
 
 
+def test_ab_judges_latency_against_the_control_half_only() -> None:
+    """The treatment devices' own history on the old model is not the baseline in A/B: only the control half,
+    over the same period, is. Here that history is slow, which would hide a slower candidate."""
+
+    class Split(Sim):
+        def observe(self) -> Observation:
+            obs = super().observe()
+            telemetry = {dev: dict(models) for dev, models in obs.telemetry.items()}
+            for dev in self.state.targets:  # the treatment half: slow on the old model, before it moved
+                telemetry.setdefault(dev, {})[OLD] = stats(latency_ms=3.0)
+            return dataclasses.replace(obs, telemetry=telemetry)
+
+    sim = Split(plan(["latency_increase > 20%"], mode="ab", waves=["100%"]))
+    sim.baseline, sim.candidate = stats(latency_ms=1.0), stats(latency_ms=1.5)
+    assert sim.run().phase == "aborted"
+    rollback = next(d for d in sim.log if d.kind == "rollback")
+    assert set(rollback.devices) == set(sim.state.targets)
+    assert rollback.values["baseline"]["devices"] == len(sim.state.control)
+    assert rollback.values["metrics"]["latency_p95_increase"] > 0.2
+    assert sim.on(NEW) == set() and sim.on(OLD) == set(sim.devices)
+
+
 def test_ab_needs_two_devices_and_ends_with_control_untouched() -> None:
     with pytest.raises(ConfigError, match="at least two"):
         Sim(plan(mode="ab"), n=1)

@@ -8,12 +8,17 @@ Models, both on the demo's input (BasicMotions, 6 channels at 10 Hz, windows of 
 * ``demo``: the demo's own 1D-CNN (about 3.5 k parameters, int8), whose inference takes tens of microseconds,
   so the ratio mostly shows the fixed per-window cost of the Python loop.
 
+Everything at the agent's own defaults (telemetry every ``AgentConfig.telemetry_interval_s``, 300 s).
+
 loop: ``Agent.run`` (the real loop: source validation, windowing and scaling, inference, post-processing,
-drift, hard-example sampling, statistics) over the demo stream from memory, plus the real SQLite outbox
-enqueue of one telemetry batch per ``TELEMETRY_INTERVAL_S`` of stream, against ``session.run`` on the same
-windows; rounds alternate between the two and the medians are compared.
+drift, hard-example sampling, statistics) over the demo stream from memory, handed over in blocks of one
+recording (100 samples) as the npz replay hands them over at full speed, plus the real SQLite outbox enqueue
+of one telemetry batch per telemetry interval of stream, against ``session.run`` on the same windows; rounds
+alternate between the two and the medians are compared.
 rss: the ``edgefleet agent`` process (offline, replaying the demo stream at full speed) against a Python
-process that only loads the same model in ONNX Runtime and runs it; both sampled from /proc (VmHWM).
+process that only loads the same model in ONNX Runtime and runs it; both sampled from /proc (VmHWM). Also
+the dependency floor: the bare process plus paho-mqtt (its network thread running), an SQLite database and
+zipfile, without any of the agent's code.
 uplink: every byte the agent would publish (telemetry and event payloads, MQTT header and topic) over one
 hour of the demo stream, against the raw sensor bytes (float32 per channel value), per telemetry interval.
 
@@ -43,7 +48,7 @@ from edgefleet.agent.agent import Agent
 from edgefleet.agent.config import AgentConfig
 from edgefleet.agent.inference import InferencePipeline
 from edgefleet.agent.model import load_model
-from edgefleet.agent.sources import Reading, SensorSource
+from edgefleet.agent.sources import NO_LABEL, Block, Reading, SensorSource
 from edgefleet.agent.state import AgentState, Slot
 from edgefleet.bundle.pack import BundleSpec, pack_bundle
 from edgefleet.bundle.signing import SigningKey
@@ -53,11 +58,14 @@ from edgefleet.transport import topics
 from edgefleet.transport.mqtt_url import MqttEndpoint
 from edgefleet.transport.ports import free_port
 
-TELEMETRY_INTERVAL_S = 60.0  # stream seconds per batch in the loop figure
+DEFAULT_INTERVAL_S = float(AgentConfig.__dataclass_fields__["telemetry_interval_s"].default)
+TELEMETRY_INTERVAL_S = DEFAULT_INTERVAL_S  # stream seconds per batch in the loop figure: the agent's default
+LOOP_STREAM_LOOPS = 3  # the demo stream three times over (20 min): four chunks of one telemetry interval
 UPLINK_INTERVALS_S = (2.0, 60.0, 300.0, 600.0, 900.0)
-UPLINK_HEADLINE_S = 900.0  # 15 minutes; the table has the rest
+UPLINK_HEADLINE_S = DEFAULT_INTERVAL_S
 UPLINK_HOURS = 1.0
 PASSES = 5  # over the demo stream, chunk by chunk
+START_TS = 1.8e9  # the uplink's stream clock (seconds since the epoch, as the agent stamps its batches)
 DEVICE = "watch-01"
 TARGETS = {"loop_ratio": 1.10, "rss_ratio": 1.25, "uplink_ratio": 0.01}
 
@@ -73,15 +81,22 @@ class BenchModel:
 
 
 class MemorySource(SensorSource):
-    """Readings already in memory: the agent's own validation runs, no sensor is simulated."""
+    """Readings already in memory, handed over in blocks of at most ``block_rows`` samples as the npz replay does
+    at full speed (one recording at a time); the agent's own validation runs, no sensor is simulated."""
 
-    def __init__(self, readings: list[Reading], labels: tuple[str, ...]) -> None:
+    def __init__(self, readings: list[Reading], labels: tuple[str, ...], block_rows: int = 100) -> None:
         super().__init__()
         self._readings = readings
         self.labels = labels
+        self._blocks = [Block(np.stack([r.values for r in part]),
+                              np.array([NO_LABEL if r.label is None else r.label for r in part], dtype=np.int64))
+                        for part in (readings[i : i + block_rows] for i in range(0, len(readings), block_rows))]
 
     def _raw(self) -> Iterator[Reading | None]:
         yield from self._readings
+
+    def _raw_blocks(self) -> Iterator[Block]:
+        yield from self._blocks
 
 
 def resnet1d(channels: int, classes: int) -> Any:
@@ -183,23 +198,24 @@ def measure_loop(model: BenchModel, data: bytes, key: SigningKey, readings: list
             session.run([output], {feed: x})
         return time.perf_counter() - wall, time.thread_time() - cpu
 
-    def loop(chunk: list[Reading]) -> tuple[float, float]:
+    def loop(source: MemorySource) -> tuple[float, float]:
         wall, cpu = time.perf_counter(), time.thread_time()
-        agent.run(MemorySource(chunk, labels))
+        agent.run(source)
         return time.perf_counter() - wall, time.thread_time() - cpu
 
+    sources = [MemorySource(chunk, labels) for chunk in chunks]  # the samples in memory, as a replay holds them
     bare(inputs[0])  # warm-up
-    loop(chunks[0])
+    loop(sources[0])
     bare_s: list[tuple[float, float]] = []
     loop_s: list[tuple[float, float]] = []
     for n in range(PASSES * len(chunks)):
-        chunk, windows = chunks[n % len(chunks)], inputs[n % len(chunks)]
+        source, windows = sources[n % len(chunks)], inputs[n % len(chunks)]
         if n % 2:
-            loop_s.append(loop(chunk))
+            loop_s.append(loop(source))
             bare_s.append(bare(windows))
         else:
             bare_s.append(bare(windows))
-            loop_s.append(loop(chunk))
+            loop_s.append(loop(source))
     batches = len([i for i in agent.state.pending(limit=100_000) if i.topic.endswith("/telemetry")])
     agent.state.close()
     windows_total = sum(len(inputs[n % len(chunks)]) for n in range(len(bare_s)))
@@ -244,6 +260,15 @@ while time.monotonic() < end:
 """
 
 
+FLOOR_SCRIPT = BARE_SCRIPT.replace("import sys, time, numpy as np, onnxruntime as ort", """\
+import sys, time, numpy as np, onnxruntime as ort, sqlite3, zipfile, json, logging, threading
+import paho.mqtt.client as mqtt
+db = sqlite3.connect(sys.argv[3]); db.execute("CREATE TABLE IF NOT EXISTS t (x)"); db.commit()
+c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2); c.connect_async("127.0.0.1", 9); c.loop_start()""")
+"""The dependency floor: the bare process plus what the agent cannot run without (paho-mqtt with its network
+thread, an SQLite database, zipfile for the npz replay), and none of the agent's own code."""
+
+
 def watch_rss(command: list[str], log: Path, timeout_s: float = 120.0) -> dict[str, float]:
     """Run ``command``; sample /proc/PID/status every 20 ms; peak VmHWM and median VmRSS in MiB."""
     with log.open("wb") as out:
@@ -279,11 +304,14 @@ def measure_rss(model: BenchModel, data: bytes, key: SigningKey, npz: Path, work
                                  "mqtt_url": f"mqtt://127.0.0.1:{free_port()}", "token": "t",
                                  "trusted_keys": {"bench": key.public.to_text()}}))
     agent = watch_rss([sys.executable, "-m", "edgefleet", "agent", "--credentials", str(creds), "--data-dir",
-                       str(data_dir), "--source", f"npz:{npz}?speed=inf&loop=1", "--duration", "6",
-                       "--telemetry-interval", "60"], work / f"agent-{model.name}.log")
+                       str(data_dir), "--source", f"npz:{npz}?speed=inf&loop=1", "--duration", "6"],
+                      work / f"agent-{model.name}.log")
     bare = watch_rss([sys.executable, "-c", BARE_SCRIPT, str(model_file), "6"], work / f"bare-{model.name}.log")
+    floor = watch_rss([sys.executable, "-c", FLOOR_SCRIPT, str(model_file), "6", str(work / f"floor-{model.name}.db")],
+                      work / f"floor-{model.name}.log")
     return {"model": model.name, "agent_peak_mib": agent["peak_mib"], "agent_median_mib": agent["median_mib"],
             "bare_peak_mib": bare["peak_mib"], "bare_median_mib": bare["median_mib"],
+            "floor_peak_mib": floor["peak_mib"], "floor_ratio": floor["peak_mib"] / bare["peak_mib"],
             "ratio": agent["peak_mib"] / bare["peak_mib"]}
 
 
@@ -292,12 +320,13 @@ def rss_breakdown(model_file: Path) -> dict[str, float]:
     steps = {
         "python": "",
         "numpy + onnxruntime + session": "import numpy, onnxruntime as ort; s = ort.InferenceSession(m)",
-        "+ pydantic (messages, manifest)": "import edgefleet.transport.messages, edgefleet.core.manifest",
-        "+ onnx (safe_onnx bundle check)": "import onnx, onnx.checker",
-        "+ httpx (artifact fetch)": "import httpx",
-        "+ paho-mqtt, cryptography": "import paho.mqtt.client, cryptography.hazmat.primitives.asymmetric.ed25519",
-        "+ the rest of edgefleet.agent": "import edgefleet.agent.agent",
-        "+ cli (typer, rich)": "import edgefleet.cli",
+        "+ paho-mqtt (with ssl, hashlib/OpenSSL, http, email)": "import paho.mqtt.client",
+        "+ sqlite3, zipfile": "import sqlite3, zipfile",
+        "+ edgefleet.agent (the agent process's modules)": "import edgefleet.agent.main, edgefleet.agent.agent, "
+                                                          "edgefleet.agent.sources, edgefleet.data.basicmotions",
+        "(update only) + pydantic, cryptography": "import edgefleet.core.update, edgefleet.transport.schemas",
+        "(update only) + onnx, httpx": "import onnx, onnx.checker, httpx",
+        "(not in the agent process) + cli (typer, rich)": "import edgefleet.cli",
     }
     out: dict[str, float] = {}
     code = f"m = open({str(model_file)!r}, 'rb').read()\n"
@@ -330,12 +359,13 @@ def measure_uplink(model: BenchModel, data: bytes, key: SigningKey, rec: Any) ->
         sent = telemetry = events = batches = hard = 0
         for i, reading in enumerate(readings, 1):
             pipeline.push(reading)
+            stream_ts = START_TS + i / rate
             for alert in pipeline.take_alerts():
                 message = json.dumps({"device": DEVICE, "kind": "alert", "detail": alert}).encode()
                 events += 1
                 sent += mqtt_publish_bytes(topics.events(DEVICE), message)
             if i % per_batch == 0 or i == len(readings):
-                batch = pipeline.take_batch(DEVICE, batches, time.time(), 0)
+                batch = pipeline.take_batch(DEVICE, batches, stream_ts, 0)  # stream time paces the hourly budget
                 payload = batch.to_bytes()
                 batches += 1
                 hard += len(batch.hard_examples)
@@ -357,6 +387,7 @@ def main() -> None:
     models = build_models(rec)
     labels = tuple(rec.labels)
     readings = stream_readings(rec)
+    loop_readings = stream_readings(rec, LOOP_STREAM_LOOPS)
     with tempfile.TemporaryDirectory(prefix="bench-agent-") as tmp:
         work = Path(tmp)
         npz = work / "basicmotions.npz"
@@ -367,7 +398,7 @@ def main() -> None:
                 print(f"--- {m.name}")
                 profile_loop(bundles[m.name], key, readings, labels, work)
             return
-        loops = [measure_loop(m, bundles[m.name], key, readings, labels, work, float(rec.sample_rate_hz))
+        loops = [measure_loop(m, bundles[m.name], key, loop_readings, labels, work, float(rec.sample_rate_hz))
                  for m in models]
         rss = [measure_rss(m, bundles[m.name], key, npz, work) for m in models]
         breakdown = rss_breakdown(work / "demo.onnx")
@@ -375,11 +406,31 @@ def main() -> None:
     headline = next(r for r in uplink["intervals"] if r["interval_s"] == UPLINK_HEADLINE_S)
     result = {"loop_ratio": loops[0]["ratio"], "rss_ratio": rss[1]["ratio"], "uplink_ratio": headline["ratio"],
               "targets": TARGETS, "loop": loops, "rss": rss, "rss_breakdown_mib": breakdown, "uplink": uplink,
-              "notes": {"loop_ratio": "resnet1d (realistic size), thread CPU time, median of per-chunk ratios; "
-                                      "elapsed time in loop[0].wall, the demo model in loop[1]",
-                        "rss_ratio": "the demo model (what the demo's agents run); resnet1d in rss[0]",
-                        "uplink_ratio": f"demo stream, demo model, telemetry every {UPLINK_HEADLINE_S:.0f} s"}}
+              "notes": notes(loops[0]["ratio"], rss[1], headline["ratio"])}
     publish("agent", result, section(result))
+
+
+def notes(loop_ratio: float, rss: dict[str, Any], uplink_ratio: float) -> dict[str, str]:
+    """What each headline figure is, and why it misses its target where it does."""
+    out = {"loop_ratio": f"resnet1d (realistic size), thread CPU time, median of per-chunk ratios, one chunk per "
+                         f"telemetry interval ({TELEMETRY_INTERVAL_S:.0f} s, the default); elapsed time in "
+                         "loop[0].wall, the demo model in loop[1]",
+           "rss_ratio": "the demo model (what the demo's agents run), agent at its defaults; resnet1d in rss[0]",
+           "uplink_ratio": f"demo stream, demo model, telemetry every {UPLINK_HEADLINE_S:.0f} s (the default), "
+                           "hard examples int8 under the default budget of 2 an hour"}
+    if loop_ratio > TARGETS["loop_ratio"]:
+        out["loop_ratio"] += f"; MISSED: {loop_ratio:.3f} > {TARGETS['loop_ratio']}"
+    if rss["ratio"] > TARGETS["rss_ratio"]:
+        out["rss_ratio"] += (
+            f"; MISSED: {rss['ratio']:.2f} > {TARGETS['rss_ratio']}. The dependency floor (bare process + "
+            f"paho-mqtt with its network thread + SQLite + zipfile, none of the agent's code) is already "
+            f"{rss['floor_ratio']:.2f} ({rss['floor_peak_mib']:.1f} MiB): paho-mqtt alone brings ssl, hashlib "
+            "(OpenSSL's libcrypto), http.client and email. The agent's own modules, threads and buffers add "
+            f"{rss['agent_peak_mib'] - rss['floor_peak_mib']:.1f} MiB over that floor, where the target leaves "
+            f"{TARGETS['rss_ratio'] * rss['bare_peak_mib'] - rss['floor_peak_mib']:.1f} MiB")
+    if uplink_ratio > TARGETS["uplink_ratio"]:
+        out["uplink_ratio"] += f"; MISSED: {uplink_ratio:.2%} > {TARGETS['uplink_ratio']:.0%}"
+    return out
 
 
 def section(result: dict[str, Any]) -> str:
@@ -387,8 +438,8 @@ def section(result: dict[str, Any]) -> str:
                   f"{r[clock]['agent_ms_per_window'] * 1000:.0f}", f"{r[clock]['overhead_us_per_window']:.0f}",
                   f"{r[clock]['ratio']:.3f} ({r[clock]['ratio_p10_p90'][0]:.2f}-{r[clock]['ratio_p10_p90'][1]:.2f})")
                  for r in result["loop"] for clock in ("cpu", "wall")]
-    rss_rows = [(r["model"], f"{r['bare_peak_mib']:.1f}", f"{r['agent_peak_mib']:.1f}", f"{r['ratio']:.2f}")
-                for r in result["rss"]]
+    rss_rows = [(r["model"], f"{r['bare_peak_mib']:.1f}", f"{r['floor_peak_mib']:.1f} ({r['floor_ratio']:.2f})",
+                 f"{r['agent_peak_mib']:.1f}", f"{r['ratio']:.2f}") for r in result["rss"]]
     up = result["uplink"]
     up_rows = [(f"{r['interval_s']:.0f}", r["batches"], f"{r['bytes_per_batch']:.0f}", r["hard_examples"],
                 f"{r['uplink_bytes']:,}", f"{r['ratio']:.2%}") for r in up["intervals"]]
@@ -396,17 +447,22 @@ def section(result: dict[str, Any]) -> str:
     return "\n\n".join([
         f"loop_ratio **{result['loop_ratio']:.3f}** (target <= 1.10, resnet1d, CPU time), rss_ratio "
         f"**{result['rss_ratio']:.2f}** (target <= 1.25, demo model), uplink_ratio **{result['uplink_ratio']:.2%}** "
-        f"(target <= 1%, demo stream, telemetry every {UPLINK_HEADLINE_S:.0f} s).",
+        f"(target <= 1%, demo stream, telemetry every {UPLINK_HEADLINE_S:.0f} s), all at the agent's defaults.",
+        *[f"Note ({name}): {text}." for name, text in result["notes"].items() if "MISSED" in text],
         f"Per-window cost: the demo stream cut into chunks of one telemetry interval ({TELEMETRY_INTERVAL_S:.0f} s "
         "of stream); `Agent.run` over a chunk (ending with the enqueue of its batch into the SQLite outbox) "
-        f"against `session.run` on the chunk's windows, alternating, {PASSES} passes. ratio: median of the "
+        f"against `session.run` on the chunk's windows, alternating, {PASSES} passes; the samples reach the agent "
+        "in blocks of one recording (100 samples), as the npz replay hands them over at full speed. ratio: median "
+        "of the "
         "per-chunk ratios (p10-p90). cpu: the thread's CPU time (other processes on this shared machine do not "
         "count; the outbox's fsync wait does not either); wall: elapsed time.",
         markdown_table(["model", "parameters", "clock", "bare us", "agent us", "overhead us", "ratio (p10-p90)"],
                        loop_rows),
-        "Resident memory, peak (VmHWM) from /proc: the `edgefleet agent` process replaying the stream offline "
-        "against a Python process that only runs the same model in ONNX Runtime.",
-        markdown_table(["model", "bare MiB", "agent MiB", "ratio"], rss_rows),
+        "Resident memory, peak (VmHWM) from /proc: the `edgefleet agent` process (it execs into the lean "
+        "`python -m edgefleet.agent`) replaying the stream offline against a Python process that only runs the "
+        "same model in ONNX Runtime; floor: that process plus paho-mqtt (network thread running), SQLite and "
+        "zipfile, none of the agent's code.",
+        markdown_table(["model", "bare MiB", "floor MiB (ratio)", "agent MiB", "ratio"], rss_rows),
         f"Where the agent's memory goes (MiB resident after each import, fresh processes): {mem}.",
         f"Uplink over {up['stream_hours']:.1f} h of the demo stream ({up['channels']} channels at "
         f"{up['rate_hz']:.0f} Hz, float32: {up['raw_bytes']:,} raw bytes), by telemetry interval:",

@@ -17,12 +17,13 @@ from edgefleet.agent.escalation import EscalationPolicy, EscalationQueue, Escala
 from edgefleet.agent.inference import InferencePipeline, PipelineOptions
 from edgefleet.agent.model import LoadedModel, load_model
 from edgefleet.agent.sources import ReplaySource
-from edgefleet.agent.stats import decode_example
+from edgefleet.agent.stats import decode_example, encode_example
 from edgefleet.bundle.pack import BundleSpec, pack_bundle
 from edgefleet.bundle.signing import SigningKey
 from edgefleet.core.update import TrustState, decide
 from edgefleet.errors import TransportError
 from edgefleet.testing import synthetic
+from edgefleet.transport.schemas import HardExample
 
 KEY = SigningKey.generate()
 FAST_RETRY = EscalationPolicy(deadline_s=5.0, rate_per_s=1000.0, burst=1000.0, retry_base_s=0.01, retry_cap_s=0.05)
@@ -193,7 +194,7 @@ def test_margin_and_entropy_filters_mark_windows_hard() -> None:
 
 
 def test_hard_examples_are_capped_in_count_and_bytes() -> None:
-    options = PipelineOptions(hard_examples=3, hard_example_bytes=100_000)
+    options = PipelineOptions(hard_examples=3, hard_example_bytes=100_000, hard_examples_per_hour=None)
     pipeline = InferencePipeline(loaded_model({"escalate_below": 1.01}), options=options)
     outcomes = run_pipeline(pipeline, per_class=4)
     batch = pipeline.take_batch("d1", 0, 0.0, 0)
@@ -201,11 +202,39 @@ def test_hard_examples_are_capped_in_count_and_bytes() -> None:
     example = decode_example(batch.hard_examples[0])
     assert example.shape == (1, 6, 20) and np.all(np.isfinite(example))
     tight = InferencePipeline(loaded_model({"escalate_below": 1.01}),
-                              options=PipelineOptions(hard_examples=3, hard_example_bytes=400))
+                              options=PipelineOptions(hard_examples=3, hard_example_bytes=250,
+                                                      hard_examples_per_hour=None))
     run_pipeline(tight)
-    kept = tight.take_batch("d1", 1, 0.0, 0).hard_examples
-    assert sum(len(e.data) for e in kept) <= 400 and len(kept) < 3
+    batch = tight.take_batch("d1", 1, 0.0, 0)
+    kept = batch.hard_examples
+    assert sum(len(e.data) for e in kept) <= 250 and len(kept) < 3 and batch.hard_left_out == 3 - len(kept)
     assert tight.take_batch("d1", 2, 0.0, 0).hard_examples == []  # a new batch starts empty
+
+
+def test_hard_examples_stay_under_their_hourly_budget_and_the_rest_is_counted() -> None:
+    options = PipelineOptions(hard_examples=2, hard_examples_per_hour=3)
+    pipeline = InferencePipeline(loaded_model({"escalate_below": 1.01}), options=options)
+    sent = []
+    for minute in range(0, 60, 10):  # six batches within one hour: three examples at most
+        run_pipeline(pipeline, per_class=1)
+        batch = pipeline.take_batch("d1", minute, 1.8e9 + 60 * minute, 0)
+        sent.append(len(batch.hard_examples))
+        assert len(batch.hard_examples) + batch.hard_left_out == 2
+    assert sum(sent) == 3
+    run_pipeline(pipeline, per_class=1)
+    assert len(pipeline.take_batch("d1", 99, 1.8e9 + 3600 + 60 * 50, 0).hard_examples) == 2  # an hour later
+
+
+def test_hard_examples_in_int8_are_close_to_the_input_and_float16_still_decodes() -> None:
+    x = np.linspace(-3.0, 5.0, 120, dtype=np.float32).reshape(1, 6, 20)
+    small = encode_example(x, "alpha", 0.4, 1.8e9)
+    assert small.encoding.startswith("i8") and small.scale is not None
+    assert np.max(np.abs(decode_example(small) - x)) <= small.scale / 2 + 1e-6
+    exact = encode_example(x, "alpha", 0.4, 1.8e9, encoding="f16")
+    assert exact.encoding.startswith("f16") and len(exact.data) > len(small.data)
+    assert np.allclose(decode_example(exact), x, atol=1e-2)
+    wire = HardExample.model_validate(small.to_wire())  # what the server validates the batch with
+    assert np.array_equal(decode_example(wire), decode_example(small))
 
 
 def test_class_alerts_become_events_at_most_once_per_cooldown() -> None:

@@ -1,32 +1,43 @@
-"""The edge agent: local inference on a sensor stream, telemetry through a durable outbox, model updates."""
+"""The edge agent: local inference on a sensor stream, telemetry through a durable outbox, model updates.
+
+What the running agent imports stays small (numpy, ONNX Runtime, paho-mqtt, sqlite3 and this package's light
+modules): pydantic, ``cryptography``, ``onnx`` and httpx are loaded only when an update is fetched and verified
+(the stored models are re-verified at start in a child process, see :mod:`edgefleet.agent.verify`), messages are
+encoded and decoded with :mod:`edgefleet.transport.messages`'s light helpers.
+"""
 
 from __future__ import annotations
 
 import base64
 import binascii
+import hashlib
+import json
 import logging
 import threading
 import time
-from dataclasses import replace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from edgefleet import __version__
 from edgefleet.agent.config import AgentConfig
 from edgefleet.agent.fetch import ArtifactFetcher, Fetcher
 from edgefleet.agent.inference import InferencePipeline
-from edgefleet.agent.model import LoadedModel, load_model
+from edgefleet.agent.model import LoadedModel, make_model
 from edgefleet.agent.sources import SensorSource
 from edgefleet.agent.state import AgentState
 from edgefleet.agent.updater import ERROR_KEY, STEP_KEY, HealthPolicy, Updater
-from edgefleet.core.keys import Keyring
-from edgefleet.core.update import TrustState, decide
+from edgefleet.agent.verify import TrustSpec, trust_state, verify_stored
 from edgefleet.errors import BundleError, EdgefleetError, TransportError
 from edgefleet.transport import topics
 from edgefleet.transport.link import MqttLink
-from edgefleet.transport.messages import DesiredState, Event, ReportedState, parse
+from edgefleet.transport.messages import DesiredUpdate, encode, event_detail, parse
+
+if TYPE_CHECKING:
+    from edgefleet.core.keys import Keyring
+    from edgefleet.core.update import TrustState
 
 log = logging.getLogger(__name__)
 KEYRING_KEY = "keyring"
+STATEMENTS_KEY = "statements_applied"
 
 
 class Agent:
@@ -83,20 +94,29 @@ class Agent:
     # trust and models -------------------------------------------------------------------------
     def keyring(self) -> Keyring:
         """The pinned keys from the credentials, as changed by every verified rotation and revocation."""
+        from edgefleet.core.keys import Keyring
+
         stored = self.state.get(KEYRING_KEY)
         ring = Keyring.from_json(stored) if stored else Keyring()
         return ring.with_pinned(self.config.trusted_keys.values())
 
+    def trust_spec(self) -> TrustSpec:
+        """What the device trusts, as plain data (see :func:`edgefleet.agent.verify.trust_state`)."""
+        return TrustSpec(pinned=tuple(self.config.trusted_keys.values()), keyring=self.state.get(KEYRING_KEY),
+                         highest_release=self.state.highest_releases(), hardware=self.config.hardware,
+                         agent_version=__version__, device_id=self.device)
+
     def trust(self, *, accepted_before: bool = False) -> TrustState:
         """What new bundles are checked against; ``accepted_before`` admits retired keys for the device's own."""
-        ring = self.keyring()
-        state = TrustState.from_keyring(ring, highest_release=self.state.highest_releases(),
-                                        hardware=self.config.hardware, agent_version=__version__,
-                                        device_id=self.device)
-        return replace(state, keys=ring.accepted_keys()) if accepted_before else state
+        return trust_state(self.trust_spec(), accepted_before=accepted_before)
 
     def apply_statements(self, statements: list[str]) -> None:
-        """Key rotations and revocations from the control plane; each is verified against the keyring."""
+        """Key rotations and revocations from the control plane; each is verified against the keyring. The
+        same list again (a retained desired state at every reconnect) is not verified again."""
+        pinned = sorted(key.to_text() for key in self.config.trusted_keys.values())
+        digest = hashlib.sha256(json.dumps([statements, pinned]).encode()).hexdigest()
+        if self.state.get(STATEMENTS_KEY) == digest:
+            return
         ring = self.keyring()
         for text in statements:
             try:
@@ -106,6 +126,7 @@ class Agent:
         if ring != self.keyring():
             self.state.put(KEYRING_KEY, ring.to_json())
             self.event("keyring_changed", {"trusted": ",".join(sorted(ring.trusted()))})
+        self.state.put(STATEMENTS_KEY, digest)
 
     def _restore(self, slot_name: str) -> LoadedModel | None:
         """Load a model the device accepted earlier (its signature and hashes are checked again)."""
@@ -114,7 +135,8 @@ class Agent:
             return None
         try:
             data = self.state.bundle_path(slot.sha256).read_bytes()
-            return load_model(decide(data, self.trust(accepted_before=True), allow_rollback=True))
+            verified = verify_stored(data, self.trust_spec())
+            return make_model(verified.info, verified.sha256, verified.model)
         except (OSError, EdgefleetError) as exc:
             log.error("cannot restore %s model %s: %s", slot_name, slot.ref, exc)
             return None
@@ -146,7 +168,7 @@ class Agent:
         if topic != topics.desired(self.device):
             return
         try:
-            desired = parse(DesiredState, payload)
+            desired = parse(DesiredUpdate, payload)
         except TransportError as exc:
             self.event("rejected_desired", {"error": str(exc)})
             return
@@ -157,21 +179,24 @@ class Agent:
 
     # uplink -----------------------------------------------------------------------------------
     def event(self, name: str, detail: dict[str, Any]) -> None:
-        self.state.enqueue(topics.events(self.device), "events", lambda seq: Event(
-            device=self.device, seq=seq, kind="update" if name != "alert" else "alert", name=name,
-            detail=detail).to_bytes())
+        """Queue an ``Event`` message (its schema: :class:`edgefleet.transport.schemas.Event`)."""
+        kind = "update" if name != "alert" else "alert"
+        self.state.enqueue(topics.events(self.device), "events", lambda seq: encode(
+            {"device": self.device, "seq": seq, "ts": time.time(), "kind": kind, "name": name,
+             "detail": event_detail(detail)}))
         self._outbox_wake.set()
 
     def report(self) -> None:
+        """Publish the ``ReportedState`` (schema: :class:`edgefleet.transport.schemas.ReportedState`)."""
         active, previous, shadow = self.state.slot("active"), self.state.slot("previous"), self.state.slot("shadow")
-        reported = ReportedState(device=self.device, agent_version=__version__,
-                                 active=active.ref if active else None,
-                                 active_sha256=active.sha256 if active else None,
-                                 previous=previous.ref if previous else None,
-                                 shadow=shadow.ref if shadow else None,
-                                 update_state=self.state.get(STEP_KEY, "idle"),
-                                 last_error=self.state.get(ERROR_KEY))
-        self.link.publish(topics.reported(self.device), reported.to_bytes(), qos=1, retain=True)
+        reported = encode({"device": self.device, "agent_version": __version__,
+                           "active": active.ref if active else None,
+                           "active_sha256": active.sha256 if active else None,
+                           "previous": previous.ref if previous else None,
+                           "shadow": shadow.ref if shadow else None,
+                           "update_state": self.state.get(STEP_KEY, "idle"),
+                           "last_error": self.state.get(ERROR_KEY), "ts": time.time()})
+        self.link.publish(topics.reported(self.device), reported, qos=1, retain=True)
 
     def _drain_outbox(self) -> None:
         while True:
@@ -206,35 +231,44 @@ class Agent:
 
     # inference --------------------------------------------------------------------------------
     def run(self, source: SensorSource, duration_s: float | None = None) -> None:
-        """Infer on every window of ``source`` until it ends, ``duration_s`` passes, or a stop is requested."""
+        """Infer on every window of ``source`` until it ends, ``duration_s`` passes, or a stop is requested.
+
+        The source is read in blocks (what it has at once: one sample from a live sensor, more from a replay or
+        a sensor FIFO); the checks below run once per block, the windowing once per block, inference per window.
+        """
         started = time.monotonic()
-        next_flush = started + self.config.telemetry_interval_s
+        interval = self.config.telemetry_interval_s
+        next_flush = started + interval
         model, shadow = self.model, self.shadow
         # -- sensing/edge filtering: tiered inference (None without --upstream) and imputing sources --------
-        from edgefleet.agent.escalation import open_escalator
+        tiered = None
+        if self.config.upstream_url:
+            from edgefleet.agent.escalation import open_escalator
 
-        tiered = open_escalator(self.config)
+            tiered = open_escalator(self.config)
         pipeline = InferencePipeline(model, shadow=shadow, escalator=tiered, source=source) if model else None
-        for reading in source.readings():
+        stop = self._stop
+        for block in source.blocks():
             now = time.monotonic()
-            if self._stop.is_set() or (duration_s is not None and now - started >= duration_s):
+            if stop.is_set() or (duration_s is not None and now - started >= duration_s):
                 break
             if self.model is not model or self.shadow is not shadow:  # flush what the old pair did
                 self._flush(pipeline, source)
                 model, shadow = self.model, self.shadow
                 pipeline = InferencePipeline(model, shadow=shadow, escalator=tiered, source=source) if model else None
             if pipeline is not None:
-                outcome = pipeline.push(reading)
+                outcomes = pipeline.push_block(block)
                 if pipeline.alerts:  # -- sensing/edge filtering: alert events, already rate-limited per reason
                     for alert in pipeline.take_alerts():
                         self.event("alert", alert)
-                if outcome is not None:
+                for outcome in outcomes:
                     self._consecutive_failures = self._consecutive_failures + 1 if outcome.failed else 0
                     if self._consecutive_failures >= self.config.failures_before_rollback:
                         self._roll_back(f"{self._consecutive_failures} inference failures in a row")
+                        break
             if now >= next_flush:
                 self._flush(pipeline, source)
-                next_flush = now + self.config.telemetry_interval_s
+                next_flush = now + interval
         self._flush(pipeline, source)
         if tiered is not None:  # -- sensing/edge filtering: stop retrying escalations (the queue stays on disk)
             tiered.close()

@@ -14,12 +14,15 @@ import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
-from edgefleet.core.manifest import Manifest, check_golden
 from edgefleet.errors import EdgefleetError, ModelError
 from edgefleet.storage import atomic_write
+
+if TYPE_CHECKING:
+    from edgefleet.core.manifest import Manifest
 
 DEFAULT_COMMAND: tuple[str, ...] = (sys.executable, "-m", "edgefleet.agent.healthcheck")
 LATENCY_BUDGET_KEY = "max_latency_ms"
@@ -59,6 +62,7 @@ def run_health_check(model: bytes, manifest: Manifest, work_dir: Path, *, timeou
 
 def check(model_path: Path, manifest_path: Path, runs: int = 20) -> float:
     """Load and run the model: golden samples within tolerance, finite outputs; the median latency in ms."""
+    from edgefleet.core.manifest import Manifest, check_golden
     from edgefleet.runtime.preprocess import WindowSpec
     from edgefleet.runtime.runner import OnnxRuntimeRunner
 

@@ -27,18 +27,19 @@ import math
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 import numpy as np
 
-from edgefleet.agent.escalation import Escalator
 from edgefleet.agent.model import LoadedModel
-from edgefleet.agent.sources import Reading, SensorSource
-from edgefleet.agent.stats import HardExampleSampler, WindowStats
+from edgefleet.agent.sources import NO_LABEL, Block, Reading, SensorSource
+from edgefleet.agent.stats import HardExampleSampler, TelemetryReport, WindowStats
 from edgefleet.core.drift import DriftTracker, Reference
 from edgefleet.errors import ModelError
 from edgefleet.runtime.preprocess import StreamWindower, Window
-from edgefleet.transport.messages import TelemetryBatch
+
+if TYPE_CHECKING:
+    from edgefleet.agent.escalation import Escalator
 
 log = logging.getLogger(__name__)
 
@@ -63,8 +64,14 @@ class PipelineOptions:
 
     hard_examples: int = 1
     """Hard (low-confidence) model inputs sampled per telemetry batch: each costs about its input's size in
-    float16, base64; one per batch keeps a batch near 1.7 KB for the demo's model."""
+    bytes (int8), base64, less what zlib saves: about 300 B for the demo's model ([1, 6, 40])."""
     hard_example_bytes: int = 4096
+    """Encoded bytes of hard examples one batch may carry at most."""
+    hard_examples_per_hour: int | None = 2
+    """Hard examples sent per hour at most (None: no hourly limit); those left out are counted in the batch's
+    ``hard_left_out``."""
+    hard_example_encoding: str = "i8"
+    """``i8`` (int8 with one scale) or ``f16`` (float16)."""
     alert_cooldown_s: float = 60.0
     clock: Callable[[], float] = time.monotonic
 
@@ -124,10 +131,16 @@ class InferencePipeline:
         self._labels = list(model.manifest.labels)
         self.thresholds = Thresholds.from_manifest(model.manifest.thresholds,
                                                    escalator.escalate_below if escalator else None)
+        self._run = model.runner.run
+        self._hard_below = self.thresholds.hard_below
+        self._hard_extra = self.thresholds.margin_below is not None or self.thresholds.entropy_above is not None
+        self._alerting = bool(self.thresholds.class_alerts) or self.thresholds.anomaly_score is not None
         self._drift = DriftTracker(model.window.channels,
                                    Reference.from_spec(model.manifest.preprocess.get("drift_reference"),
                                                        model.window.channels))
-        self._hard = HardExampleSampler(options.hard_examples, options.hard_example_bytes)
+        self._hard = HardExampleSampler(options.hard_examples, options.hard_example_bytes,
+                                        per_hour=options.hard_examples_per_hour,
+                                        encoding=options.hard_example_encoding)
         self.stats = WindowStats(model.ref, shadow_model=shadow.ref if shadow else None)
         self.skipped = 0
         self.alerts: list[AlertDetail] = []
@@ -154,19 +167,42 @@ class InferencePipeline:
         window = self._window_push(values, reading.label, missing)
         return None if window is None else self._infer(window)
 
+    def push_block(self, block: Block) -> list[Outcome]:
+        """Feed consecutive readings at once; the outcomes of the windows they completed, in order."""
+        values, labels, missing = block.values, block.labels, block.missing
+        if values.shape[1:] != self._shape:
+            self.skipped += len(values)
+            return []
+        if missing is not None and not self._imputes:
+            keep = ~missing
+            self.skipped += len(values) - int(keep.sum())
+            values, labels, missing = values[keep], None if labels is None else labels[keep], None
+        windower = self._windower
+        windows = windower.push_block(values, labels, missing, NO_LABEL)
+        if not windows:
+            return []
+        infer = self._infer
+        fresh = windower.block_fresh
+        if fresh is None:
+            return [infer(window) for window in windows]
+        self._drift.update(fresh)  # the block's new samples at once (copied: no window is kept for drift)
+        return [infer(window, False) for window in windows]
+
     def take_alerts(self) -> list[AlertDetail]:
         """The alert events raised since the last call, for ``Agent.event("alert", detail)``."""
         alerts, self.alerts = self.alerts, []
         return alerts
 
-    def take_batch(self, device: str, seq: int, ts: float, skipped_by_source: int) -> TelemetryBatch:
-        """The statistics since the previous batch; the counters start again from zero."""
+    def take_batch(self, device: str, seq: int, ts: float, skipped_by_source: int) -> TelemetryReport:
+        """The statistics since the previous batch; the counters start again from zero. ``ts``: seconds since
+        the epoch (it also paces the hourly hard-example budget)."""
         windower = self._windower
+        hard = self._hard.take(ts)
         batch = self.stats.batch(
             device, seq, ts, skipped_by_source + self.skipped,
             imputed=windower.imputed - self._reported_imputed,
             incomplete=windower.dropped - self._reported_incomplete,
-            drift=self._drift.snapshot(), hard_examples=self._hard.take(),
+            drift=self._drift.snapshot(), hard_examples=hard, hard_left_out=self._hard.last_left_out,
             escalations=self.escalator.take_counts() if self.escalator else None)
         self._reported_imputed, self._reported_incomplete = windower.imputed, windower.dropped
         self.stats = WindowStats(self.model.ref, shadow_model=self.shadow.ref if self.shadow else None)
@@ -180,49 +216,54 @@ class InferencePipeline:
                 or bool(self.stats.alerts))
 
     # one window ---------------------------------------------------------------------------------
-    def _infer(self, window: Window) -> Outcome:
-        if window.samples is not None and window.fresh:
+    def _infer(self, window: Window, drift: bool = True) -> Outcome:
+        x = window.x
+        if drift and window.fresh and window.samples is not None:
             self._drift.update_window(window.samples, window.fresh)
-        started = time.perf_counter()
+        clock = time.perf_counter
+        started = clock()
         try:
-            output = self.model.runner.run(window.x)
+            output = self._run(x)
         except ModelError as exc:
             log.warning("inference failed on %s: %s", self.model.ref, exc)
             self.stats.errors += 1
-            return Outcome(None, 0.0, (time.perf_counter() - started) * 1000.0, failed=True)
-        latency_ms = (time.perf_counter() - started) * 1000.0
+            return Outcome(None, 0.0, (clock() - started) * 1000.0, failed=True)
+        latency_ms = (clock() - started) * 1000.0
         probs = output[0]
         best, top, finite = _top(probs)
         if not finite:
             self.stats.errors += 1
             return Outcome(None, 0.0, latency_ms, failed=True)
         thresholds = self.thresholds
-        labels = self._labels
+        score: float | None = None
         if probs.size == 1:  # an anomaly detector: its output is the score
             anomalous = thresholds.anomaly_score is not None and top >= thresholds.anomaly_score
-            score: float | None = top
+            score = top
             predicted, confidence, hard = ("anomaly" if anomalous else "normal"), 1.0, False
         else:
+            labels = self._labels
             predicted = labels[best] if best < len(labels) else str(best)
             confidence = top
-            hard = thresholds.is_hard(confidence, probs)
-            score = None
-        truth = None
-        if window.label is not None and 0 <= window.label < len(self._truth_names):
-            truth = self._truth_names[window.label]
-        self.stats.record(predicted, confidence, latency_ms, truth)
-        if thresholds.min_confidence is not None and confidence < thresholds.min_confidence:
-            self.stats.uncertain += 1
+            hard = confidence < self._hard_below or (self._hard_extra and thresholds.is_hard(confidence, probs))
+        label = window.label
+        truth = self._truth_names[label] if label is not None and 0 <= label < len(self._truth_names) else None
+        stats = self.stats
+        stats.record(predicted, confidence, latency_ms, truth)
+        min_confidence = thresholds.min_confidence
+        if min_confidence is not None and confidence < min_confidence:
+            stats.uncertain += 1
+        if not (hard or self.shadow is not None or self._alerting):  # the common case: nothing more to do
+            return Outcome(predicted, confidence, latency_ms)
         decision, decided_confidence, upstream = predicted, confidence, False
         if hard:
-            self._hard.offer(window.x, predicted, confidence, time.time())
+            self._hard.offer(x, predicted, confidence, time.time())
             if self.escalator is not None:
-                answer = self.escalator.resolve(window.x, self.model.ref, predicted, confidence)
+                answer = self.escalator.resolve(x, self.model.ref, predicted, confidence)
                 if answer is not None:
                     decision, decided_confidence, upstream = answer.label, answer.confidence, True
         if self.shadow is not None:
-            self._run_shadow(window.x)
-        alert = self._check_alert(window, decision, decided_confidence, score)
+            self._run_shadow(x)
+        alert = self._check_alert(window, decision, decided_confidence, score) if self._alerting else None
         return Outcome(decision, decided_confidence, latency_ms, upstream=upstream, alert=alert)
 
     def _check_alert(self, window: Window, decision: str, confidence: float, score: float | None) -> str | None:

@@ -1,20 +1,56 @@
-"""A verified bundle made ready to run: manifest, runner and preprocessing, with its health check."""
+"""A verified bundle made ready to run: what the loop needs of its manifest, its runner and preprocessing.
+
+The agent keeps a :class:`ModelInfo` (the manifest fields inference uses, read from the verified canonical
+manifest bytes) rather than the pydantic ``Manifest``, so the running agent does not load pydantic.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import json
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
 
-from edgefleet.core.manifest import Manifest
-from edgefleet.core.update import AcceptedBundle
+from edgefleet.errors import BundleError
 from edgefleet.runtime.preprocess import WindowSpec
 from edgefleet.runtime.runner import OnnxRuntimeRunner, Runner
+
+if TYPE_CHECKING:
+    from edgefleet.core.update import AcceptedBundle
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """The manifest fields the inference loop reads (a verified manifest's, never parsed before verification)."""
+
+    name: str
+    version: str
+    release: int
+    labels: list[str] = field(default_factory=list)
+    preprocess: dict[str, Any] = field(default_factory=dict)
+    thresholds: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def ref(self) -> str:
+        return f"{self.name}@{self.version}"
+
+    @classmethod
+    def from_bytes(cls, manifest: bytes) -> ModelInfo:
+        """From the canonical manifest JSON that the signature covered."""
+        try:
+            data = json.loads(manifest)
+            return cls(name=str(data["name"]), version=str(data["version"]), release=int(data["release"]),
+                       labels=[str(label) for label in data.get("labels", [])],
+                       preprocess=dict(data.get("preprocess", {})),
+                       thresholds={str(k): float(v) for k, v in dict(data.get("thresholds", {})).items()})
+        except (ValueError, KeyError, TypeError) as exc:
+            raise BundleError(f"manifest is malformed: {exc}", reason="malformed") from exc
 
 
 @dataclass(frozen=True)
 class LoadedModel:
     """The model the inference loop runs."""
 
-    manifest: Manifest
+    manifest: ModelInfo
     sha256: str
     runner: Runner
     window: WindowSpec
@@ -26,5 +62,10 @@ class LoadedModel:
 
 def load_model(accepted: AcceptedBundle) -> LoadedModel:
     """Build the runner and preprocessing for an accepted bundle (the model bytes are already verified)."""
-    window = WindowSpec.from_manifest(accepted.manifest.preprocess)
-    return LoadedModel(accepted.manifest, accepted.sha256, OnnxRuntimeRunner(accepted.model), window)
+    return make_model(ModelInfo.from_bytes(accepted.manifest.canonical_bytes()), accepted.sha256, accepted.model)
+
+
+def make_model(info: ModelInfo, sha256: str, model: bytes) -> LoadedModel:
+    """Build the runner and preprocessing for verified model bytes and their manifest."""
+    window = WindowSpec.from_manifest(info.preprocess)
+    return LoadedModel(info, sha256, OnnxRuntimeRunner(model), window)

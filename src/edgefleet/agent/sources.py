@@ -9,11 +9,15 @@
 
 A missing value is NaN (JSON null or NaN, an empty CSV cell); a reading with one is skipped and counted unless
 ``allow_missing`` is set (by a pipeline whose preprocessing imputes), then passed on with ``missing=True``.
+
+Two ways to read a source, validated alike: :meth:`SensorSource.readings` (one :class:`Reading` per sample) and
+:meth:`SensorSource.blocks` (a :class:`Block` of consecutive samples as one array, checked with one vectorized
+pass). A source that holds its samples as arrays (a replay, a synthetic signal, a sensor FIFO) yields blocks
+of whatever is due at once; any other source yields one-sample blocks.
 """
 
 from __future__ import annotations
 
-import csv
 import io
 import json
 import math
@@ -41,6 +45,23 @@ class Reading:
     """True when some values are NaN (passed on only to a pipeline that imputes)."""
 
 
+NO_LABEL = -(2**62)
+"""A block's label for a sample whose label is unknown."""
+
+
+@dataclass(frozen=True)
+class Block:
+    """Consecutive samples: ``values`` [n, channels] float32, ``labels`` [n] int64 (:data:`NO_LABEL` where a
+    sample has none; None when no sample has one), ``missing`` [n] bool (samples passed on with NaN)."""
+
+    values: np.ndarray
+    labels: np.ndarray | None = None
+    missing: np.ndarray | None = None
+
+    def __len__(self) -> int:
+        return len(self.values)
+
+
 class SensorSource(ABC):
     """A stream of readings. ``readings`` validates each one; malformed input is skipped and counted."""
 
@@ -54,6 +75,47 @@ class SensorSource(ABC):
     @abstractmethod
     def _raw(self) -> Iterator[Reading | None]:
         """Yield readings, or None for a record that could not be parsed."""
+
+    def _raw_blocks(self) -> Iterator[Block] | None:
+        """Yield unvalidated blocks [n, channels] (a source holding its samples as arrays); None: this source
+        has readings only."""
+        return None
+
+    def blocks(self) -> Iterator[Block]:
+        """Yield the well-formed samples as blocks, validated as :meth:`readings` does, row by row."""
+        raw = self._raw_blocks()
+        if raw is None:
+            for reading in self.readings():
+                labels = None if reading.label is None else np.array([reading.label], dtype=np.int64)
+                yield Block(reading.values[np.newaxis], labels,
+                            np.ones(1, dtype=bool) if reading.missing else None)
+            return
+        for block in raw:
+            checked = self._check_block(block)
+            if checked is not None:
+                yield checked
+
+    def _check_block(self, block: Block) -> Block | None:
+        values = block.values
+        n = len(values)
+        if values.ndim != 2 or not values.shape[1]:
+            self.skipped += n
+            return None
+        if math.isfinite(values.sum()):  # the common case: every value finite (a NaN or an infinity makes the
+            return block                 # sum non-finite)
+        finite = np.isfinite(values)
+        whole = finite.all(axis=1)
+        if whole.all():  # the sum of squares overflowed
+            return block
+        partial = finite.any(axis=1) & ~whole if self.allow_missing else np.zeros(n, dtype=bool)
+        keep = whole | partial
+        self.skipped += int(n - keep.sum())
+        self.partial += int(partial.sum())
+        if not keep.any():
+            return None
+        kept = np.where(finite, values, np.nan).astype(np.float32)[keep]
+        labels = None if block.labels is None else block.labels[keep]
+        return Block(kept, labels, partial[keep] if partial.any() else None)
 
     def readings(self) -> Iterator[Reading]:
         """Yield every well-formed reading (a 1-D array of finite values, or with ``allow_missing`` some NaN, an
@@ -92,6 +154,22 @@ class Pacer:
         self._clock, self._sleep = clock, sleep
         self._start: float | None = None
         self._emitted = 0
+
+    def take(self, most: int) -> int:
+        """Sleep until the next item is due; return how many are due now (at least 1, at most ``most``)."""
+        if not self._period:
+            self._emitted += most
+            return most
+        if self._start is None:
+            self._start = self._clock()
+        now = self._clock()
+        due = int((now - self._start) / self._period) + 1 - self._emitted
+        if due < 1:
+            self._sleep(self._start + self._emitted * self._period - now)
+            due = 1
+        due = min(due, most)
+        self._emitted += due
+        return due
 
     def wait(self) -> None:
         """Sleep until the next item is due."""
@@ -132,6 +210,21 @@ class ReplaySource(SensorSource):
             if not self._loop:
                 return
 
+    def _raw_blocks(self) -> Iterator[Block]:
+        """The samples due at once, up to one recording at a time (every sample at full speed)."""
+        pacer = Pacer(self._rate, self._clock, self._sleep)
+        label_rows = {label: np.full(self._samples.shape[1], label, dtype=np.int64) for label in set(self._labels)}
+        while True:
+            for recording, label in zip(self._samples, self._labels, strict=True):
+                labels = label_rows[label]
+                start, length = 0, len(recording)
+                while start < length:
+                    n = pacer.take(length - start)
+                    yield Block(recording[start : start + n], labels[start : start + n])
+                    start += n
+            if not self._loop:
+                return
+
 
 class JsonLinesSource(SensorSource):
     """``{"values": [...], "label": 2}`` per line; anything else on a line is a skipped record."""
@@ -155,6 +248,8 @@ class CsvSource(SensorSource):
         self._stream = stream
 
     def _raw(self) -> Iterator[Reading | None]:
+        import csv
+
         label_col: int | None = None
         for row_number, row in enumerate(csv.reader(self._stream)):
             if not row:

@@ -16,16 +16,21 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 from edgefleet.agent.fetch import Fetcher
 from edgefleet.agent.healthcheck import DEFAULT_COMMAND, run_health_check
 from edgefleet.agent.model import LoadedModel, load_model
 from edgefleet.agent.state import AgentState, Slot
-from edgefleet.bundle.delta import apply as apply_delta
-from edgefleet.core.update import AcceptedBundle, TrustState, decide
 from edgefleet.errors import BundleError, EdgefleetError, TransportError
-from edgefleet.transport.messages import ModelRef
+from edgefleet.transport.messages import ModelTarget
 from edgefleet.transport.retry import Backoff
+
+if TYPE_CHECKING:  # loaded when an update is verified, not before: the idle agent stays small
+    from edgefleet.core.update import AcceptedBundle, TrustState
+    from edgefleet.transport.messages import ModelRef
+
+    Target = ModelRef | ModelTarget
 
 log = logging.getLogger(__name__)
 
@@ -76,7 +81,7 @@ class Updater:
         self._wake.set()
         self._thread.join(timeout=10)
 
-    def request(self, target: ModelRef | None, shadow: ModelRef | None = None) -> None:
+    def request(self, target: Target | None, shadow: Target | None = None) -> None:
         """Record the desired model (and shadow candidate); the update thread takes it from there."""
         active = self._state.slot("active")
         if target is None or (active is not None and active.sha256 == target.sha256):
@@ -88,7 +93,7 @@ class Updater:
             self._step("idle", error=f"{target.ref} was rolled back on this device; not installing it again",
                        refused=target.ref, reason="failed_before")
         else:
-            self._state.put(PENDING_KEY, target.model_dump(mode="json"))
+            self._state.put(PENDING_KEY, _target_json(target))
         current_shadow = self._state.slot("shadow")
         if shadow is None or (current_shadow is not None and current_shadow.sha256 == shadow.sha256):
             self._state.put(SHADOW_KEY, None)
@@ -97,7 +102,7 @@ class Updater:
                 self._set_shadow(None)
                 self._changed()
         else:
-            self._state.put(SHADOW_KEY, shadow.model_dump(mode="json"))
+            self._state.put(SHADOW_KEY, _target_json(shadow))
         self._wake.set()
 
     def remember_failed(self, sha256: str) -> None:
@@ -115,9 +120,9 @@ class Updater:
             pending, shadow = self._state.get(PENDING_KEY), self._state.get(SHADOW_KEY)
             try:
                 if pending:
-                    self.install(ModelRef.model_validate(pending))
+                    self.install(ModelTarget.from_wire(pending))
                 elif shadow:
-                    self.install_shadow(ModelRef.model_validate(shadow))
+                    self.install_shadow(ModelTarget.from_wire(shadow))
                 backoff.reset()
                 delay = 0.0 if (self._state.get(PENDING_KEY) or self._state.get(SHADOW_KEY)) else None
             except TransportError as exc:  # the network: try again later, keep the partial download
@@ -125,7 +130,7 @@ class Updater:
                 self._step("idle", error=str(exc))
                 delay = backoff.next_delay()
 
-    def install(self, target: ModelRef) -> None:
+    def install(self, target: Target) -> None:
         """One update attempt. Refusals are final for this target; transport errors propagate for a retry."""
         try:
             accepted = self._verified(target)
@@ -142,7 +147,7 @@ class Updater:
         except EdgefleetError as exc:
             self._refuse(target, exc, PENDING_KEY)
 
-    def install_shadow(self, target: ModelRef) -> None:
+    def install_shadow(self, target: Target) -> None:
         """Verify and health-check a shadow candidate; it then runs beside the active model and only reports."""
         try:
             accepted = self._verified(target)
@@ -156,7 +161,7 @@ class Updater:
         except EdgefleetError as exc:
             self._refuse(target, exc, SHADOW_KEY)
 
-    def _verified(self, target: ModelRef) -> AcceptedBundle:
+    def _verified(self, target: Target) -> AcceptedBundle:
         stored = self._state.bundle_path(target.sha256)
         data = stored.read_bytes() if stored.exists() else self._download(target)
         self._step("verifying", target=target.ref)
@@ -167,19 +172,23 @@ class Updater:
             order = base64.b64decode(target.rollback_order, validate=True) if target.rollback_order else None
         except (binascii.Error, ValueError) as exc:
             raise BundleError("rollback order is not base64", reason="malformed") from exc
+        from edgefleet.core.update import decide
+
         accepted = decide(data, self._trust(), rollback_order=order,
                           allow_rollback=previous is not None and previous.sha256 == target.sha256)
         if not stored.exists():
             self._state.save_bundle(accepted.sha256, data)
         return accepted
 
-    def _download(self, target: ModelRef) -> bytes:
+    def _download(self, target: Target) -> bytes:
         """The delta against the active bundle when one is offered and applies cleanly; else the whole bundle."""
         self._step("downloading", target=target.ref)
         downloads = self._state.data_dir / "downloads"
         active = self._state.slot("active")
         if target.delta_url and active is not None and active.sha256 == target.delta_base_sha256:
             part = downloads / f"{target.sha256}.delta.part"
+            from edgefleet.bundle.delta import apply as apply_delta
+
             try:
                 delta = self._fetcher.fetch(target.delta_url, part, target.delta_size or target.size)
                 rebuilt = apply_delta(self._state.bundle_path(active.sha256).read_bytes(), delta)
@@ -196,7 +205,7 @@ class Updater:
         part.unlink(missing_ok=True)
         return data
 
-    def _checked(self, accepted: AcceptedBundle, target: ModelRef) -> LoadedModel:
+    def _checked(self, accepted: AcceptedBundle, target: Target) -> LoadedModel:
         self._step("health_checking", target=target.ref)
         latency = run_health_check(accepted.model, accepted.manifest, self._state.data_dir / "health",
                                    timeout_s=self._health.timeout_s,
@@ -204,7 +213,7 @@ class Updater:
         log.info("%s passed its health check (%.3f ms per window)", target.ref, latency)
         return load_model(accepted)
 
-    def _refuse(self, target: ModelRef, exc: EdgefleetError, key: str) -> None:
+    def _refuse(self, target: Target, exc: EdgefleetError, key: str) -> None:
         reason = getattr(exc, "reason", None) or type(exc).__name__
         log.warning("refused %s (%s): %s", target.ref, reason, exc)
         if key == PENDING_KEY:
@@ -223,6 +232,11 @@ class Updater:
         self._event(name, {**detail, "error": error} if error else dict(detail))
         self._changed()
         _fault_pause(step)
+
+
+def _target_json(target: Target) -> dict[str, Any]:
+    """A target (``ModelRef`` or :class:`ModelTarget`) as the JSON the pending update is kept as."""
+    return {name: getattr(target, name) for name in ModelTarget.__dataclass_fields__}
 
 
 def _fault_pause(step: str) -> None:

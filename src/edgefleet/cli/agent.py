@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import dataclasses
 import json
-import signal
+import os
+import sys
 from pathlib import Path
-from types import FrameType
 from typing import Annotated
 
 import typer
@@ -27,7 +26,8 @@ def agent(ctx: typer.Context,
           server: Annotated[str | None, typer.Option(help="control plane URL (default: from credentials)")] = None,
           device_id: Annotated[str | None, typer.Option(help="must match the credentials")] = None,
           duration: Annotated[float | None, typer.Option(help="stop after this many seconds")] = None,
-          telemetry_interval: Annotated[float, typer.Option(help="seconds between telemetry batches")] = 2.0,
+          telemetry_interval: Annotated[float, typer.Option(
+              help="seconds between telemetry batches (a short one for demos and tests)")] = 300.0,
           upstream: Annotated[str | None, typer.Option(
               help="edgefleet serve-model URL: uncertain windows are escalated to it")] = None,
           escalate_below: Annotated[float | None, typer.Option(
@@ -45,34 +45,20 @@ def agent(ctx: typer.Context,
     if missing:
         raise ConfigError(f"edgefleet agent needs {', '.join(missing)}")
     assert credentials is not None and data_dir is not None and source is not None
-    from edgefleet.agent.agent import Agent
-    from edgefleet.agent.config import load_config
-    from edgefleet.agent.sources import open_source
-    from edgefleet.cli import setup_logging
-
-    setup_logging()
-    config = load_config(credentials, data_dir, device_id=device_id, server_url=server,
-                         telemetry_interval_s=telemetry_interval)
     if upstream is not None and not upstream.startswith(("http://", "https://")):
         raise ConfigError(f"--upstream must be an http(s) URL, got {upstream!r}")
-    config = dataclasses.replace(config, upstream_url=upstream, escalate_below=escalate_below,
-                                 escalation_deadline_s=escalation_deadline, escalation_rate_per_s=escalation_rate)
-    stream = open_source(source)
-    device = Agent(config)
+    from edgefleet.agent.main import command, main
 
-    def _stop(_signum: int, _frame: FrameType | None) -> None:
-        device.request_stop()
-        close = getattr(stream, "close", None)  # an idle source (MQTT) would otherwise wait for its next reading
-        if callable(close):
-            close()
-
-    signal.signal(signal.SIGTERM, _stop)
-    signal.signal(signal.SIGINT, _stop)
-    device.start()
-    try:
-        device.run(stream, duration)
-    finally:
-        device.stop()
+    argv = command(credentials, data_dir, source, server=server, device_id=device_id, duration=duration,
+                   telemetry_interval=telemetry_interval, upstream=upstream, escalate_below=escalate_below,
+                   escalation_deadline=escalation_deadline, escalation_rate=escalation_rate)
+    # The agent runs for the device's uptime: it replaces this process (same pid, signals and all) with one
+    # that does not hold the CLI's modules (typer, rich) in memory. Without exec, it runs here.
+    if os.name == "posix":
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os.execv(argv[0], argv)
+    raise typer.Exit(main(argv[3:]))
 
 
 @agent_app.command("status")

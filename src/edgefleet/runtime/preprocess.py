@@ -128,6 +128,9 @@ class StreamWindower:
         self._imputing = spec.missing is not None
         self._max_filled = int(spec.missing.max_fraction * spec.window * spec.channels) if spec.missing else 0
         self._hold = spec.missing is not None and spec.missing.strategy == "hold"
+        self.block_fresh: np.ndarray | None = None
+        """After :meth:`push_block`: the scaled samples [C, k] new in its windows (the union of each window's
+        ``fresh`` samples, in order); None when the block went row by row or gave no window."""
         self.reset()
 
     def reset(self) -> None:
@@ -184,6 +187,111 @@ class StreamWindower:
             x = step(x)
         return Window(x[np.newaxis], self._run_label if self._run >= width else None, scaled,
                       since if since < width else width, self._filled_in_window)
+
+    def push_block(self, values: np.ndarray, labels: np.ndarray | None = None,
+                   missing: np.ndarray | None = None, no_label: int = -(2**62)) -> list[Window]:
+        """Add consecutive samples [n, channels] at once: the windows :meth:`push` would give one by one, each
+        a view of one array scaled in one pass. ``labels`` [n] (``no_label`` where unknown), ``missing`` [n]
+        (rows with NaN). A spec that imputes goes row by row."""
+        n = len(values)
+        self.block_fresh = None
+        if self._imputing or missing is not None or n < 2:
+            label_list = labels.tolist() if labels is not None else [None] * n
+            missing_list = missing.tolist() if missing is not None else [False] * n
+            out = []
+            for i in range(n):
+                label = label_list[i]
+                window = self.push(values[i], None if label == no_label else label, missing_list[i])
+                if window is not None:
+                    out.append(window)
+            return out
+        width, hop = self._width, self._hop
+        # where windows end, in block rows (1-based): exactly where push would emit them
+        count, since = self._count, self._since_emit
+        ends: list[int] = []
+        fresh: list[int] = []
+        k = 0
+        while True:
+            need = max(hop - since, width - count, 1)
+            if k + need > n:
+                since += n - k
+                count += n - k
+                break
+            k += need
+            count += need
+            since += need
+            ends.append(k)
+            fresh.append(since if since < width else width)
+            since = 0
+        self._count, self._since_emit = count, since
+        # label runs: the run of equal labels ending at each row, carried over from the previous samples
+        window_labels = self._block_labels(labels, ends, no_label)
+        # the samples: the buffer's newest width - 1 rows, then the block
+        end = self._end
+        keep = min(end, width - 1)
+        joined = np.concatenate((self._buffer[end - keep : end], values.astype(np.float32, copy=False)))
+        tail = min(len(joined), width - 1)
+        self._buffer[:tail] = joined[len(joined) - tail :]
+        self._end = tail
+        m = len(ends)
+        if not m:
+            return []
+        # scale once, then cut every window from the scaled block (ends are ``hop`` apart after the first)
+        scaled_all = np.empty((self._channels, len(joined)), dtype=np.float32)
+        np.subtract(joined.T, self._mean_col, out=scaled_all)
+        np.divide(scaled_all, self._std_col, out=scaled_all)
+        first = keep + ends[0] - width  # joined row where the first window starts
+        item = scaled_all.itemsize
+        view = np.ndarray((m, self._channels, width), dtype=np.float32, buffer=scaled_all, offset=first * item,
+                          strides=(hop * item, scaled_all.shape[1] * item, item))
+        windows = view.copy()  # [m, C, W], C order: the runtime takes each window as it is
+        if hop <= width:  # the windows' new samples are one run of rows (with a longer hop, some are in none)
+            last = keep + ends[-1]
+            self.block_fresh = scaled_all[:, last - (ends[-1] - ends[0]) - fresh[0] : last]
+        features = self.spec.features
+        out = []
+        for i in range(m):
+            scaled = windows[i]
+            if features:
+                x = scaled
+                for step in features:
+                    x = step(x)
+                x = x[np.newaxis]
+            else:
+                x = windows[i : i + 1]
+            out.append(Window(x, window_labels[i], scaled, fresh[i], 0))
+        return out
+
+    def _block_labels(self, labels: np.ndarray | None, ends: list[int], no_label: int) -> list[int | None]:
+        """Each window's label (None unless its ``window`` samples share one), and the run carried on."""
+        width = self._width
+        if labels is None:
+            self._run_label, self._run = None, 0
+            return [None] * len(ends)
+        first, last = int(labels[0]), int(labels[-1])
+        carried = self._run if first == self._run_label else 0
+        if first == last and (labels == first).all():  # the common case: one label over the block
+            if first == no_label:
+                self._run_label, self._run = None, 0
+                return [None] * len(ends)
+            self._run_label, self._run = first, carried + len(labels)
+            return [first if carried + k >= width else None for k in ends]
+        n = len(labels)
+        row = np.arange(n)
+        change = np.empty(n, dtype=bool)
+        change[0] = True
+        np.not_equal(labels[1:], labels[:-1], out=change[1:])
+        starts = np.maximum.accumulate(np.where(change, row, 0))
+        runs = row - starts + 1
+        runs[starts == 0] += carried
+        out: list[int | None] = [None] * len(ends)
+        if ends:
+            at = np.asarray(ends) - 1
+            for i, (label, run) in enumerate(zip(labels[at].tolist(), runs[at].tolist(), strict=True)):
+                if run >= width and label != no_label:
+                    out[i] = label
+        self._run_label, self._run = (None, 0) if last == no_label else (last, int(runs[-1]))
+        return out
 
     def _fill(self, values: np.ndarray) -> tuple[np.ndarray, int]:
         spec = self.spec

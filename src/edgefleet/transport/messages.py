@@ -1,145 +1,238 @@
-"""Message schemas on the MQTT topics; both ends validate what they receive with these."""
+"""Messages on the MQTT topics: one decode entry, :func:`parse`, and the agent's light encoders.
+
+The schemas themselves (``TelemetryBatch``, ``DesiredState``, ``ReportedState``, ``Event``, ``ModelRef``, ...)
+are pydantic models in :mod:`edgefleet.transport.schemas`; importing them from here loads that module (and
+pydantic) on first use, so a process that never touches them (the edge agent) never pays pydantic's memory.
+
+The agent side stays light: it encodes its messages from plain mappings (:func:`encode`,
+:func:`encode_telemetry`) and decodes what the server sends into the small frozen dataclasses
+:class:`DesiredUpdate` and :class:`ModelTarget` (the same fields as ``DesiredState`` and ``ModelRef``), still
+through :func:`parse`: ``parse(DesiredUpdate, payload)`` checks the same schema without pydantic.
+
+Telemetry on the wire is compact JSON (:func:`encode_telemetry`): counters that are zero and mappings and lists
+that are empty are left out, since every reader treats them as zero (``TelemetryBatch``'s defaults, the
+store's ``merge_payloads`` and ``CohortStats.add_batch``). Two exceptions keep their meaning: with a shadow
+model the shadow counters are always sent (a missing ``shadow_agree`` reads as "not reported" to the rollout
+gates, not as zero), and ``escalations`` is always sent (an absent one reads as "this agent does not
+escalate", which makes the escalation gate unavailable rather than zero).
+"""
 
 from __future__ import annotations
 
-import time
-from typing import Literal, TypeVar
-
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+import json
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar, cast
 
 from edgefleet.errors import TransportError
 
+if TYPE_CHECKING:
+    from edgefleet.transport.schemas import (
+        DesiredState,
+        DriftStats,
+        Event,
+        HardExample,
+        ModelRef,
+        ReportedState,
+        TelemetryBatch,
+    )
+
+__all__ = ["MAX_MESSAGE_BYTES", "DesiredState", "DesiredUpdate", "DriftStats", "Event", "HardExample", "ModelRef",
+           "ModelTarget", "ReportedState", "TelemetryBatch", "encode", "encode_telemetry", "event_detail", "parse"]
+
 MAX_MESSAGE_BYTES = 256 * 1024
-M = TypeVar("M", bound=BaseModel)
+_SCHEMAS = frozenset({"DesiredState", "DriftStats", "Event", "HardExample", "ModelRef", "ReportedState",
+                      "TelemetryBatch"})
+T = TypeVar("T")
+
+# Telemetry fields always sent (the schema requires them, or absence means something else than zero).
+_TELEMETRY_KEPT = frozenset({"device", "seq", "ts", "model", "windows", "escalations"})
+_SHADOW_FIELDS = frozenset({"shadow_windows", "shadow_agree", "shadow_errors"})
 
 
-class _Message(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+def __getattr__(name: str) -> Any:
+    """The pydantic schemas, loaded on first use (PEP 562)."""
+    if name in _SCHEMAS:
+        from edgefleet.transport import schemas
 
-    def to_bytes(self) -> bytes:
-        """Compact JSON: fields with no value (None) are left out; the receiver reads them as absent."""
-        return self.model_dump_json(exclude_none=True).encode()
+        return getattr(schemas, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-class ModelRef(BaseModel):
-    """A model version as the device sees it: where to fetch it and what it must hash to."""
+class _Light(Protocol):
+    @classmethod
+    def from_wire(cls, data: Any) -> Any: ...
 
-    model_config = ConfigDict(frozen=True, extra="forbid")
+
+def parse(model: type[T], payload: bytes) -> T:
+    """Validate a payload as ``model`` (a schema, or a light agent-side class), raising TransportError with one
+    line for anything malformed."""
+    if len(payload) > MAX_MESSAGE_BYTES:
+        raise TransportError(f"message of {len(payload)} bytes is over the {MAX_MESSAGE_BYTES} limit")
+    name = getattr(model, "__name__", "message")
+    if hasattr(model, "from_wire"):
+        try:
+            return cast(T, cast(_Light, model).from_wire(json.loads(payload)))
+        except RecursionError as exc:
+            raise TransportError(f"malformed {name}: nested too deeply") from exc
+        except (ValueError, TypeError, KeyError) as exc:
+            raise TransportError(f"malformed {name}: {exc}") from exc
+    from pydantic import ValidationError
+
+    try:
+        return cast(T, cast(Any, model).model_validate_json(payload))
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(p) for p in first["loc"]) or name
+        raise TransportError(f"malformed {name}: {where}: {first['msg']}") from exc
+
+
+# -- encoding -------------------------------------------------------------------------------------------------
+def _dumps(data: Any) -> bytes:
+    try:
+        return json.dumps(data, separators=(",", ":"), allow_nan=False).encode()
+    except ValueError:  # a NaN or an infinity: null on the wire, as pydantic writes them
+        return json.dumps(_finite(data), separators=(",", ":"), allow_nan=False).encode()
+
+
+def _finite(value: Any) -> Any:
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_finite(v) for v in value]
+    return value
+
+
+def event_detail(detail: Mapping[str, Any]) -> dict[str, str | int | float | None]:
+    """An event's detail as its schema takes it: numbers, strings or null (a flag as 0/1, anything else as text)."""
+    out: dict[str, str | int | float | None] = {}
+    for key, value in detail.items():
+        if isinstance(value, bool):
+            out[str(key)] = int(value)
+        elif value is None or isinstance(value, str | int | float):
+            out[str(key)] = value
+        else:
+            out[str(key)] = str(value)
+    return out
+
+
+def encode(fields: Mapping[str, Any]) -> bytes:
+    """Compact JSON of a message; fields whose value is None are left out (the receiver reads them as absent)."""
+    return _dumps({k: v for k, v in fields.items() if v is not None})
+
+
+def encode_telemetry(fields: Mapping[str, Any]) -> bytes:
+    """Compact JSON of a telemetry batch: zero counters and empty collections left out (see the module
+    docstring for the fields always sent)."""
+    shadow = bool(fields.get("shadow_model"))
+    kept: dict[str, Any] = {}
+    for key, value in fields.items():
+        if key in _TELEMETRY_KEPT or (shadow and key in _SHADOW_FIELDS):
+            if value is not None or key == "model":
+                kept[key] = value
+            continue
+        empty = value is None or value == 0 or (isinstance(value, list | dict) and not value)
+        if not empty and (shadow or not key.startswith("shadow_")):
+            kept[key] = value
+    return _dumps(kept)
+
+
+# -- light agent-side decoding ----------------------------------------------------------------------------------
+def _obj(data: Any, what: str, allowed: frozenset[str]) -> dict[str, Any]:
+    if not isinstance(data, dict):
+        raise TypeError(f"{what} must be an object")
+    extra = set(data) - allowed
+    if extra:
+        raise ValueError(f"{what}: unexpected field {sorted(extra)[0]!r}")
+    return data
+
+
+def _str(data: dict[str, Any], key: str, default: str | None = None, *, required: bool = True) -> str | None:
+    value = data.get(key, default)
+    if value is None:
+        if required and key not in data:
+            raise KeyError(f"{key}: field required")
+        if required:
+            raise TypeError(f"{key}: must be a string")
+        return None
+    if not isinstance(value, str):
+        raise TypeError(f"{key}: must be a string")
+    return value
+
+
+def _int(data: dict[str, Any], key: str, *, required: bool = True, minimum: int | None = None) -> int | None:
+    if key not in data or data[key] is None:
+        if required:
+            raise KeyError(f"{key}: field required")
+        return None
+    value = data[key]
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise TypeError(f"{key}: must be an integer")
+    if minimum is not None and value < minimum:
+        raise ValueError(f"{key}: must be >= {minimum}")
+    return value
+
+
+@dataclass(frozen=True)
+class ModelTarget:
+    """The fields of ``ModelRef``, without pydantic: the model version a device is told to run."""
 
     name: str
     version: str
     release: int
     sha256: str
     size: int
-    url: str = Field(description="artifact URL, relative to the server's base URL")
-    delta_url: str | None = Field(default=None, description="weight-level delta from delta_base_sha256")
+    url: str
+    delta_url: str | None = None
     delta_base_sha256: str | None = None
-    delta_size: int | None = Field(default=None, ge=0)
-    rollback_order: str | None = Field(default=None, description="base64 signed order allowing a lower release")
+    delta_size: int | None = None
+    rollback_order: str | None = None
 
     @property
     def ref(self) -> str:
         return f"{self.name}@{self.version}"
 
+    @classmethod
+    def from_wire(cls, data: Any) -> ModelTarget:
+        d = _obj(data, "model", frozenset(cls.__dataclass_fields__))
+        return cls(name=cast(str, _str(d, "name")), version=cast(str, _str(d, "version")),
+                   release=cast(int, _int(d, "release")), sha256=cast(str, _str(d, "sha256")),
+                   size=cast(int, _int(d, "size")), url=cast(str, _str(d, "url")),
+                   delta_url=_str(d, "delta_url", required=False),
+                   delta_base_sha256=_str(d, "delta_base_sha256", required=False),
+                   delta_size=_int(d, "delta_size", required=False, minimum=0),
+                   rollback_order=_str(d, "rollback_order", required=False))
 
-class DesiredState(_Message):
-    """Server -> device (retained): which model to run, or None for no change requested."""
-
-    device: str
-    model: ModelRef | None = None
-    shadow: ModelRef | None = Field(default=None, description="candidate to run beside the model, reporting only")
-    statements: list[str] = Field(default_factory=list, description="base64 signed key rotations and revocations")
-    issued_at: float = Field(default_factory=time.time)
-
-
-class ReportedState(_Message):
-    """Device -> server (retained): the model it runs and where its update stands."""
-
-    device: str
-    agent_version: str
-    active: str | None = None
-    active_sha256: str | None = None
-    previous: str | None = None
-    shadow: str | None = None
-    update_state: str = "idle"
-    last_error: str | None = None
-    ts: float = Field(default_factory=time.time)
+    def to_wire(self) -> dict[str, Any]:
+        return {k: getattr(self, k) for k in self.__dataclass_fields__}
 
 
-class DriftStats(BaseModel):
-    """Input drift against the bundle's training statistics (see ``edgefleet.core.drift``)."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    n: int = Field(ge=0, description="scaled samples the statistics cover")
-    mean_z: list[float] = Field(default_factory=list, description="per channel: mean shift in training stds")
-    std_ratio: list[float] = Field(default_factory=list, description="per channel: std against training")
-    score: float = Field(default=0.0, description="max over channels of |mean_z| and |ln std_ratio|")
-    psi: float | None = Field(default=None, description="population stability index, with a reference histogram")
-
-
-class HardExample(BaseModel):
-    """One low-confidence model input kept for labelling: float16 little-endian bytes, base64, maybe zlib."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    predicted: str
-    confidence: float
-    shape: list[int]
-    encoding: Literal["f16", "f16+zlib"] = "f16"
-    data: str
-    ts: float = 0.0
-
-
-class TelemetryBatch(_Message):
-    """Device -> server (QoS 1): inference statistics since the previous batch."""
+@dataclass(frozen=True)
+class DesiredUpdate:
+    """The fields of ``DesiredState``, without pydantic: what the server wants a device to run."""
 
     device: str
-    seq: int = Field(ge=0)
-    ts: float
-    model: str | None = None
-    windows: int = Field(ge=0)
-    labelled: int = Field(ge=0, default=0)
-    correct: int = Field(ge=0, default=0)
-    classes: dict[str, int] = Field(default_factory=dict)
-    latency_ms: dict[str, int] = Field(default_factory=dict, description="LatencyHistogram buckets")
-    confidence: list[int] = Field(default_factory=list, description="CONFIDENCE_BINS counts")
-    skipped: int = Field(ge=0, default=0, description="sensor samples dropped as malformed")
-    errors: int = Field(ge=0, default=0, description="inference calls that failed")
-    shadow_model: str | None = Field(default=None, description="candidate running beside the active model")
-    shadow_windows: int = Field(ge=0, default=0)
-    shadow_agree: int = Field(ge=0, default=0, description="windows where the shadow predicted the same class")
-    shadow_errors: int = Field(ge=0, default=0)
-    shadow_latency_ms: dict[str, int] = Field(default_factory=dict)
-    outbox_dropped: int = Field(ge=0, default=0, description="queued messages dropped on overflow, since start")
-    imputed: int = Field(ge=0, default=0, description="missing sensor values filled in by the preprocessing")
-    incomplete: int = Field(ge=0, default=0, description="windows dropped for too many missing values")
-    uncertain: int = Field(ge=0, default=0, description="windows under the manifest's min_confidence")
-    alerts: dict[str, int] = Field(default_factory=dict, description="alert windows per reason (class or anomaly)")
-    drift: DriftStats | None = Field(default=None, description="input drift against the training statistics")
-    hard_examples: list[HardExample] = Field(default_factory=list, description="sampled low-confidence inputs")
-    escalations: dict[str, int] = Field(default_factory=dict,
-                                        description="tiered inference: sent, answered, late, failed, queued, ...")
+    model: ModelTarget | None = None
+    shadow: ModelTarget | None = None
+    statements: list[str] = field(default_factory=list)
+    issued_at: float = 0.0
 
-
-class Event(_Message):
-    """Device -> server (QoS 1): an update step, a refusal or an alert."""
-
-    device: str
-    seq: int = Field(ge=0)
-    ts: float = Field(default_factory=time.time)
-    kind: Literal["update", "alert", "agent"]
-    name: str
-    detail: dict[str, str | int | float | None] = Field(default_factory=dict)
-
-
-def parse(model: type[M], payload: bytes) -> M:
-    """Validate a payload, raising TransportError with one line for anything malformed."""
-    if len(payload) > MAX_MESSAGE_BYTES:
-        raise TransportError(f"message of {len(payload)} bytes is over the {MAX_MESSAGE_BYTES} limit")
-    try:
-        return model.model_validate_json(payload)
-    except ValidationError as exc:
-        first = exc.errors()[0]
-        where = ".".join(str(p) for p in first["loc"]) or model.__name__
-        raise TransportError(f"malformed {model.__name__}: {where}: {first['msg']}") from exc
+    @classmethod
+    def from_wire(cls, data: Any) -> DesiredUpdate:
+        d = _obj(data, "DesiredState", frozenset(cls.__dataclass_fields__))
+        statements = d.get("statements", [])
+        if not isinstance(statements, list) or not all(isinstance(s, str) for s in statements):
+            raise TypeError("statements: must be a list of strings")
+        issued = d.get("issued_at", 0.0)
+        if not isinstance(issued, int | float) or isinstance(issued, bool) or not math.isfinite(issued):
+            raise TypeError("issued_at: must be a number")
+        model, shadow = d.get("model"), d.get("shadow")
+        return cls(device=cast(str, _str(d, "device")),
+                   model=None if model is None else ModelTarget.from_wire(model),
+                   shadow=None if shadow is None else ModelTarget.from_wire(shadow),
+                   statements=list(statements), issued_at=float(issued))

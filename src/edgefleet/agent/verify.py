@@ -1,0 +1,138 @@
+"""Re-verifying the bundles the agent keeps when it starts, in a child process.
+
+At start the agent loads its active (and shadow) model again from disk, and checks it again exactly as it
+checked it when installing it: :func:`edgefleet.core.update.decide` (signature with the current keyring,
+revocations, release policy, member hashes, the ONNX safety check). That check needs ``cryptography``, pydantic
+and ``onnx``, which the running agent otherwise never uses; loaded once, they would stay resident for the
+process's life. So :func:`verify_stored` runs ``decide`` in a short-lived child process
+(``python -m edgefleet.agent.verify``: a JSON line on stdin, then the bundle bytes; one JSON line out), and
+the agent then takes the model and manifest from the very bytes the child accepted (their SHA-256 must match).
+When those modules are loaded in this process anyway (tests, tools), it runs ``decide`` here instead.
+
+An update that arrives later is verified in the agent process (by the updater), as before.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import subprocess
+import sys
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING, Any
+
+from edgefleet.agent.model import ModelInfo
+from edgefleet.bundle.container import MANIFEST, MODEL, Limits, read_container
+from edgefleet.bundle.signing import PublicKey
+from edgefleet.errors import BundleError, EdgefleetError
+
+if TYPE_CHECKING:
+    from edgefleet.core.update import TrustState
+
+COMMAND: tuple[str, ...] = (sys.executable, "-m", "edgefleet.agent.verify")
+
+
+@dataclass(frozen=True)
+class TrustSpec:
+    """What the device trusts, as plain data (the stored keyring JSON, the pinned keys, accepted releases)."""
+
+    pinned: tuple[PublicKey, ...]
+    keyring: str | None = None
+    highest_release: Mapping[str, int] = field(default_factory=dict)
+    hardware: str = "generic"
+    agent_version: str = "0.1.0"
+    device_id: str | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return {"pinned": [k.to_text() for k in self.pinned], "keyring": self.keyring,
+                "highest_release": dict(self.highest_release), "hardware": self.hardware,
+                "agent_version": self.agent_version, "device_id": self.device_id}
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> TrustSpec:
+        return cls(pinned=tuple(PublicKey.from_text(str(t)) for t in data["pinned"]), keyring=data.get("keyring"),
+                   highest_release={str(k): int(v) for k, v in dict(data.get("highest_release", {})).items()},
+                   hardware=str(data.get("hardware", "generic")),
+                   agent_version=str(data.get("agent_version", "0.1.0")), device_id=data.get("device_id"))
+
+
+def trust_state(spec: TrustSpec, *, accepted_before: bool = False) -> TrustState:
+    """The :class:`TrustState` new bundles are checked against; ``accepted_before`` admits retired keys for
+    bundles the device accepted earlier."""
+    from edgefleet.core.keys import Keyring
+    from edgefleet.core.update import TrustState
+
+    ring = Keyring.from_json(spec.keyring) if spec.keyring else Keyring()
+    ring = ring.with_pinned(spec.pinned)
+    state = TrustState.from_keyring(ring, highest_release=dict(spec.highest_release), hardware=spec.hardware,
+                                    agent_version=spec.agent_version, device_id=spec.device_id)
+    return replace(state, keys=ring.accepted_keys()) if accepted_before else state
+
+
+@dataclass(frozen=True)
+class Verified:
+    """A stored bundle accepted again: its manifest fields, SHA-256 and model bytes."""
+
+    info: ModelInfo
+    sha256: str
+    model: bytes
+
+
+def verify_stored(data: bytes, spec: TrustSpec, *, in_process: bool | None = None, timeout_s: float = 120.0,
+                  command: Sequence[str] = COMMAND) -> Verified:
+    """Accept a bundle the device accepted before (rollback allowed) or raise BundleError (with its reason).
+
+    ``in_process``: None runs the check here only if ``edgefleet.core.update`` is already imported.
+    """
+    if in_process is None:
+        in_process = "edgefleet.core.update" in sys.modules
+    if in_process:
+        from edgefleet.core.update import decide
+
+        accepted = decide(data, trust_state(spec, accepted_before=True), allow_rollback=True)
+        return Verified(ModelInfo.from_bytes(accepted.manifest.canonical_bytes()), accepted.sha256, accepted.model)
+    request = json.dumps(spec.to_json()).encode() + b"\n" + data
+    try:
+        result = subprocess.run(list(command), input=request, capture_output=True, timeout=timeout_s, check=False)
+    except subprocess.TimeoutExpired as exc:
+        raise BundleError(f"verification gave no answer within {timeout_s:.0f} s", reason="verify_failed") from exc
+    except OSError as exc:
+        raise BundleError(f"cannot start the verification: {exc}", reason="verify_failed") from exc
+    try:
+        report = json.loads(result.stdout.decode().strip().splitlines()[-1])
+    except (ValueError, IndexError) as exc:
+        tail = result.stderr.decode(errors="replace").strip().splitlines()[-1:] or ["no output"]
+        raise BundleError(f"verification exited {result.returncode}: {tail[0][:200]}",
+                          reason="verify_failed") from exc
+    if not report.get("ok"):
+        raise BundleError(str(report.get("error", "refused")), reason=str(report.get("reason") or "refused"))
+    digest = hashlib.sha256(data).hexdigest()
+    if report.get("sha256") != digest:
+        raise BundleError("the verified bundle is not the one loaded", reason="hash_mismatch")
+    members = read_container(data, Limits())
+    if MODEL not in members:
+        raise BundleError("an encrypted model cannot be restored without its key", reason="decrypt_failed")
+    return Verified(ModelInfo.from_bytes(members[MANIFEST]), digest, members[MODEL])
+
+
+def main() -> int:
+    """The child: a JSON :class:`TrustSpec` line, then the bundle bytes, on stdin; one JSON line out."""
+    raw = sys.stdin.buffer.read()
+    head, _, data = raw.partition(b"\n")
+    try:
+        spec = TrustSpec.from_json(json.loads(head))
+        verified = verify_stored(data, spec, in_process=True)
+    except EdgefleetError as exc:
+        print(json.dumps({"ok": False, "reason": getattr(exc, "reason", None) or type(exc).__name__,
+                          "error": str(exc)}))
+        return 0
+    except (ValueError, KeyError, TypeError) as exc:
+        print(json.dumps({"ok": False, "reason": "malformed", "error": f"bad request: {exc}"}))
+        return 0
+    print(json.dumps({"ok": True, "sha256": verified.sha256, "model": verified.info.ref}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

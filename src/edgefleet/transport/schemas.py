@@ -1,0 +1,135 @@
+"""Message schemas on the MQTT topics (pydantic): the server validates what it receives with these.
+
+Import them from :mod:`edgefleet.transport.messages`, which loads this module (and pydantic) only when one of
+them is used, and whose :func:`~edgefleet.transport.messages.parse` is the one decode entry.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class _Message(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    def to_bytes(self) -> bytes:
+        """Compact JSON: fields with no value (None) are left out; the receiver reads them as absent."""
+        return self.model_dump_json(exclude_none=True).encode()
+
+
+class ModelRef(BaseModel):
+    """A model version as the device sees it: where to fetch it and what it must hash to."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    name: str
+    version: str
+    release: int
+    sha256: str
+    size: int
+    url: str = Field(description="artifact URL, relative to the server's base URL")
+    delta_url: str | None = Field(default=None, description="weight-level delta from delta_base_sha256")
+    delta_base_sha256: str | None = None
+    delta_size: int | None = Field(default=None, ge=0)
+    rollback_order: str | None = Field(default=None, description="base64 signed order allowing a lower release")
+
+    @property
+    def ref(self) -> str:
+        return f"{self.name}@{self.version}"
+
+
+class DesiredState(_Message):
+    """Server -> device (retained): which model to run, or None for no change requested."""
+
+    device: str
+    model: ModelRef | None = None
+    shadow: ModelRef | None = Field(default=None, description="candidate to run beside the model, reporting only")
+    statements: list[str] = Field(default_factory=list, description="base64 signed key rotations and revocations")
+    issued_at: float = Field(default_factory=time.time)
+
+
+class ReportedState(_Message):
+    """Device -> server (retained): the model it runs and where its update stands."""
+
+    device: str
+    agent_version: str
+    active: str | None = None
+    active_sha256: str | None = None
+    previous: str | None = None
+    shadow: str | None = None
+    update_state: str = "idle"
+    last_error: str | None = None
+    ts: float = Field(default_factory=time.time)
+
+
+class DriftStats(BaseModel):
+    """Input drift against the bundle's training statistics (see ``edgefleet.core.drift``)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    n: int = Field(ge=0, description="scaled samples the statistics cover")
+    mean_z: list[float] = Field(default_factory=list, description="per channel: mean shift in training stds")
+    std_ratio: list[float] = Field(default_factory=list, description="per channel: std against training")
+    score: float = Field(default=0.0, description="max over channels of |mean_z| and |ln std_ratio|")
+    psi: float | None = Field(default=None, description="population stability index, with a reference histogram")
+
+
+class HardExample(BaseModel):
+    """One low-confidence model input kept for labelling, base64: float16 little-endian (``f16``), or int8 times
+    ``scale`` (``i8``), either maybe zlib-compressed (``+zlib``)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    predicted: str
+    confidence: float
+    shape: list[int]
+    encoding: Literal["f16", "f16+zlib", "i8", "i8+zlib"] = "f16"
+    data: str
+    scale: float | None = Field(default=None, description="int8 encodings: value = int8 * scale")
+    ts: float = 0.0
+
+
+class TelemetryBatch(_Message):
+    """Device -> server (QoS 1): inference statistics since the previous batch."""
+
+    device: str
+    seq: int = Field(ge=0)
+    ts: float
+    model: str | None = None
+    windows: int = Field(ge=0)
+    labelled: int = Field(ge=0, default=0)
+    correct: int = Field(ge=0, default=0)
+    classes: dict[str, int] = Field(default_factory=dict)
+    latency_ms: dict[str, int] = Field(default_factory=dict, description="LatencyHistogram buckets")
+    confidence: list[int] = Field(default_factory=list, description="CONFIDENCE_BINS counts")
+    skipped: int = Field(ge=0, default=0, description="sensor samples dropped as malformed")
+    errors: int = Field(ge=0, default=0, description="inference calls that failed")
+    shadow_model: str | None = Field(default=None, description="candidate running beside the active model")
+    shadow_windows: int = Field(ge=0, default=0)
+    shadow_agree: int = Field(ge=0, default=0, description="windows where the shadow predicted the same class")
+    shadow_errors: int = Field(ge=0, default=0)
+    shadow_latency_ms: dict[str, int] = Field(default_factory=dict)
+    outbox_dropped: int = Field(ge=0, default=0, description="queued messages dropped on overflow, since start")
+    imputed: int = Field(ge=0, default=0, description="missing sensor values filled in by the preprocessing")
+    incomplete: int = Field(ge=0, default=0, description="windows dropped for too many missing values")
+    uncertain: int = Field(ge=0, default=0, description="windows under the manifest's min_confidence")
+    alerts: dict[str, int] = Field(default_factory=dict, description="alert windows per reason (class or anomaly)")
+    drift: DriftStats | None = Field(default=None, description="input drift against the training statistics")
+    hard_examples: list[HardExample] = Field(default_factory=list, description="sampled low-confidence inputs")
+    hard_left_out: int = Field(ge=0, default=0, description="hard inputs sampled but not sent (count/byte budget)")
+    escalations: dict[str, int] = Field(default_factory=dict,
+                                        description="tiered inference: sent, answered, late, failed, queued, ...")
+
+
+class Event(_Message):
+    """Device -> server (QoS 1): an update step, a refusal or an alert."""
+
+    device: str
+    seq: int = Field(ge=0)
+    ts: float = Field(default_factory=time.time)
+    kind: Literal["update", "alert", "agent"]
+    name: str
+    detail: dict[str, str | int | float | None] = Field(default_factory=dict)

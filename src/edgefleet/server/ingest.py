@@ -2,10 +2,11 @@
 
 gmqtt on its own asyncio thread. With MQTT 5 (Mosquitto), telemetry and events come through a shared
 subscription (``$share/edgefleet/...``) so that server replicas split them, and each message is acknowledged
-only after the database commit that stored it (manual PUBACK): a replica killed mid-batch leaves its
-messages unacknowledged in its persistent session, to be delivered again, and (device, seq) keys make the
-redelivery harmless. Messages are written in batches (one transaction per batch). Reported state is
-retained and shared subscriptions get no retained messages, so every replica subscribes to it directly.
+only after the database commit that stored it (manual PUBACKs, one write per batch: :mod:`edgefleet.server.acks`):
+a replica killed mid-batch leaves its messages unacknowledged in its persistent session, to be delivered again,
+and (device, seq) keys make the redelivery harmless. Messages are written in batches (one transaction per
+batch). Reported state is retained and shared subscriptions get no retained messages, so every replica
+subscribes to it directly.
 The embedded amqtt broker speaks only MQTT 3.1.1: plain subscriptions, acknowledged on receipt.
 
 Anything malformed, oversized, from an unknown or revoked device, or sent on another device's topic is
@@ -27,6 +28,7 @@ from gmqtt import Client, Subscription
 from gmqtt.mqtt.constants import MQTTv50, MQTTv311
 
 from edgefleet.errors import EdgefleetError, TransportError
+from edgefleet.server.acks import Ack, DeferredAcks
 from edgefleet.server.store import Store
 from edgefleet.transport import topics
 from edgefleet.transport.messages import Event, ReportedState, TelemetryBatch, parse
@@ -41,7 +43,6 @@ class _Item:
     channel: str
     device: str
     message: TelemetryBatch | Event | ReportedState
-    done: asyncio.Future[None] | None
     raw: bytes = b""
 
 
@@ -67,6 +68,8 @@ class Ingest:
         self._failed: BaseException | None = None
         self._stopping: asyncio.Event | None = None
         self._queue: list[_Item] = []
+        self._acks: list[Ack] = []  # every QoS 1 message received, stored or rejected, in the order it came
+        self._deferred: DeferredAcks | None = None
         self._wake: asyncio.Event | None = None
         self._devices: dict[str, bool] = {}
         self._unknown: dict[str, float] = {}
@@ -108,6 +111,8 @@ class Ingest:
             client.set_auth_credentials(self.endpoint.username, self.endpoint.password)
         client.on_connect = self._on_connect
         client.on_message = self._on_message
+        if self.mqtt5:
+            self._deferred = DeferredAcks(client, self._on_qos1)
         client.set_config({"reconnect_retries": -1, "reconnect_delay": 1})
         await client.connect(self.endpoint.host, self.endpoint.port, keepalive=30,
                              version=MQTTv50 if self.mqtt5 else MQTTv311)
@@ -119,7 +124,7 @@ class Ingest:
         try:
             client.unsubscribe([s.topic for s in self._subscriptions()])
             await asyncio.sleep(0.2)
-            while self._queue:
+            while self._queue or self._acks:
                 await asyncio.sleep(self.flush_s * 2)
             await asyncio.sleep(0.1)
         finally:
@@ -139,17 +144,24 @@ class Ingest:
         client.subscribe(self._subscriptions())
         self._connected.set()
 
-    async def _on_message(self, _client: Client, topic: str, payload: bytes, _qos: int, _props: object) -> int:
+    def _on_message(self, _client: Client, topic: str, payload: bytes, _qos: int, _props: object) -> int:
+        """A message gmqtt acknowledges itself (MQTT 3.1.1, QoS 0)."""
+        self._take(topic, payload)
+        return 0
+
+    def _on_qos1(self, topic: str, payload: bytes, ack: Ack) -> None:
+        """A QoS 1 message acknowledged after the commit of its batch (MQTT 5); a rejected one with that batch
+        too, so that acknowledgements keep the order of the messages."""
+        self._acks.append(ack)
+        self._take(topic, payload)
+
+    def _take(self, topic: str, payload: bytes) -> None:
         item = self.validate(topic, payload)
         if item is None:
-            return 0
-        loop = asyncio.get_running_loop()
-        item.done = loop.create_future()
+            return
         self._queue.append(item)
         if len(self._queue) >= self.batch_max and self._wake is not None:
             self._wake.set()
-        await item.done  # PUBACK after the commit (MQTT 5); stays unacknowledged if the server dies first
-        return 0
 
     async def _writer(self) -> None:
         assert self._wake is not None
@@ -165,9 +177,10 @@ class Ingest:
                     await loop.run_in_executor(None, self.refresh_devices)
                 except EdgefleetError as exc:
                     log.warning("cannot refresh the device list: %s", exc)
-            if not self._queue:
+            if not self._queue and not self._acks:
                 continue
             batch, self._queue = self._queue, []
+            acks, self._acks = self._acks, []
             delay = 0.1
             while True:
                 try:
@@ -177,9 +190,8 @@ class Ingest:
                     log.warning("ingest commit failed, retrying in %.1f s: %s", delay, exc)
                     await asyncio.sleep(delay)
                     delay = min(delay * 2, 5.0)
-            for item in batch:
-                if item.done is not None and not item.done.done():
-                    item.done.set_result(None)
+            if self._deferred is not None:  # stays unacknowledged if the server dies before this
+                self._deferred.send(acks)
 
     # validation and storage (also usable without a broker) -----------------------------------
     def handle(self, topic: str, payload: bytes) -> None:
@@ -218,7 +230,7 @@ class Ingest:
         if message.device != device:
             self._count("rejected_wrong_device")
             return None
-        return _Item(channel, device, message, None, payload)
+        return _Item(channel, device, message, payload)
 
     def commit(self, batch: list[_Item]) -> None:
         """Store a batch: telemetry in one transaction, then events and reported states."""

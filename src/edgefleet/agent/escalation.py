@@ -35,6 +35,7 @@ from typing import Protocol
 import numpy as np
 
 from edgefleet.agent.config import AgentConfig
+from edgefleet.agent.lean import allow_openssl
 from edgefleet.errors import TransportError
 
 log = logging.getLogger(__name__)
@@ -64,6 +65,7 @@ class HttpUpstream:
     """``POST {url}/v1/infer`` on an ``edgefleet serve-model`` service."""
 
     def __init__(self, url: str) -> None:
+        allow_openssl()  # httpx makes an SSL context for every client, http:// too (edgefleet.agent.lean)
         import httpx
 
         self.url = url.rstrip("/")

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Protocol
 
+from edgefleet.agent.lean import allow_openssl
 from edgefleet.errors import TransportError
 
 
@@ -24,6 +25,7 @@ class ArtifactFetcher:
 
     def fetch(self, url: str, part_file: Path, max_bytes: int) -> bytes:
         """Download ``url`` (relative to the server) into ``part_file``, resuming what is there; return it all."""
+        allow_openssl()  # httpx makes an SSL context for every client, http:// too (edgefleet.agent.lean)
         import httpx  # only when a download starts: the agent's resident memory stays small
 
         try:

@@ -2,7 +2,8 @@
 
 ``edgefleet agent`` parses and checks its options, then replaces itself (``exec``, same process id) with this
 entry, which imports only what the running agent needs: not typer, rich, pydantic, ``cryptography`` or
-``onnx``, whose memory would otherwise stay resident for the device's whole uptime. The options are those of
+``onnx``, whose memory would otherwise stay resident for the device's whole uptime; nor OpenSSL, unless its
+configuration speaks TLS or until it opens an HTTP client (:mod:`edgefleet.agent.lean`). The options are those of
 ``edgefleet agent``; an error is one line on stderr and the project's exit code, as the CLI prints them.
 """
 
@@ -15,6 +16,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from types import FrameType
 
+from edgefleet.agent import lean
 from edgefleet.agent.config import DEFAULT_TELEMETRY_INTERVAL_S
 from edgefleet.errors import ConfigError, EdgefleetError
 
@@ -87,9 +89,7 @@ def command(credentials: Path, data_dir: Path, source: str, *, server: str | Non
 
 
 def run(args: Options) -> None:
-    from edgefleet.agent.agent import Agent
     from edgefleet.agent.config import load_config
-    from edgefleet.agent.sources import open_source
 
     if args.upstream is not None and not str(args.upstream).startswith(("http://", "https://")):
         raise ConfigError(f"--upstream must be an http(s) URL, got {args.upstream!r}")
@@ -98,6 +98,11 @@ def run(args: Options) -> None:
     config = dataclasses.replace(config, upstream_url=args.upstream, escalate_below=args.escalate_below,
                                  escalation_deadline_s=args.escalation_deadline,
                                  escalation_rate_per_s=args.escalation_rate)
+    if lean.needs_openssl((config.server_url, config.upstream_url, config.mqtt.url, args.source)):
+        lean.allow_openssl()  # TLS from the start: before paho-mqtt (imported below) looks for ssl
+    from edgefleet.agent.agent import Agent
+    from edgefleet.agent.sources import open_source
+
     stream = open_source(args.source)
     device = Agent(config)
 

@@ -17,6 +17,33 @@ from edgefleet.transport.mqtt_url import MqttEndpoint
 
 log = logging.getLogger(__name__)
 
+
+class _NoTls:
+    """What paho-mqtt gets as its ``ssl`` module where it was imported without one (see :func:`_plain_sockets`)."""
+
+    class SSLWantReadError(OSError):
+        """Raised only by a TLS socket: never, here."""
+
+    class SSLWantWriteError(OSError):
+        """Raised only by a TLS socket: never, here."""
+
+
+def _plain_sockets() -> None:
+    """Make paho-mqtt's socket reads and writes safe where ``ssl`` could not be imported.
+
+    paho imports ``ssl`` optionally (``ssl = None`` without it; ``tls_set`` then refuses), but every socket read
+    and write names ``ssl.SSLWantReadError`` and ``ssl.SSLWantWriteError`` in its except clauses. With ``ssl``
+    None, the first socket error there (a connection reset by the broker, a full send buffer) becomes an
+    AttributeError that ends paho's network thread for good: no more reconnects. That is the case in the agent
+    process, which keeps OpenSSL out of memory (:mod:`edgefleet.agent.lean`). Without ``ssl`` no connection of
+    this client is TLS, so those two errors cannot occur: stand-ins that nothing raises make the clauses inert.
+    """
+    if getattr(mqtt, "ssl", True) is None:
+        setattr(mqtt, "ssl", _NoTls)  # noqa: B010  # mypy: paho does not export its ``ssl``
+
+
+_plain_sockets()
+
 MessageHandler = Callable[[str, bytes], None]
 AckHandler = Callable[[int], None]
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import os
 import shutil
 import subprocess
 import threading
@@ -56,31 +57,56 @@ class SecuredBroker:
 HASHES = {d: hash_password(p) for d, p in PASSWORDS.items()}
 
 
+@contextlib.contextmanager
+def secured_mosquitto(root: Path) -> Iterator[SecuredBroker]:
+    """Mosquitto with the password file and ACL the server writes, the two devices provisioned."""
+    mosquitto = SecureMosquitto(root / "mosquitto", SERVER_PASSWORD)
+    mosquitto.start()
+    try:
+        secured = SecuredBroker("mosquitto", mosquitto.host, mosquitto.endpoint.port,
+                                BrokerAccess(mosquitto.auth_dir, SERVER_PASSWORD))
+        secured.provision()
+        yield secured
+    finally:
+        mosquitto.stop()
+
+
+@contextlib.contextmanager
+def secured_embedded(root: Path) -> Iterator[SecuredBroker]:
+    """The embedded broker on the same password file and rules, the two devices provisioned."""
+    access = BrokerAccess(root / "auth", SERVER_PASSWORD)
+    access.sync([])
+    embedded = EmbeddedBroker(root / "amqtt", password_file=access.passwd_path, login=(SERVER_USER, SERVER_PASSWORD))
+    endpoint = embedded.start()
+    try:
+        secured = SecuredBroker("embedded", endpoint.host, endpoint.port, access)
+        secured.provision()
+        yield secured
+    finally:
+        embedded.stop()
+
+
 @pytest.fixture(params=["mosquitto", "embedded"])
 def broker(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[SecuredBroker]:
     if request.param == "mosquitto":
         request.getfixturevalue("mosquitto_binary")
-        mosquitto = SecureMosquitto(tmp_path / "mosquitto", SERVER_PASSWORD)
-        mosquitto.start()
-        access = BrokerAccess(mosquitto.auth_dir, SERVER_PASSWORD)
-        secured = SecuredBroker("mosquitto", mosquitto.host, mosquitto.endpoint.port, access)
-        secured.provision()
-        try:
+        with secured_mosquitto(tmp_path) as secured:
             yield secured
-        finally:
-            mosquitto.stop()
-        return
-    access = BrokerAccess(tmp_path / "auth", SERVER_PASSWORD)
-    access.sync([])
-    embedded = EmbeddedBroker(tmp_path / "amqtt", password_file=access.passwd_path,
-                              login=(SERVER_USER, SERVER_PASSWORD))
-    endpoint = embedded.start()
-    secured = SecuredBroker("embedded", endpoint.host, endpoint.port, access)
-    secured.provision()
-    try:
+    else:
+        with secured_embedded(tmp_path) as secured:
+            yield secured
+
+
+@pytest.fixture
+def mosquitto_secured(mosquitto_binary: Path, tmp_path: Path) -> Iterator[SecuredBroker]:
+    """Mosquitto only: for the tests that drive it with its own C clients."""
+    if shutil.which("mosquitto_pub") is None or shutil.which("mosquitto_sub") is None:
+        message = "mosquitto_pub / mosquitto_sub not found (Debian package mosquitto-clients)"
+        if os.environ.get("CI", "").lower() == "true":
+            pytest.fail(message)
+        pytest.skip(message)
+    with secured_mosquitto(tmp_path) as secured:
         yield secured
-    finally:
-        embedded.stop()
 
 
 class HostPort(Protocol):
@@ -366,9 +392,8 @@ def test_revoking_through_the_server_cuts_off_the_devices_open_connection(served
             peer.close()
 
 
-def test_mosquitto_c_clients_obey_the_same_rules(broker: SecuredBroker) -> None:
-    if broker.kind != "mosquitto" or shutil.which("mosquitto_pub") is None:
-        pytest.skip("needs Mosquitto and mosquitto-clients")
+def test_mosquitto_c_clients_obey_the_same_rules(mosquitto_secured: SecuredBroker) -> None:
+    broker = mosquitto_secured
     base = ["-h", broker.host, "-p", str(broker.port), "-q", "1"]
     server = Peer(broker, SERVER_USER, SERVER_PASSWORD)
     assert server.connected() and server.subscribe("ef/v1/+/telemetry")

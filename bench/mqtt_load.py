@@ -102,6 +102,7 @@ class _Connection:
     def close(self) -> None:
         with contextlib.suppress(OSError):
             self.sock.sendall(b"\xe0\x00")  # DISCONNECT
+            self.sock.shutdown(socket.SHUT_RDWR)  # wakes the reader if the broker never answers
         self.sock.close()
         self._reader.join(5)
 

@@ -6,8 +6,10 @@ Sections: brokers (below). Add new sections after it, each with its own helpers.
 from __future__ import annotations
 
 import os
+import shutil
 from collections.abc import Iterator
 from pathlib import Path
+from typing import NoReturn
 
 import pytest
 
@@ -22,15 +24,28 @@ from edgefleet.transport.mqtt_url import MqttEndpoint
 BROKER_KINDS = ["mosquitto", "embedded"]
 
 
+def unavailable(reason: str) -> NoReturn:
+    """A real component the test needs is missing: skip here, fail in CI (CI=true), where it must be."""
+    if os.environ.get("CI", "").lower() == "true":
+        pytest.fail(reason)
+    pytest.skip(reason)
+
+
 @pytest.fixture(scope="session")
 def mosquitto_binary() -> Path:
-    """Path of mosquitto; skips the test when it is missing, but fails in CI (CI=true), where it must be."""
+    """Path of mosquitto (skipped when missing, failed in CI)."""
     try:
         return find_mosquitto()
     except ConfigError as exc:
-        if os.environ.get("CI", "").lower() == "true":
-            pytest.fail(str(exc))
-        pytest.skip(str(exc))
+        unavailable(str(exc))
+
+
+@pytest.fixture(scope="session")
+def mosquitto_clients() -> None:
+    """Mosquitto's own C clients, ``mosquitto_pub`` and ``mosquitto_sub`` (skipped when missing, failed in CI)."""
+    missing = [tool for tool in ("mosquitto_pub", "mosquitto_sub") if shutil.which(tool) is None]
+    if missing:
+        unavailable(f"{' and '.join(missing)} not found (Debian package mosquitto-clients)")
 
 
 @pytest.fixture(scope="session")
@@ -68,9 +83,7 @@ def postgres_cluster() -> object:
     try:
         return start_postgres()
     except EdgefleetError as exc:
-        if os.environ.get("CI", "").lower() == "true":
-            pytest.fail(f"PostgreSQL is required in CI: {exc}")
-        pytest.skip(f"PostgreSQL unavailable: {exc}")
+        unavailable(f"PostgreSQL unavailable: {exc}")
 
 
 @pytest.fixture

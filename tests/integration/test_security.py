@@ -8,7 +8,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import os
 import shutil
 import subprocess
 import threading
@@ -98,13 +97,8 @@ def broker(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[SecuredBr
 
 
 @pytest.fixture
-def mosquitto_secured(mosquitto_binary: Path, tmp_path: Path) -> Iterator[SecuredBroker]:
+def mosquitto_secured(mosquitto_binary: Path, mosquitto_clients: None, tmp_path: Path) -> Iterator[SecuredBroker]:
     """Mosquitto only: for the tests that drive it with its own C clients."""
-    if shutil.which("mosquitto_pub") is None or shutil.which("mosquitto_sub") is None:
-        message = "mosquitto_pub / mosquitto_sub not found (Debian package mosquitto-clients)"
-        if os.environ.get("CI", "").lower() == "true":
-            pytest.fail(message)
-        pytest.skip(message)
     with secured_mosquitto(tmp_path) as secured:
         yield secured
 
@@ -299,10 +293,8 @@ class _Lines:
                 f"no line with {text!r} in {self.lines}"
 
 
-def test_c_clients_of_a_device_revoked_while_connected_are_cut_off(broker: SecuredBroker,
-                                                                   peers: dict[str, Peer]) -> None:
-    if shutil.which("mosquitto_sub") is None or shutil.which("mosquitto_pub") is None:
-        pytest.skip("needs mosquitto-clients")
+def test_c_clients_of_a_device_revoked_while_connected_are_cut_off(broker: SecuredBroker, peers: dict[str, Peer],
+                                                                   mosquitto_clients: None) -> None:
     server, a = peers["server"], peers["dev-a"]
     assert server.subscribe("ef/v1/+/telemetry") and a.subscribe("ef/v1/dev-a/desired")
     server.publish("ef/v1/dev-b/desired", b"desired-before", retain=True)

@@ -17,6 +17,7 @@ from edgefleet.bundle.pack import BundleSpec, pack_bundle, peek_manifest
 from edgefleet.bundle.signing import SigningKey
 from edgefleet.core.manifest import Manifest
 from edgefleet.core.rollout import Decision
+from edgefleet.core.telemetry import bucket_middle_ms
 from edgefleet.errors import StoreError
 from edgefleet.server.schema import Device, RolloutRow
 from edgefleet.server.store import Advance, Store
@@ -42,9 +43,10 @@ def device(device_id: str, **tags: str) -> Device:
 
 def batch(device_id: str, seq: int, model: str = "clf@1.0.0", ts: float | None = None, **kw: object
           ) -> TelemetryBatch:
+    fields = {"windows": 10, "labelled": 10, "correct": 9, "latency_ms": {"150": 10}, "confidence": [0] * 19 + [10],
+              **kw}
     return TelemetryBatch(device=device_id, seq=seq, ts=time.time() if ts is None else ts, model=model,
-                          windows=10, labelled=10, correct=9, latency_ms={"150": 10}, confidence=[0] * 19 + [10],
-                          **kw)  # type: ignore[arg-type]
+                          **fields)  # type: ignore[arg-type]
 
 
 SKELETON_DDL = [
@@ -185,6 +187,35 @@ class StoreContract:
         assert store.purge_telemetry(time.time() - 86400) >= 1
         purged, _ = store.device_model_stats(["d1"], since_ts=0)
         assert purged["d1"]["clf@1.0.0"].windows == 10
+
+    def test_device_totals_sum_each_model_version_over_raw_rows_and_rollups(self, store: Store) -> None:
+        """One device's telemetry summed per NAME@VERSION: counts added, latency histograms merged (so p50/p99
+        come from every batch), rolled-up batches counted like raw ones; None for a device the store lacks."""
+        store.add_device(device("d1"))
+        store.add_device(device("idle"))
+        old = time.time() - 3 * 86400
+        store.add_telemetry_many([
+            batch("d1", 0, ts=old, latency_ms={"100": 9, "200": 1}),
+            batch("d1", 1, latency_ms={"100": 1, "200": 9}),
+            batch("d1", 2, model="clf@2.0.0", labelled=0, correct=0, shadow_model="clf@3.0.0", shadow_windows=4),
+            batch("d1", 4, model="clf@2.0.0", latency_ms={}),
+            batch("other", 0)])
+        assert store.compact_telemetry(time.time() - 86400) == 1  # seq 0 now lives in an hourly roll-up
+        totals = store.device_totals("d1")
+        assert totals is not None
+        assert (totals.batches, totals.gaps) == (3, 1)
+        assert sorted(totals.models) == ["clf@1.0.0", "clf@2.0.0"]
+        v1, v2 = totals.models["clf@1.0.0"], totals.models["clf@2.0.0"]
+        assert (v1.windows, v1.labelled, v1.correct, v1.accuracy) == (20, 20, 18, 0.9)
+        assert (v2.windows, v2.labelled, v2.correct) == (20, 10, 9)
+        assert v1.latency.count == 20
+        assert v1.latency.quantile(0.5) == bucket_middle_ms(100) and v1.latency.quantile(0.99) == bucket_middle_ms(200)
+        assert v2.latency.quantile(0.5) == bucket_middle_ms(150)
+        assert totals.shadow["clf@3.0.0"].windows == 4
+        assert store.device_totals("d1", since_ts=time.time() + 3600) == type(totals)(0, 1, {}, {})
+        assert store.device_totals("idle") == type(totals)(0, 0, {}, {})
+        assert store.device_totals("other") is None  # telemetry alone does not make a device known
+        assert store.device_totals("nobody") is None
 
     # rollouts --------------------------------------------------------------------------------
     def _rollout(self, store: Store) -> None:

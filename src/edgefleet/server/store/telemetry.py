@@ -7,11 +7,13 @@ import contextlib
 import json
 import time
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from sqlalchemy import delete, func, select, text, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
 
 from edgefleet.core.gates import CohortStats
 from edgefleet.core.telemetry import LatencyHistogram, add_bins
@@ -23,6 +25,16 @@ DeviceModelStats = dict[str, dict[str, CohortStats]]
 _CHUNK = 500
 _SUMMED = ("windows", "labelled", "correct", "skipped", "errors", "shadow_windows", "shadow_agree", "shadow_errors",
            "imputed", "incomplete", "uncertain")
+
+
+@dataclass(frozen=True)
+class DeviceTotals:
+    """One device's stored telemetry summed per model version ("NAME@VERSION")."""
+
+    batches: int  # raw batches (those not yet rolled up)
+    gaps: int  # sequence numbers missing, raw and rolled up
+    models: dict[str, CohortStats]  # what each model that ran on the device did
+    shadow: dict[str, CohortStats]  # what each shadow candidate did beside it
 
 
 class TelemetryStore(StoreBase):
@@ -134,28 +146,26 @@ class TelemetryStore(StoreBase):
         mapping holds what devices reported for their shadow candidate."""
         primary: DeviceModelStats = {}
         shadow: DeviceModelStats = {}
-
-        def fold(device: str, payload: dict[str, Any], model: str | None) -> None:
-            if model:
-                _stats(primary, device, model).add_batch(payload)
-            shadow_model = payload.get("shadow_model")
-            if isinstance(shadow_model, str) and shadow_model:
-                _stats(shadow, device, shadow_model).add_batch(payload, shadow=True)
-
         with self.session() as s:
             for chunk in _chunks(device_ids):
-                raw = select(TelemetryRow.device, TelemetryRow.model, TelemetryRow.payload).where(
-                    TelemetryRow.ts >= since_ts)
-                rolled = select(TelemetryRollup.device, TelemetryRollup.model, TelemetryRollup.payload).where(
-                    TelemetryRollup.bucket >= int(since_ts // 3600 * 3600))
-                if chunk is not None:
-                    raw = raw.where(TelemetryRow.device.in_(chunk))
-                    rolled = rolled.where(TelemetryRollup.device.in_(chunk))
-                for device, model, payload in s.execute(raw):
-                    fold(device, payload, model)
-                for device, model, payload in s.execute(rolled):
-                    fold(device, payload, model or None)
+                _fold_stats(s, chunk, since_ts, primary, shadow)
         return primary, shadow
+
+    def device_totals(self, device_id: str, since_ts: float = 0.0) -> DeviceTotals | None:
+        """One device's stored telemetry since ``since_ts`` summed per model version (raw batches and hourly
+        roll-ups alike), with its raw batch count and sequence gaps; None for a device the store does not know.
+        One transaction."""
+        primary: DeviceModelStats = {}
+        shadow: DeviceModelStats = {}
+        with self.session() as s:
+            if s.scalar(select(Device.id).where(Device.id == device_id)) is None:
+                return None
+            _fold_stats(s, [device_id], since_ts, primary, shadow)
+            batches = s.scalar(select(func.count()).select_from(TelemetryRow).where(
+                TelemetryRow.device == device_id, TelemetryRow.ts >= since_ts))
+            gaps = _sequence_gaps(s, device_id)
+        return DeviceTotals(batches=int(batches or 0), gaps=gaps, models=primary.get(device_id, {}),
+                            shadow=shadow.get(device_id, {}))
 
     def model_stats(self, model: str, since_ts: float = 0.0) -> tuple[CohortStats, int]:
         """Every device's telemetry for one model summed, and how many devices sent some."""
@@ -171,16 +181,7 @@ class TelemetryStore(StoreBase):
     def sequence_gaps(self, device_id: str) -> int:
         """Telemetry sequence numbers missing between the lowest and highest one received (raw and rolled up)."""
         with self.session() as s:
-            lo, hi, n = s.execute(select(func.min(TelemetryRow.seq), func.max(TelemetryRow.seq), func.count())
-                                  .where(TelemetryRow.device == device_id)).one()
-            rlo, rhi, rn = s.execute(select(func.min(TelemetryRollup.first_seq), func.max(TelemetryRollup.last_seq),
-                                            func.coalesce(func.sum(TelemetryRollup.batches), 0))
-                                     .where(TelemetryRollup.device == device_id)).one()
-        lows = [v for v in (lo, rlo) if v is not None]
-        highs = [v for v in (hi, rhi) if v is not None]
-        if not lows:
-            return 0
-        return int(max(highs) - min(lows) + 1 - (n + int(rn)))
+            return _sequence_gaps(s, device_id)
 
     # retention --------------------------------------------------------------------------------
     def compact_telemetry(self, older_than_ts: float) -> int:
@@ -234,6 +235,43 @@ def merge_payloads(total: dict[str, Any], part: dict[str, Any]) -> dict[str, Any
     if part.get("shadow_model"):
         out["shadow_model"] = part["shadow_model"]
     return out
+
+
+def _fold_stats(s: Session, devices: list[str] | None, since_ts: float, primary: DeviceModelStats,
+                shadow: DeviceModelStats) -> None:
+    """Within a transaction: add the raw batches and roll-ups since ``since_ts`` of ``devices`` (None: all) into
+    ``primary`` (per device, the model that ran) and ``shadow`` (per device, the shadow candidate)."""
+
+    def fold(device: str, payload: dict[str, Any], model: str | None) -> None:
+        if model:
+            _stats(primary, device, model).add_batch(payload)
+        shadow_model = payload.get("shadow_model")
+        if isinstance(shadow_model, str) and shadow_model:
+            _stats(shadow, device, shadow_model).add_batch(payload, shadow=True)
+
+    raw = select(TelemetryRow.device, TelemetryRow.model, TelemetryRow.payload).where(TelemetryRow.ts >= since_ts)
+    rolled = select(TelemetryRollup.device, TelemetryRollup.model, TelemetryRollup.payload).where(
+        TelemetryRollup.bucket >= int(since_ts // 3600 * 3600))
+    if devices is not None:
+        raw = raw.where(TelemetryRow.device.in_(devices))
+        rolled = rolled.where(TelemetryRollup.device.in_(devices))
+    for device, model, payload in s.execute(raw):
+        fold(device, payload, model)
+    for device, model, payload in s.execute(rolled):
+        fold(device, payload, model or None)
+
+
+def _sequence_gaps(s: Session, device_id: str) -> int:
+    lo, hi, n = s.execute(select(func.min(TelemetryRow.seq), func.max(TelemetryRow.seq), func.count())
+                          .where(TelemetryRow.device == device_id)).one()
+    rlo, rhi, rn = s.execute(select(func.min(TelemetryRollup.first_seq), func.max(TelemetryRollup.last_seq),
+                                    func.coalesce(func.sum(TelemetryRollup.batches), 0))
+                             .where(TelemetryRollup.device == device_id)).one()
+    lows = [v for v in (lo, rlo) if v is not None]
+    highs = [v for v in (hi, rhi) if v is not None]
+    if not lows:
+        return 0
+    return int(max(highs) - min(lows) + 1 - (n + int(rn)))
 
 
 def _stats(table: DeviceModelStats, device: str, model: str) -> CohortStats:

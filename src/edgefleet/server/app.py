@@ -29,6 +29,7 @@ from edgefleet.server.orchestrator import Orchestrator, model_ref
 from edgefleet.server.rollout_api import rollout_router
 from edgefleet.server.schema import Device, ModelVersion
 from edgefleet.server.store import Store
+from edgefleet.server.telemetry_api import telemetry_router
 from edgefleet.transport import topics
 
 MAX_BUNDLE_BYTES = 256 * 1024 * 1024
@@ -189,20 +190,6 @@ def create_app(ctx: ServerContext) -> FastAPI:
         ctx.orchestrator.publish_pending()
         return {"model": body.model, "devices": ids}
 
-    @app.get("/api/v1/devices/{device_id}/telemetry", dependencies=[Operator])
-    def device_telemetry(device_id: str, since: float = 0.0) -> dict[str, Any]:
-        known_device(device_id)
-        batches = ctx.store.telemetry(device_id, since)
-        primary, shadow = ctx.store.device_model_stats([device_id], since)
-        models = []
-        for model, stats in sorted(primary.get(device_id, {}).items()):
-            summary = {"model": model, **stats.to_json(), "latency_ms": latency_json(stats)}
-            if model in shadow.get(device_id, {}):
-                summary["as_shadow"] = shadow[device_id][model].to_json()
-            models.append(summary)
-        return {"device": device_id, "batches": len(batches), "gaps": ctx.store.sequence_gaps(device_id),
-                "models": models}
-
     @app.get("/api/v1/devices/{device_id}/events", dependencies=[Operator])
     def device_events(device_id: str) -> list[dict[str, Any]]:
         known_device(device_id)
@@ -258,12 +245,8 @@ def create_app(ctx: ServerContext) -> FastAPI:
                 "reported": d.reported, "last_seen": d.last_seen}
 
     app.include_router(rollout_router(ctx.orchestrator, ctx.store), dependencies=[Operator])
+    app.include_router(telemetry_router(ctx.store), dependencies=[Operator])
     return app
-
-
-def latency_json(stats: Any) -> dict[str, float | None]:
-    return {"p50": stats.latency.quantile(0.5), "p95": stats.latency.quantile(0.95),
-            "p99": stats.latency.quantile(0.99)}
 
 
 def model_json(m: ModelVersion) -> dict[str, Any]:

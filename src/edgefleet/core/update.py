@@ -8,9 +8,17 @@ model. The model is then sniffed for pickles and archives here, by its bytes, an
 ``model_check``: by default :func:`edgefleet.bundle.safe_onnx.check_onnx`, which imports ``onnx`` itself
 when it runs, so this module stays free of ONNX (see that module's docstring).
 
-Refusal reasons: bad_signature, unknown_key, revoked_key, hash_mismatch, rollback, wrong_hardware,
-expired, agent_too_old, missing_member, unexpected_member, duplicate_member, truncated, oversized,
-malformed, decrypt_failed, unsafe_format, external_data, invalid_model.
+Time and versions. Expiry is judged at ``max(now, state.time_floor)``: the floor is the newest signed time
+(a bundle's ``created``, a statement's ``issued``) the device has verified, so a clock set back cannot make an
+expired bundle valid again. Under one release counter there is one version: a bundle with the release counter
+the device accepted last for that name and another version is refused (a lower version as ``rollback``, any
+other as ``release_reused``); a sideways move needs the same version. ``allow_expired`` is for a model the
+device already runs (see :mod:`edgefleet.agent.restore` for the start-up policy): every other check still
+applies, and the accepted bundle says it expired.
+
+Refusal reasons: bad_signature, unknown_key, revoked_key, hash_mismatch, rollback, release_reused,
+wrong_hardware, expired, agent_too_old, missing_member, unexpected_member, duplicate_member, truncated,
+oversized, malformed, decrypt_failed, unsafe_format, external_data, invalid_model.
 """
 
 from __future__ import annotations
@@ -46,6 +54,12 @@ class TrustState:
     limits: Limits = field(default_factory=Limits)
     revoked: frozenset[str] = frozenset()
     device_id: str | None = None
+    accepted_versions: dict[str, tuple[int, str]] = field(default_factory=dict)
+    """Per model name, the (release counter, version) the device accepted last at its highest release."""
+    time_floor: datetime | None = None
+    """The newest signed time the device has verified; expiry is judged at ``max(now, time_floor)``."""
+    now: datetime | None = None
+    """The device's clock when this state was made (None: the system clock, read at the decision)."""
 
     @classmethod
     def from_keyring(cls, keyring: Keyring, **fields: Any) -> TrustState:
@@ -62,11 +76,14 @@ class AcceptedBundle:
     key_id: str
     sha256: str
     encrypted: bool = False
+    expired: bool = False
+    """Accepted although its signed expiry has passed (only with ``allow_expired``)."""
 
 
 def decide(bundle: bytes, state: TrustState, *, now: datetime | None = None, allow_rollback: bool = False,
            rollback_order: bytes | None = None, decryption_key: ModelKey | None = None,
-           model_check: ModelCheck | None = check_onnx, open_model: bool = True) -> AcceptedBundle:
+           model_check: ModelCheck | None = check_onnx, open_model: bool = True,
+           allow_expired: bool = False) -> AcceptedBundle:
     """Accept ``bundle`` for this device or raise BundleError whose ``reason`` names the refusal.
 
     ``allow_rollback`` is for bundles the device accepted before (its previous slot); a new older
@@ -74,7 +91,8 @@ def decide(bundle: bytes, state: TrustState, *, now: datetime | None = None, all
     opens an encrypted model member. ``model_check`` inspects the verified model bytes (None: skip).
     ``open_model=False`` is for relays that route bundles without running them (the control plane
     without the model key): an encrypted model is then left closed and unchecked, and ``model`` holds
-    the verified ciphertext, with ``encrypted`` set.
+    the verified ciphertext, with ``encrypted`` set. ``allow_expired`` accepts a bundle whose only fault is
+    its expiry (for the model the device already runs), with ``expired`` set.
     """
     members = read_container(bundle, state.limits)
     signatures = parse_signatures(members[SIGNATURES])
@@ -82,17 +100,25 @@ def decide(bundle: bytes, state: TrustState, *, now: datetime | None = None, all
     manifest = Manifest.from_bytes(members[MANIFEST])
     if manifest.canonical_bytes() != members[MANIFEST]:
         raise BundleError("manifest bytes are not canonical", reason="malformed")
-    moment = now or datetime.now(UTC)
-    _check_policy(manifest, state, moment, allow_rollback or _ordered(manifest, state, moment, rollback_order))
+    moment = effective_time(state, now)
+    expired = _check_policy(manifest, state, moment,
+                            allow_rollback or _ordered(manifest, state, moment, rollback_order), allow_expired)
     _check_members(manifest, members)
     digest = hashlib.sha256(bundle).hexdigest()
     if not open_model and MODEL_ENC in members and manifest.encryption is not None:
-        return AcceptedBundle(manifest, members[MODEL_ENC], key_id, digest, encrypted=True)
+        return AcceptedBundle(manifest, members[MODEL_ENC], key_id, digest, encrypted=True, expired=expired)
     model = _plaintext(manifest, members, decryption_key)
     sniff_model(model, state.limits.max_member_bytes)
     if model_check is not None:
         model_check(model)
-    return AcceptedBundle(manifest, model, key_id, digest)
+    return AcceptedBundle(manifest, model, key_id, digest, expired=expired)
+
+
+def effective_time(state: TrustState, now: datetime | None = None) -> datetime:
+    """The time trust decisions use: the clock (``now``, else ``state.now``, else the system clock), never
+    earlier than the state's time floor."""
+    moment = now or state.now or datetime.now(UTC)
+    return max(moment, state.time_floor) if state.time_floor is not None else moment
 
 
 def parse_signatures(data: bytes) -> dict[str, bytes]:
@@ -145,20 +171,40 @@ def _check_members(manifest: Manifest, members: dict[str, bytes]) -> None:
             raise BundleError(f"member {name!r} does not match its signed SHA-256", reason="hash_mismatch")
 
 
-def _check_policy(manifest: Manifest, state: TrustState, now: datetime, allow_rollback: bool) -> None:
-    """Release counter, hardware, expiry and agent version, from the (verified) manifest alone."""
+def _check_policy(manifest: Manifest, state: TrustState, now: datetime, allow_rollback: bool,
+                  allow_expired: bool = False) -> bool:
+    """Release counter and version, hardware, expiry and agent version, from the (verified) manifest alone.
+
+    Returns whether the bundle has expired (only ever True with ``allow_expired``; otherwise that refuses it).
+    """
     highest = state.highest_release.get(manifest.name, 0)
     if manifest.release < highest and not allow_rollback:
         raise BundleError(f"release {manifest.release} of {manifest.name} is older than accepted release "
                           f"{highest}", reason="rollback")
+    if not allow_rollback:
+        _check_same_release(manifest, state)
     if manifest.hardware and state.hardware not in manifest.hardware:
         raise BundleError(f"bundle is for hardware {manifest.hardware}, this device is {state.hardware!r}",
                           reason="wrong_hardware")
-    if manifest.expires is not None and now >= parse_time(manifest.expires):
+    expired = manifest.expires is not None and now >= parse_time(manifest.expires)
+    if expired and not allow_expired:
         raise BundleError(f"bundle expired at {manifest.expires}", reason="expired")
     if _version_key(state.agent_version) < _version_key(manifest.min_agent_version):
         raise BundleError(f"bundle needs agent {manifest.min_agent_version}, this is {state.agent_version}",
                           reason="agent_too_old")
+    return expired
+
+
+def _check_same_release(manifest: Manifest, state: TrustState) -> None:
+    """Under the release counter accepted last, only the version accepted with it."""
+    known = state.accepted_versions.get(manifest.name)
+    if known is None or known[0] != manifest.release or known[1] == manifest.version:
+        return
+    if _version_key(manifest.version) < _version_key(known[1]):
+        raise BundleError(f"{manifest.ref} is older than the accepted {manifest.name}@{known[1]} under the same "
+                          f"release {manifest.release}", reason="rollback")
+    raise BundleError(f"release {manifest.release} of {manifest.name} was accepted as version {known[1]}; "
+                      f"version {manifest.version} needs a higher release counter", reason="release_reused")
 
 
 def _version_key(version: str) -> tuple[int, int, int]:

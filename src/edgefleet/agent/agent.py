@@ -237,9 +237,15 @@ class Agent:
         a sensor FIFO); the checks below run once per block, the windowing once per block, inference per window.
         """
         started = time.monotonic()
+        if source.waits_for_model:  # a replay starts with the first model, its windows aligned with its rows
+            while self.model is None and not self._stop.is_set() and (
+                    duration_s is None or time.monotonic() - started < duration_s):
+                self._stop.wait(0.05)
         interval = self.config.telemetry_interval_s
-        next_flush = started + interval
+        next_flush = time.monotonic() + interval
         model, shadow = self.model, self.shadow
+        if model is not None:
+            source.bind(model.pipeline.inputs)
         # -- sensing/edge filtering: tiered inference (None without --upstream) and imputing sources --------
         tiered = None
         if self.config.upstream_url:
@@ -255,6 +261,8 @@ class Agent:
             if self.model is not model or self.shadow is not shadow:  # flush what the old pair did
                 self._flush(pipeline, source)
                 model, shadow = self.model, self.shadow
+                if model is not None:
+                    source.bind(model.pipeline.inputs)
                 pipeline = InferencePipeline(model, shadow=shadow, escalator=tiered, source=source) if model else None
             if pipeline is not None:
                 outcomes = pipeline.push_block(block)

@@ -61,26 +61,30 @@ def run_health_check(model: bytes, manifest: Manifest, work_dir: Path, *, timeou
 
 
 def check(model_path: Path, manifest_path: Path, runs: int = 20) -> float:
-    """Load and run the model: golden samples within tolerance, finite outputs; the median latency in ms."""
+    """Load and run the model through its manifest's pipeline: the pipeline fits the model, golden samples within
+    tolerance, finite scores for a neutral input; the median latency in ms."""
     from edgefleet.core.manifest import Manifest, check_golden
-    from edgefleet.runtime.preprocess import WindowSpec
     from edgefleet.runtime.runner import OnnxRuntimeRunner
+    from edgefleet.runtime.spec import ModelPipeline
 
     manifest = Manifest.model_validate_json(manifest_path.read_bytes())
     runner = OnnxRuntimeRunner(model_path.read_bytes())
-    check_golden(manifest, runner.run)
-    spec = WindowSpec.from_manifest(manifest.preprocess)
-    probe = np.zeros(spec.input_shape, dtype=np.float32)
-    output = runner.run(probe)
+    pipeline = ModelPipeline.from_manifest(manifest.preprocess, manifest.postprocess)
+    pipeline.check(manifest.inputs, manifest.outputs, manifest.labels)
+    score = pipeline.outputs.scorer(runner)
+    check_golden(manifest, score)
+    probe = pipeline.inputs.example()
+    output = score(probe)
     labels = manifest.labels
-    if output.ndim != 2 or output.shape[0] != 1 or (labels and output.shape[1] != len(labels)):
+    if output.ndim != 2 or output.shape[0] != 1 or (labels and pipeline.outputs.classifies
+                                                     and output.shape[1] != len(labels)):
         raise ModelError(f"output shape {output.shape} does not match {len(labels)} labels")
     if not np.all(np.isfinite(output)):
         raise ModelError("the model returned NaN or Inf")
     timings = []
     for _ in range(runs):
         started = time.perf_counter()
-        runner.run(probe)
+        score(probe)
         timings.append((time.perf_counter() - started) * 1000.0)
     return float(np.median(timings))
 

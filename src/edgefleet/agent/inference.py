@@ -36,6 +36,8 @@ from edgefleet.agent.sources import NO_LABEL, Block, Reading, SensorSource
 from edgefleet.agent.stats import HardExampleSampler, TelemetryReport, WindowStats
 from edgefleet.core.drift import DriftTracker, Reference
 from edgefleet.errors import ModelError
+from edgefleet.runtime.inputs import InputStep, VectorInput
+from edgefleet.runtime.outputs import AnomalyScore
 from edgefleet.runtime.preprocess import StreamWindower, Window
 
 if TYPE_CHECKING:
@@ -124,20 +126,25 @@ class InferencePipeline:
         self.escalator = escalator
         self.options = options
         self._truth_names = source_labels or (source.labels if source else ()) or tuple(model.manifest.labels)
-        self._windower = StreamWindower(model.window)
-        self._shape = (model.window.channels,)
-        self._imputes = model.window.imputes
-        self._window_push = self._windower.push
+        self._input = model.pipeline.inputs
+        window = model.window
+        self._windower = StreamWindower(window) if window is not None else None
+        self._rows = RowFeeder(self._input) if window is None else None
+        self._shape = (window.channels,) if window is not None else None
+        self._imputes = window is not None and window.imputes
+        self._window_push = self._windower.push if self._windower is not None else None
         self._labels = list(model.manifest.labels)
         self.thresholds = Thresholds.from_manifest(model.manifest.thresholds,
                                                    escalator.escalate_below if escalator else None)
-        self._run = model.runner.run
+        self._run = model.score
+        self._classifies = model.pipeline.outputs.classifies
+        self._anomaly_output = isinstance(model.pipeline.outputs, AnomalyScore)
         self._hard_below = self.thresholds.hard_below
         self._hard_extra = self.thresholds.margin_below is not None or self.thresholds.entropy_above is not None
         self._alerting = bool(self.thresholds.class_alerts) or self.thresholds.anomaly_score is not None
-        self._drift = DriftTracker(model.window.channels,
-                                   Reference.from_spec(model.manifest.preprocess.get("drift_reference"),
-                                                       model.window.channels))
+        drift_channels = window.channels if window is not None else self._rows.drift_channels if self._rows else 0
+        self._drift = DriftTracker(drift_channels, Reference.from_spec(
+            model.manifest.preprocess.get("drift_reference"), drift_channels)) if drift_channels else None
         self._hard = HardExampleSampler(options.hard_examples, options.hard_example_bytes,
                                         per_hour=options.hard_examples_per_hour,
                                         encoding=options.hard_example_encoding)
@@ -155,21 +162,28 @@ class InferencePipeline:
     @property
     def imputes(self) -> bool:
         """Whether the model's preprocessing fills in missing values (the source should pass them on)."""
-        return self.model.window.imputes
+        return self._imputes
 
     def push(self, reading: Reading) -> Outcome | None:
         """Feed one reading; returns the outcome when it completed a window."""
         values = reading.values
         missing = reading.missing
+        if self._window_push is None:  # one reading, one model input
+            labels = None if reading.label is None else np.array([reading.label], dtype=np.int64)
+            outcomes = self._push_rows(values[np.newaxis], labels, np.ones(1, dtype=bool) if missing else None)
+            return outcomes[0] if outcomes else None
         if values.shape != self._shape or (missing and not self._imputes):
             self.skipped += 1
             return None
         window = self._window_push(values, reading.label, missing)
         return None if window is None else self._infer(window)
 
+
     def push_block(self, block: Block) -> list[Outcome]:
         """Feed consecutive readings at once; the outcomes of the windows they completed, in order."""
         values, labels, missing = block.values, block.labels, block.missing
+        if self._rows is not None:
+            return self._push_rows(values, labels, missing)
         if values.shape[1:] != self._shape:
             self.skipped += len(values)
             return []
@@ -178,15 +192,32 @@ class InferencePipeline:
             self.skipped += len(values) - int(keep.sum())
             values, labels, missing = values[keep], None if labels is None else labels[keep], None
         windower = self._windower
+        assert windower is not None
         windows = windower.push_block(values, labels, missing, NO_LABEL)
         if not windows:
             return []
         infer = self._infer
         fresh = windower.block_fresh
-        if fresh is None:
+        if fresh is None or self._drift is None:
             return [infer(window) for window in windows]
         self._drift.update(fresh)  # the block's new samples at once (copied: no window is kept for drift)
         return [infer(window, False) for window in windows]
+
+    def _push_rows(self, values: np.ndarray, labels: np.ndarray | None,
+                   missing: np.ndarray | None) -> list[Outcome]:
+        """Images, vectors and tensors: every reading is one model input."""
+        rows = self._rows
+        assert rows is not None
+        if not self._input.accepts(tuple(values.shape[1:])):
+            self.skipped += len(values)
+            return []
+        if missing is not None:  # nothing fills in a missing pixel or feature: skip those readings
+            keep = ~missing
+            self.skipped += len(values) - int(keep.sum())
+            values, labels = values[keep], None if labels is None else labels[keep]
+        windows = rows.windows(values, labels)
+        infer = self._infer
+        return [infer(window) for window in windows]
 
     def take_alerts(self) -> list[AlertDetail]:
         """The alert events raised since the last call, for ``Agent.event("alert", detail)``."""
@@ -196,29 +227,36 @@ class InferencePipeline:
     def take_batch(self, device: str, seq: int, ts: float, skipped_by_source: int) -> TelemetryReport:
         """The statistics since the previous batch; the counters start again from zero. ``ts``: seconds since
         the epoch (it also paces the hourly hard-example budget)."""
-        windower = self._windower
+        imputed, dropped = self._filled()
         hard = self._hard.take(ts)
         batch = self.stats.batch(
             device, seq, ts, skipped_by_source + self.skipped,
-            imputed=windower.imputed - self._reported_imputed,
-            incomplete=windower.dropped - self._reported_incomplete,
-            drift=self._drift.snapshot(), hard_examples=hard, hard_left_out=self._hard.last_left_out,
+            imputed=imputed - self._reported_imputed,
+            incomplete=dropped - self._reported_incomplete,
+            drift=self._drift.snapshot() if self._drift is not None else None, hard_examples=hard,
+            hard_left_out=self._hard.last_left_out,
             escalations=self.escalator.take_counts() if self.escalator else None)
-        self._reported_imputed, self._reported_incomplete = windower.imputed, windower.dropped
+        self._reported_imputed, self._reported_incomplete = imputed, dropped
         self.stats = WindowStats(self.model.ref, shadow_model=self.shadow.ref if self.shadow else None)
-        self._drift.reset()
+        if self._drift is not None:
+            self._drift.reset()
         self.skipped = 0
         return batch
 
+    def _filled(self) -> tuple[int, int]:
+        """Values imputed and windows dropped as incomplete, over the pipeline's life."""
+        windower = self._windower
+        return (windower.imputed, windower.dropped) if windower is not None else (0, 0)
+
     @property
     def has_data(self) -> bool:
-        return (not self.stats.empty or self.skipped > 0 or self._windower.dropped != self._reported_incomplete
+        return (not self.stats.empty or self.skipped > 0 or self._filled()[1] != self._reported_incomplete
                 or bool(self.stats.alerts))
 
     # one window ---------------------------------------------------------------------------------
     def _infer(self, window: Window, drift: bool = True) -> Outcome:
         x = window.x
-        if drift and window.fresh and window.samples is not None:
+        if drift and window.fresh and window.samples is not None and self._drift is not None:
             self._drift.update_window(window.samples, window.fresh)
         clock = time.perf_counter
         started = clock()
@@ -236,6 +274,9 @@ class InferencePipeline:
             return Outcome(None, 0.0, latency_ms, failed=True)
         thresholds = self.thresholds
         score: float | None = None
+        if not self._classifies and not self._anomaly_output:  # regression: the value, no classes
+            self.stats.record("value", 1.0, latency_ms, None)
+            return Outcome("value", 1.0, latency_ms)
         if probs.size == 1:  # an anomaly detector: its output is the score
             anomalous = thresholds.anomaly_score is not None and top >= thresholds.anomaly_score
             score = top
@@ -301,7 +342,7 @@ class InferencePipeline:
         assert self.shadow is not None
         started = time.perf_counter()
         try:
-            probs = self.shadow.runner.run(x)[0]
+            probs = self.shadow.score(x)[0]
         except ModelError as exc:
             log.warning("shadow inference failed on %s: %s", self.shadow.ref, exc)
             self.stats.record_shadow(None, 0.0)
@@ -325,3 +366,22 @@ def _top(scores: np.ndarray) -> tuple[int, float, bool]:
         return values.index(top), top, True
     best = int(scores.argmax())
     return best, float(scores.ravel()[best]), bool(np.isfinite(scores).all())
+
+
+class RowFeeder:
+    """Readings that are whole model inputs (images, vectors, tensors) -> one :class:`Window` each, the block
+    transformed by the input step in one pass. Vectors with training statistics feed drift per feature."""
+
+    def __init__(self, step: InputStep) -> None:
+        self.step = step
+        self.drift_channels = step.features if isinstance(step, VectorInput) and step.mean is not None else 0
+
+    def windows(self, values: np.ndarray, labels: np.ndarray | None) -> list[Window]:
+        if not len(values):
+            return []
+        x = self.step.apply(values)
+        label_list = [None if v == NO_LABEL else int(v) for v in labels.tolist()] if labels is not None \
+            else [None] * len(values)
+        drift = self.drift_channels
+        return [Window(x[i : i + 1], label_list[i], x[i].reshape(-1, 1).astype(np.float32, copy=False)
+                       if drift else None, 1 if drift else 0, 0) for i in range(len(x))]

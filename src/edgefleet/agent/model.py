@@ -11,8 +11,11 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from edgefleet.errors import BundleError
+from edgefleet.runtime.inputs import SeriesInput
+from edgefleet.runtime.outputs import Scorer
 from edgefleet.runtime.preprocess import WindowSpec
 from edgefleet.runtime.runner import OnnxRuntimeRunner, Runner
+from edgefleet.runtime.spec import ModelPipeline
 
 if TYPE_CHECKING:
     from edgefleet.core.update import AcceptedBundle
@@ -27,6 +30,7 @@ class ModelInfo:
     release: int
     labels: list[str] = field(default_factory=list)
     preprocess: dict[str, Any] = field(default_factory=dict)
+    postprocess: dict[str, Any] | None = None
     thresholds: dict[str, float] = field(default_factory=dict)
 
     @property
@@ -41,6 +45,7 @@ class ModelInfo:
             return cls(name=str(data["name"]), version=str(data["version"]), release=int(data["release"]),
                        labels=[str(label) for label in data.get("labels", [])],
                        preprocess=dict(data.get("preprocess", {})),
+                       postprocess=dict(data["postprocess"]) if data.get("postprocess") else None,
                        thresholds={str(k): float(v) for k, v in dict(data.get("thresholds", {})).items()})
         except (ValueError, KeyError, TypeError) as exc:
             raise BundleError(f"manifest is malformed: {exc}", reason="malformed") from exc
@@ -53,11 +58,19 @@ class LoadedModel:
     manifest: ModelInfo
     sha256: str
     runner: Runner
-    window: WindowSpec
+    pipeline: ModelPipeline
+    score: Scorer
+    """Model input -> float32 scores [n, K] (class scores, values, or one anomaly score), per the output spec."""
 
     @property
     def ref(self) -> str:
         return self.manifest.ref
+
+    @property
+    def window(self) -> WindowSpec | None:
+        """The sliding-window spec of a streamed time-series model; None for images, vectors and tensors."""
+        inputs = self.pipeline.inputs
+        return inputs.window if isinstance(inputs, SeriesInput) else None
 
 
 def load_model(accepted: AcceptedBundle) -> LoadedModel:
@@ -66,6 +79,7 @@ def load_model(accepted: AcceptedBundle) -> LoadedModel:
 
 
 def make_model(info: ModelInfo, sha256: str, model: bytes) -> LoadedModel:
-    """Build the runner and preprocessing for verified model bytes and their manifest."""
-    window = WindowSpec.from_manifest(info.preprocess)
-    return LoadedModel(info, sha256, OnnxRuntimeRunner(model), window)
+    """Build the runner and the input and output pipeline for verified model bytes and their manifest."""
+    pipeline = ModelPipeline.from_manifest(info.preprocess, info.postprocess)
+    runner = OnnxRuntimeRunner(model)
+    return LoadedModel(info, sha256, runner, pipeline, pipeline.outputs.scorer(runner))

@@ -27,12 +27,15 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO
+from typing import IO, TYPE_CHECKING
 from urllib.parse import parse_qs
 
 import numpy as np
 
 from edgefleet.errors import ConfigError, DataError
+
+if TYPE_CHECKING:
+    from edgefleet.runtime.inputs import InputStep
 
 
 @dataclass(frozen=True)
@@ -67,10 +70,16 @@ class SensorSource(ABC):
 
     labels: tuple[str, ...] = ()
     allow_missing: bool = False
+    waits_for_model: bool = False
+    """True for a replay: the agent starts reading it only once it has a model, so the replay's first rows are
+    inferred on (a live sensor is read from the start, and what comes before a model is skipped)."""
 
     def __init__(self) -> None:
         self.skipped = 0
         self.partial = 0
+
+    def bind(self, step: InputStep) -> None:  # noqa: B027 - a hook with a default, not abstract
+        """Told the input step of the model it now feeds; a replay shapes its stream by it. Default: nothing."""
 
     @abstractmethod
     def _raw(self) -> Iterator[Reading | None]:

@@ -45,6 +45,9 @@ class BundleSpec:
     release: int = 1
     labels: list[str] = field(default_factory=list)
     preprocess: dict[str, Any] = field(default_factory=dict)
+    """The input pipeline (runtime.inputs); empty: inferred from the model's input shape (bundle.describe)."""
+    postprocess: dict[str, Any] | None = None
+    """The output interpretation (runtime.outputs); None: inferred from the model's outputs."""
     thresholds: dict[str, float] = field(default_factory=dict)
     metrics: dict[str, float] = field(default_factory=dict)
     profiles: list[str] = field(default_factory=list)
@@ -64,6 +67,7 @@ def pack_bundle(model: bytes, key: SigningKey, spec: BundleSpec) -> bytes:
     """Describe, sign and serialize ``model`` as one bundle file's bytes."""
     check_onnx(model)
     inputs, outputs = model_schema(model)
+    preprocess, postprocess = model_pipeline(model, inputs, outputs, spec)
     member, payload, encryption = MODEL, model, None
     if spec.encrypt_key is not None:
         member, payload = MODEL_ENC, encrypt_model(model, spec.encrypt_key,
@@ -72,12 +76,12 @@ def pack_bundle(model: bytes, key: SigningKey, spec: BundleSpec) -> bytes:
                       "plaintext_sha256": hashlib.sha256(model).hexdigest()}
     try:
         golden = None if spec.golden is None else golden_set(model, spec.golden, inputs[0], spec.golden_atol,
-                                                              spec.golden_rtol)
+                                                              spec.golden_rtol, postprocess)
         optional: dict[str, Any] = {"created": spec.created} if spec.created else {}
         manifest = Manifest(
             name=spec.name, version=spec.version, release=spec.release, expires=spec.expires,
             members={member: MemberDigest(size=len(payload), sha256=hashlib.sha256(payload).hexdigest())},
-            inputs=inputs, outputs=outputs, labels=spec.labels, preprocess=spec.preprocess,
+            inputs=inputs, outputs=outputs, labels=spec.labels, preprocess=preprocess, postprocess=postprocess,
             thresholds=spec.thresholds, metrics=spec.metrics, profiles=spec.profiles, hardware=spec.hardware,
             min_agent_version=spec.min_agent_version, golden=golden,
             encryption=None if encryption is None else Encryption.model_validate(encryption), **optional,
@@ -93,9 +97,27 @@ def pack_bundle(model: bytes, key: SigningKey, spec: BundleSpec) -> bytes:
     return write_container({MANIFEST: manifest_bytes, SIGNATURES: json.dumps(signatures).encode(), member: payload})
 
 
+def model_pipeline(model: bytes, inputs: list[TensorSpec], outputs: list[TensorSpec],
+                   spec: BundleSpec) -> tuple[dict[str, Any], dict[str, Any] | None]:
+    """The bundle's input pipeline and output spec (given, or inferred from the model), checked against the model
+    the way the agent will run them: a bundle the agent could not run is refused here with the reason."""
+    from edgefleet.bundle.describe import default_postprocess, default_preprocess
+    from edgefleet.runtime.spec import ModelPipeline
+
+    try:
+        preprocess = dict(spec.preprocess) if spec.preprocess else default_preprocess(inputs)
+        postprocess = dict(spec.postprocess) if spec.postprocess else default_postprocess(model, outputs)
+        ModelPipeline.from_manifest(preprocess, postprocess).check(inputs, outputs, spec.labels)
+    except BundleError as exc:
+        raise ConfigError(f"the agent could not run this bundle: {exc}") from exc
+    return preprocess, postprocess
+
+
 def golden_set(model: bytes, golden: np.ndarray | Sequence[np.ndarray], first_input: TensorSpec,
-               atol: float = 1e-3, rtol: float = 1e-3) -> GoldenSet:
-    """Run each golden input through ``model`` (ONNX Runtime) and record its first output as expected."""
+               atol: float = 1e-3, rtol: float = 1e-3, postprocess: dict[str, Any] | None = None) -> GoldenSet:
+    """Run each golden input through ``model`` (ONNX Runtime) and record its scores (as ``postprocess`` reads the
+    outputs; the first output without one) as expected."""
+    from edgefleet.runtime.outputs import output_step
     from edgefleet.runtime.runner import OnnxRuntimeRunner
 
     rank = len(first_input.shape)
@@ -106,11 +128,12 @@ def golden_set(model: bytes, golden: np.ndarray | Sequence[np.ndarray], first_in
     if not 1 <= len(arrays) <= MAX_GOLDEN_SAMPLES:
         raise ConfigError(f"give 1 to {MAX_GOLDEN_SAMPLES} golden samples, got {len(arrays)}")
     runner = OnnxRuntimeRunner(model)
+    score = output_step(postprocess).scorer(runner)
     samples = []
     for index, array in enumerate(arrays):
         x = np.ascontiguousarray(array[None] if array.ndim == rank - 1 else array, dtype=numpy_dtype(first_input.dtype))
         try:
-            y = runner.run(x)
+            y = score(x)
         except ModelError as exc:
             raise ConfigError(f"golden sample {index} of shape {x.shape} does not fit the model: {exc}") from exc
         if not (np.all(np.isfinite(x)) and np.all(np.isfinite(y))):
@@ -153,6 +176,8 @@ def model_schema(model: bytes) -> tuple[list[TensorSpec], list[TensorSpec]]:
     initializers = {init.name for init in proto.graph.initializer}
 
     def spec(value: Any) -> TensorSpec:
+        if value.type.HasField("sequence_type"):  # an ONNX-ML ZipMap: a list of {class: probability}
+            return TensorSpec(name=value.name, dtype="seq(map)", shape=[None])
         tensor = value.type.tensor_type
         dims = [d.dim_value if d.HasField("dim_value") else None for d in tensor.shape.dim]
         return TensorSpec(name=value.name, dtype=TensorProto.DataType.Name(tensor.elem_type).lower(), shape=dims)

@@ -2,7 +2,7 @@
 
 Golden samples (inputs and the outputs the model gave for them at pack time, with a tolerance) ride
 inline in the manifest, so they are covered by the signature and never extracted as a file. Optional
-fields added after the first format (``golden``, ``encryption``) are left out of the canonical bytes
+fields added after the first format (``golden``, ``encryption``, ``postprocess``) are left out of the canonical bytes
 while unset, so bundles signed before they existed keep verifying.
 """
 
@@ -26,7 +26,7 @@ SHA256_HEX = re.compile(r"^[0-9a-f]{64}$")
 MANIFEST_FORMAT = 1
 MAX_GOLDEN_SAMPLES = 16
 MAX_GOLDEN_VALUES = 16384  # per tensor: golden samples are small probes, not a test set
-_UNSET_WHEN_NONE = ("golden", "encryption")
+_UNSET_WHEN_NONE = ("golden", "encryption", "postprocess")
 _DTYPES: dict[str, type[np.generic]] = {
     "float": np.float32, "double": np.float64, "float16": np.float16, "int64": np.int64, "int32": np.int32,
     "int8": np.int8, "uint8": np.uint8, "bool": np.bool_,
@@ -60,7 +60,8 @@ class MemberDigest(BaseModel):
 
 
 class GoldenSample(BaseModel):
-    """One input tensor (with its batch axis) and the first output the model gave for it, flattened."""
+    """One input tensor (with its batch axis) and the scores the model gave for it (its output as the output spec
+    reads it), flattened."""
 
     model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
 
@@ -113,7 +114,9 @@ class Manifest(BaseModel):
     inputs: list[TensorSpec]
     outputs: list[TensorSpec]
     labels: list[str] = Field(default_factory=list)
-    preprocess: dict[str, Any] = Field(default_factory=dict)
+    preprocess: dict[str, Any] = Field(default_factory=dict, description="the input pipeline (runtime.inputs)")
+    postprocess: dict[str, Any] | None = Field(default=None, description="the output interpretation "
+                                               "(runtime.outputs); None: the first output's class scores")
     thresholds: dict[str, float] = Field(default_factory=dict)
     metrics: dict[str, float] = Field(default_factory=dict)
     profiles: list[str] = Field(default_factory=list)
@@ -178,13 +181,12 @@ def numpy_dtype(onnx_type: str) -> type[np.generic]:
 
 
 def golden_samples(manifest: Manifest) -> list[tuple[np.ndarray, np.ndarray]]:
-    """The manifest's golden (input, expected output) pairs, typed like the model's first input and output."""
+    """The manifest's golden (input, expected scores) pairs, the inputs typed like the model's first input."""
     if manifest.golden is None:
         return []
     in_type = numpy_dtype(manifest.inputs[0].dtype if manifest.inputs else "float")
-    out_type = numpy_dtype(manifest.outputs[0].dtype if manifest.outputs else "float")
     return [(np.asarray(s.input, dtype=in_type).reshape(s.input_shape),
-             np.asarray(s.output, dtype=out_type).reshape(s.output_shape)) for s in manifest.golden.samples]
+             np.asarray(s.output, dtype=np.float32).reshape(s.output_shape)) for s in manifest.golden.samples]
 
 
 def check_golden(manifest: Manifest, run: Callable[[np.ndarray], np.ndarray]) -> None:

@@ -32,6 +32,7 @@ from edgefleet.bundle.signing import load_public_key
 from edgefleet.core.manifest import Manifest
 from edgefleet.core.update import TrustState, decide
 from edgefleet.errors import ConfigError, ModelError, TransportError
+from edgefleet.runtime.outputs import Scorer, output_step
 from edgefleet.runtime.runner import OnnxRuntimeRunner, Runner
 from edgefleet.storage import atomic_write
 from edgefleet.transport.ports import free_port
@@ -56,10 +57,11 @@ class InferRequest(BaseModel):
 
 @dataclass(frozen=True)
 class UpstreamModel:
-    """A verified bundle ready to answer: its manifest and runner."""
+    """A verified bundle ready to answer: its manifest, runner, and the scores its output spec reads."""
 
     manifest: Manifest
     runner: Runner
+    score: Scorer
 
     @property
     def ref(self) -> str:
@@ -77,7 +79,8 @@ def load_upstream(bundle: Path, public_key: Path) -> UpstreamModel:
         raise ConfigError(f"cannot read bundle {bundle}: {exc.strerror}") from exc
     key = load_public_key(public_key)
     accepted = decide(data, TrustState(keys={key.key_id: key}))
-    return UpstreamModel(accepted.manifest, OnnxRuntimeRunner(accepted.model))
+    runner = OnnxRuntimeRunner(accepted.model)
+    return UpstreamModel(accepted.manifest, runner, output_step(accepted.manifest.postprocess).scorer(runner))
 
 
 def decode_window(request: InferRequest, expected: list[int | None]) -> np.ndarray:
@@ -116,7 +119,7 @@ def create_app(model: UpstreamModel) -> FastAPI:
         except ValueError as exc:
             raise HTTPException(status_code=422, detail=str(exc)) from exc
         try:
-            output = model.runner.run(x)
+            output = model.score(x)
         except ModelError as exc:
             raise HTTPException(status_code=500, detail=str(exc)) from exc
         probs = np.asarray(output[0], dtype=np.float64).reshape(-1)

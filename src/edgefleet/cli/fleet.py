@@ -96,6 +96,38 @@ def device_revoke(device_id: str, server: Server = "", token: Token = "", as_jso
     _emit(device, as_json, f"device {device_id} revoked")
 
 
+@device_app.command("telemetry")
+def device_telemetry(device_id: Annotated[str, typer.Argument(help="device id")], server: Server = "",
+                     token: Token = "", as_json: Json = False) -> None:
+    """The device's stored telemetry summed per model version: windows, labelled, correct, accuracy, latency."""
+    with _api(server, token) as api:
+        answer = api.telemetry(device_id)
+    summary = telemetry_summary(answer)
+    if as_json:
+        typer.echo(json.dumps(summary, indent=2, sort_keys=True))
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"telemetry of {summary['device']}: {answer['batches']} batch(es), "
+                        f"{answer['gaps']} sequence gap(s)")
+    for column in ("model", "windows", "labelled", "correct", "accuracy", "p50 ms", "p99 ms"):
+        table.add_column(column, justify="left" if column == "model" else "right")
+    for ref, m in summary["models"].items():
+        table.add_row(ref, str(m["windows"]), str(m["labelled"]), str(m["correct"]),
+                      "-" if m["accuracy"] is None else f"{m['accuracy']:.1%}",
+                      *("-" if v is None else f"{v:.3g}" for v in (m["latency_ms"]["p50"], m["latency_ms"]["p99"])))
+    Console(soft_wrap=True).print(table if summary["models"] else f"no telemetry from {summary['device']} yet")
+
+
+def telemetry_summary(answer: dict[str, Any]) -> dict[str, Any]:
+    """``GET /api/v1/devices/{id}/telemetry`` keyed by NAME@VERSION, with only what ``device telemetry`` shows:
+    windows, labelled, correct, accuracy (null when nothing was labelled) and latency p50/p99 in ms."""
+    return {"device": answer["device"], "models": {m["model"]: {
+        "windows": m["windows"], "labelled": m["labelled"], "correct": m["correct"], "accuracy": m["accuracy"],
+        "latency_ms": {"p50": m["latency_ms"]["p50"], "p99": m["latency_ms"]["p99"]}} for m in answer["models"]}}
+
+
 # -- models --------------------------------------------------------------------------------------------------
 @model_app.command("push")
 def model_push(bundle: Annotated[Path, typer.Argument(help="signed bundle file")], server: Server = "",

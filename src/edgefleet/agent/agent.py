@@ -13,20 +13,23 @@ import binascii
 import hashlib
 import json
 import logging
+import sqlite3
 import threading
 import time
 from typing import TYPE_CHECKING, Any
 
 from edgefleet import __version__
+from edgefleet.agent.accepted import accepted_versions, device_clock, raise_floor, remember_bundle, time_floor
 from edgefleet.agent.config import AgentConfig
 from edgefleet.agent.fetch import ArtifactFetcher, Fetcher
 from edgefleet.agent.inference import InferencePipeline
-from edgefleet.agent.model import LoadedModel, make_model
+from edgefleet.agent.model import LoadedModel
+from edgefleet.agent.restore import Restorer, SlotRefused
 from edgefleet.agent.sources import SensorSource
 from edgefleet.agent.state import AgentState
 from edgefleet.agent.updater import ERROR_KEY, STEP_KEY, HealthPolicy, Updater
-from edgefleet.agent.verify import TrustSpec, trust_state, verify_stored
-from edgefleet.errors import BundleError, EdgefleetError, TransportError
+from edgefleet.agent.verify import TrustSpec, trust_state
+from edgefleet.errors import BundleError, TransportError
 from edgefleet.transport import topics
 from edgefleet.transport.link import MqttLink
 from edgefleet.transport.messages import DesiredUpdate, encode, event_detail, parse
@@ -38,6 +41,9 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 KEYRING_KEY = "keyring"
 STATEMENTS_KEY = "statements_applied"
+RUNNING_KEY = "running"
+"""What the agent runs (``name@version``, null for nothing), as it last reported it."""
+EXPIRED_KEY = "active_expired"
 
 
 class Agent:
@@ -58,8 +64,13 @@ class Agent:
         self.updater = Updater(self.state, fetcher, self.trust, self._activate, self.event, self.report,
                                set_shadow=self._set_shadow,
                                health=HealthPolicy(config.health_timeout_s, config.latency_budget_ms))
-        self.model: LoadedModel | None = self._restore("active") or self._restore("previous")
-        self.shadow: LoadedModel | None = self._restore("shadow")
+        self._restorer = Restorer(self.state, self.trust_spec, self.event, self.updater.remember_failed)
+        restored = self._restorer.at_start()  # the policy: edgefleet.agent.restore
+        self.model: LoadedModel | None = restored.model
+        self.shadow: LoadedModel | None = restored.shadow
+        self._expired_sha256 = restored.model.sha256 if restored.model is not None and restored.expired else None
+        self._recorded: tuple[str | None, bool] | None = None
+        self._record_running()
         self._outbox_thread = threading.Thread(target=self._drain_outbox, name="outbox", daemon=True)
 
     # lifecycle --------------------------------------------------------------------------------
@@ -102,9 +113,13 @@ class Agent:
 
     def trust_spec(self) -> TrustSpec:
         """What the device trusts, as plain data (see :func:`edgefleet.agent.verify.trust_state`)."""
+        floor = time_floor(self.state)
         return TrustSpec(pinned=tuple(self.config.trusted_keys.values()), keyring=self.state.get(KEYRING_KEY),
                          highest_release=self.state.highest_releases(), hardware=self.config.hardware,
-                         agent_version=__version__, device_id=self.device)
+                         agent_version=__version__, device_id=self.device,
+                         accepted_versions=accepted_versions(self.state),
+                         time_floor=floor.isoformat() if floor is not None else None,
+                         now=device_clock().isoformat())
 
     def trust(self, *, accepted_before: bool = False) -> TrustState:
         """What new bundles are checked against; ``accepted_before`` admits retired keys for the device's own."""
@@ -117,36 +132,46 @@ class Agent:
         digest = hashlib.sha256(json.dumps([statements, pinned]).encode()).hexdigest()
         if self.state.get(STATEMENTS_KEY) == digest:
             return
+        from edgefleet.core.keys import parse_statement
+
         ring = self.keyring()
+        issued: list[object] = []  # the signed times of the statements verified now raise the time floor
         for text in statements:
             try:
-                ring = ring.apply_statement(base64.b64decode(text, validate=True))
+                data = base64.b64decode(text, validate=True)
+                changed = ring.apply_statement(data)
             except (BundleError, binascii.Error, ValueError) as exc:
                 self.event("statement_refused", {"error": str(exc)[:200]})
+                continue
+            if changed != ring:
+                issued.append(parse_statement(data).signed.get("issued"))
+            ring = changed
+        raise_floor(self.state, issued)
         if ring != self.keyring():
             self.state.put(KEYRING_KEY, ring.to_json())
             self.event("keyring_changed", {"trusted": ",".join(sorted(ring.trusted()))})
         self.state.put(STATEMENTS_KEY, digest)
 
     def _restore(self, slot_name: str) -> LoadedModel | None:
-        """Load a model the device accepted earlier (its signature and hashes are checked again)."""
-        slot = self.state.slot(slot_name)
-        if slot is None:
-            return None
+        """Load a model the device accepted earlier (its signature, hashes and expiry are checked again)."""
         try:
-            data = self.state.bundle_path(slot.sha256).read_bytes()
-            verified = verify_stored(data, self.trust_spec())
-            return make_model(verified.info, verified.sha256, verified.model)
-        except (OSError, EdgefleetError) as exc:
-            log.error("cannot restore %s model %s: %s", slot_name, slot.ref, exc)
+            loaded = self._restorer.load(slot_name)
+        except SlotRefused as exc:
+            log.error("cannot restore %s model %s: %s", slot_name, exc.slot.ref, exc)
             return None
+        return loaded[0] if loaded is not None else None
 
     def _activate(self, model: LoadedModel) -> None:
         self._consecutive_failures = 0
         self.model = model
+        info = model.manifest
+        remember_bundle(self.state, model.sha256, info.name, info.release, info.version)
 
     def _set_shadow(self, model: LoadedModel | None) -> None:
         self.shadow = model
+        if model is not None:
+            info = model.manifest
+            remember_bundle(self.state, model.sha256, info.name, info.release, info.version, active=False)
 
     def _roll_back(self, reason: str) -> None:
         """The active model keeps failing: return to the previous one and never reinstall the failed one."""
@@ -187,16 +212,36 @@ class Agent:
         self._outbox_wake.set()
 
     def report(self) -> None:
-        """Publish the ``ReportedState`` (schema: :class:`edgefleet.transport.schemas.ReportedState`)."""
+        """Publish the ``ReportedState`` (schema: :class:`edgefleet.transport.schemas.ReportedState`).
+
+        The slots say what the device has accepted; ``running`` says what it runs (absent: nothing), and
+        ``active_expired`` whether that model's signed expiry has passed (it runs on: see agent.restore).
+        """
         active, previous, shadow = self.state.slot("active"), self.state.slot("previous"), self.state.slot("shadow")
+        running, expired = self._record_running()
         reported = encode({"device": self.device, "agent_version": __version__,
                            "active": active.ref if active else None,
                            "active_sha256": active.sha256 if active else None,
                            "previous": previous.ref if previous else None,
                            "shadow": shadow.ref if shadow else None,
+                           "running": running, "active_expired": expired,
                            "update_state": self.state.get(STEP_KEY, "idle"),
                            "last_error": self.state.get(ERROR_KEY), "ts": time.time()})
         self.link.publish(topics.reported(self.device), reported, qos=1, retain=True)
+
+    def _record_running(self) -> tuple[str | None, bool]:
+        """What runs now and whether it runs expired, also kept in the state for ``edgefleet agent status``."""
+        model = self.model
+        current = (model.ref if model is not None else None,
+                   model is not None and model.sha256 == self._expired_sha256)
+        if current != self._recorded:
+            try:
+                self.state.put(RUNNING_KEY, current[0])
+                self.state.put(EXPIRED_KEY, current[1])
+                self._recorded = current
+            except (OSError, sqlite3.Error) as exc:  # status is best effort; the report itself still goes out
+                log.warning("cannot record the running model: %s", exc)
+        return current
 
     def _drain_outbox(self) -> None:
         while True:

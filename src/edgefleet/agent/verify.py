@@ -10,6 +10,11 @@ the agent then takes the model and manifest from the very bytes the child accept
 When those modules are loaded in this process anyway (tests, tools), it runs ``decide`` here instead.
 
 An update that arrives later is verified in the agent process (by the updater), as before.
+
+Time: the spec carries the device's clock reading and its time floor (the newest signed time it has verified,
+see :mod:`edgefleet.agent.timefloor`), so the child judges expiry at the same moment the agent would.
+``allow_expired`` re-checks the model the device already runs (the start-up policy in
+:mod:`edgefleet.agent.restore`): every check but the expiry applies, and :class:`Verified` says it expired.
 """
 
 from __future__ import annotations
@@ -43,56 +48,76 @@ class TrustSpec:
     hardware: str = "generic"
     agent_version: str = "0.1.0"
     device_id: str | None = None
+    accepted_versions: Mapping[str, tuple[int, str]] = field(default_factory=dict)
+    """Per model name, the (release, version) accepted last at its highest release."""
+    time_floor: str | None = None
+    """ISO time: the newest signed time the device has verified."""
+    now: str | None = None
+    """ISO time: the device's clock when the spec was made (None: the system clock at the decision)."""
 
     def to_json(self) -> dict[str, Any]:
         return {"pinned": [k.to_text() for k in self.pinned], "keyring": self.keyring,
                 "highest_release": dict(self.highest_release), "hardware": self.hardware,
-                "agent_version": self.agent_version, "device_id": self.device_id}
+                "agent_version": self.agent_version, "device_id": self.device_id,
+                "accepted_versions": {k: list(v) for k, v in self.accepted_versions.items()},
+                "time_floor": self.time_floor, "now": self.now}
 
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> TrustSpec:
+        versions = {str(k): (int(v[0]), str(v[1])) for k, v in dict(data.get("accepted_versions") or {}).items()}
         return cls(pinned=tuple(PublicKey.from_text(str(t)) for t in data["pinned"]), keyring=data.get("keyring"),
                    highest_release={str(k): int(v) for k, v in dict(data.get("highest_release", {})).items()},
                    hardware=str(data.get("hardware", "generic")),
-                   agent_version=str(data.get("agent_version", "0.1.0")), device_id=data.get("device_id"))
+                   agent_version=str(data.get("agent_version", "0.1.0")), device_id=data.get("device_id"),
+                   accepted_versions=versions, time_floor=_optional_text(data.get("time_floor")),
+                   now=_optional_text(data.get("now")))
 
 
 def trust_state(spec: TrustSpec, *, accepted_before: bool = False) -> TrustState:
     """The :class:`TrustState` new bundles are checked against; ``accepted_before`` admits retired keys for
     bundles the device accepted earlier."""
-    from edgefleet.core.keys import Keyring
+    from edgefleet.core.keys import Keyring, parse_time
     from edgefleet.core.update import TrustState
 
     ring = Keyring.from_json(spec.keyring) if spec.keyring else Keyring()
     ring = ring.with_pinned(spec.pinned)
     state = TrustState.from_keyring(ring, highest_release=dict(spec.highest_release), hardware=spec.hardware,
-                                    agent_version=spec.agent_version, device_id=spec.device_id)
+                                    agent_version=spec.agent_version, device_id=spec.device_id,
+                                    accepted_versions=dict(spec.accepted_versions),
+                                    time_floor=parse_time(spec.time_floor) if spec.time_floor else None,
+                                    now=parse_time(spec.now) if spec.now else None)
     return replace(state, keys=ring.accepted_keys()) if accepted_before else state
 
 
 @dataclass(frozen=True)
 class Verified:
-    """A stored bundle accepted again: its manifest fields, SHA-256 and model bytes."""
+    """A stored bundle accepted again: its manifest fields, SHA-256 and model bytes; whether it has expired (only
+    with ``allow_expired``) and its signed creation time (ISO)."""
 
     info: ModelInfo
     sha256: str
     model: bytes
+    expired: bool = False
+    created: str | None = None
 
 
 def verify_stored(data: bytes, spec: TrustSpec, *, in_process: bool | None = None, timeout_s: float = 120.0,
-                  command: Sequence[str] = COMMAND) -> Verified:
+                  command: Sequence[str] = COMMAND, allow_expired: bool = False) -> Verified:
     """Accept a bundle the device accepted before (rollback allowed) or raise BundleError (with its reason).
 
     ``in_process``: None runs the check here only if ``edgefleet.core.update`` is already imported.
+    ``allow_expired``: an expired bundle passes (every other check still applies), with ``expired`` set.
     """
     if in_process is None:
         in_process = "edgefleet.core.update" in sys.modules
     if in_process:
         from edgefleet.core.update import decide
 
-        accepted = decide(data, trust_state(spec, accepted_before=True), allow_rollback=True)
-        return Verified(ModelInfo.from_bytes(accepted.manifest.canonical_bytes()), accepted.sha256, accepted.model)
-    request = json.dumps(spec.to_json()).encode() + b"\n" + data
+        accepted = decide(data, trust_state(spec, accepted_before=True), allow_rollback=True,
+                          allow_expired=allow_expired)
+        return Verified(ModelInfo.from_bytes(accepted.manifest.canonical_bytes()), accepted.sha256, accepted.model,
+                        expired=accepted.expired, created=accepted.manifest.created)
+    request = json.dumps({**spec.to_json(), "allow_expired": allow_expired}).encode() + b"\n" + data
     try:
         result = subprocess.run(list(command), input=request, capture_output=True, timeout=timeout_s, check=False)
     except subprocess.TimeoutExpired as exc:
@@ -113,7 +138,21 @@ def verify_stored(data: bytes, spec: TrustSpec, *, in_process: bool | None = Non
     members = read_container(data, Limits())
     if MODEL not in members:
         raise BundleError("an encrypted model cannot be restored without its key", reason="decrypt_failed")
-    return Verified(ModelInfo.from_bytes(members[MANIFEST]), digest, members[MODEL])
+    return Verified(ModelInfo.from_bytes(members[MANIFEST]), digest, members[MODEL],
+                    expired=report.get("expired") is True, created=created_time(members[MANIFEST]))
+
+
+def created_time(manifest: bytes) -> str | None:
+    """The ``created`` field of verified canonical manifest bytes (None if it has none)."""
+    try:
+        value = json.loads(manifest).get("created")
+    except (ValueError, AttributeError):
+        return None
+    return value if isinstance(value, str) else None
+
+
+def _optional_text(value: Any) -> str | None:
+    return None if value is None else str(value)
 
 
 def main() -> int:
@@ -121,8 +160,9 @@ def main() -> int:
     raw = sys.stdin.buffer.read()
     head, _, data = raw.partition(b"\n")
     try:
-        spec = TrustSpec.from_json(json.loads(head))
-        verified = verify_stored(data, spec, in_process=True)
+        request = json.loads(head)
+        spec = TrustSpec.from_json(request)
+        verified = verify_stored(data, spec, in_process=True, allow_expired=request.get("allow_expired") is True)
     except EdgefleetError as exc:
         print(json.dumps({"ok": False, "reason": getattr(exc, "reason", None) or type(exc).__name__,
                           "error": str(exc)}))
@@ -130,7 +170,7 @@ def main() -> int:
     except (ValueError, KeyError, TypeError) as exc:
         print(json.dumps({"ok": False, "reason": "malformed", "error": f"bad request: {exc}"}))
         return 0
-    print(json.dumps({"ok": True, "sha256": verified.sha256, "model": verified.info.ref}))
+    print(json.dumps({"ok": True, "sha256": verified.sha256, "model": verified.info.ref, "expired": verified.expired}))
     return 0
 
 

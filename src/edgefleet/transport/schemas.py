@@ -60,6 +60,9 @@ class ReportedState(_Message):
     active_sha256: str | None = None
     previous: str | None = None
     shadow: str | None = None
+    running: str | None = Field(default=None, description="the model it runs (name@version); null: none runs")
+    active_expired: bool = Field(default=False, description="the running model's signed expiry has passed; "
+                                 "it keeps running until an update replaces it")
     update_state: str = "idle"
     last_error: str | None = None
     ts: float = Field(default_factory=time.time)

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Any, ClassVar
 
 import numpy as np
@@ -80,6 +81,8 @@ class InputStep(ABC):
     kind: ClassVar[str]
     streamed: ClassVar[bool] = False
     """True when readings are stream samples that a windower groups (series); otherwise one reading, one input."""
+    KEYS: ClassVar[frozenset[str]] = frozenset({"kind", "version"})
+    """The spec keys this step reads (a pipeline file with any other key is refused)."""
 
     @classmethod
     @abstractmethod
@@ -113,6 +116,8 @@ class SeriesInput(InputStep):
 
     kind = "sliding_window"
     streamed = True
+    KEYS = frozenset({"kind", "version", "channels", "window", "hop", "sample_rate_hz", "mean", "std", "missing",
+                      "features"})
 
     def __init__(self, window: WindowSpec) -> None:
         self.window = window
@@ -150,6 +155,8 @@ class ImageInput(InputStep):
     """Frames [h, w, c] (RGB, any numeric type) -> resized, scaled, normalized model input in its layout."""
 
     kind: ClassVar[str] = "image"
+    KEYS: ClassVar[frozenset[str]] = frozenset({"kind", "version", "height", "width", "channels", "layout", "color",
+                                                "resize", "scale", "mean", "std", "dtype"})
     height: int
     width: int
     channels: int
@@ -209,18 +216,28 @@ class ImageInput(InputStep):
             frames = resize_frames(frames, self.height, self.width, self.resize)
         if self.color == "bgr":
             frames = frames[..., ::-1]
-        if self.dtype_name in ("uint8", "int8") and self.scale == 1.0 and self.mean is None:
-            x = frames.astype(self.dtype, copy=False)
+        if self.layout == "NCHW":  # channels outermost: the affine step below runs over long rows
+            frames = frames.transpose(0, 3, 1, 2)
+        gain, offset = self._affine
+        if gain is None and offset is None:
+            return np.ascontiguousarray(frames, dtype=self.dtype)
+        x = np.empty(frames.shape, dtype=np.float32)
+        axis = (-1, 1, 1) if self.layout == "NCHW" else (-1,)
+        if gain is not None:  # the type conversion, the layout change and the gain in one pass
+            np.multiply(frames, gain.reshape(axis), out=x, casting="unsafe")
         else:
-            x = frames.astype(np.float32)
-            if self.scale != 1.0:
-                x *= np.float32(self.scale)
-            if self.mean is not None and self.std is not None:
-                x = (x - self.mean) / self.std
-            x = x.astype(self.dtype, copy=False)
-        if self.layout == "NCHW":
-            x = x.transpose(0, 3, 1, 2)
-        return np.ascontiguousarray(x)
+            np.copyto(x, frames, casting="unsafe")
+        if offset is not None:
+            x += offset.reshape(axis)
+        return x if self.dtype_name == "float32" else x.astype(self.dtype)
+
+    @cached_property
+    def _affine(self) -> tuple[np.ndarray | None, np.ndarray | None]:
+        """``x * scale``, then ``(x - mean) / std``, as one gain and offset per channel (None: not needed)."""
+        scale = np.float32(self.scale)
+        if self.mean is None or self.std is None:
+            return (None if self.scale == 1.0 else np.full(self.channels, scale, dtype=np.float32)), None
+        return (scale / self.std).astype(np.float32), (-self.mean / self.std).astype(np.float32)
 
     def to_frames(self, model_rows: np.ndarray) -> np.ndarray:
         """The inverse of the layout step: rows in the model's layout [n, ...] -> frames [n, h, w, c]."""
@@ -255,6 +272,7 @@ class VectorInput(InputStep):
     """Rows of F features (in ``names`` order when given) -> optionally standardized model input [n, F]."""
 
     kind: ClassVar[str] = "vector"
+    KEYS: ClassVar[frozenset[str]] = frozenset({"kind", "version", "features", "names", "mean", "std", "dtype"})
     features: int
     names: tuple[str, ...] = ()
     mean: np.ndarray | None = None
@@ -298,6 +316,7 @@ class TensorInput(InputStep):
     """The model input as it is, without its batch axis: no transformation but the element type."""
 
     kind: ClassVar[str] = "tensor"
+    KEYS: ClassVar[frozenset[str]] = frozenset({"kind", "version", "shape", "dtype"})
     shape: tuple[int, ...]
     dtype_name: str = "float32"
 

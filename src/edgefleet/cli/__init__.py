@@ -44,7 +44,19 @@ def server(data_dir: Annotated[Path, typer.Option(help="state, artifacts and the
                "--mqtt5/--no-mqtt5", envvar="EDGEFLEET_MQTT5",
                help="MQTT v5 with an external broker (shared telemetry subscription); --no-mqtt5 for 3.1.1")] = True,
            tick: Annotated[float, typer.Option(
-               envvar="EDGEFLEET_TICK_S", help="orchestrator period in seconds")] = 1.0) -> None:
+               envvar="EDGEFLEET_TICK_S", help="orchestrator period in seconds")] = 1.0,
+           broker_port: Annotated[int | None, typer.Option(
+               envvar="EDGEFLEET_BROKER_PORT", show_default=False,
+               help="the embedded broker's port; default: the one it had last time (DATA_DIR/broker/port), else a "
+                    "free one")] = None,
+           max_upload_mb: Annotated[int, typer.Option(
+               envvar="EDGEFLEET_MAX_UPLOAD_MB", help="largest bundle upload, MiB")] = 256,
+           max_uploads: Annotated[int, typer.Option(
+               envvar="EDGEFLEET_MAX_UPLOADS", help="bundle uploads at once; more get 429")] = 2,
+           max_json_kb: Annotated[int, typer.Option(
+               envvar="EDGEFLEET_MAX_JSON_KB", help="largest JSON request body, KiB")] = 1024,
+           max_json_depth: Annotated[int, typer.Option(
+               envvar="EDGEFLEET_MAX_JSON_DEPTH", help="deepest nesting of a JSON request body")] = 32) -> None:
     """Run the control plane: REST API, MQTT ingest, and (by default) an embedded broker.
 
     Every option after --trusted-key also reads the environment variable shown; a flag wins over it.
@@ -54,7 +66,9 @@ def server(data_dir: Annotated[Path, typer.Option(help="state, artifacts and the
     settings = ServerSettings(data_dir=data_dir, host=host, port=port, mqtt_url=mqtt_url, db_url=db_url,
                               trusted_keys=trusted_key or [], replica=replica, operator_token=operator_token,
                               artifact_dir=artifact_dir, broker_auth_dir=broker_auth_dir,
-                              device_mqtt_url=device_mqtt_url, mqtt5=mqtt5, tick_s=tick)
+                              device_mqtt_url=device_mqtt_url, mqtt5=mqtt5, tick_s=tick, broker_port=broker_port,
+                              max_upload_mb=max_upload_mb, max_uploads=max_uploads, max_json_kb=max_json_kb,
+                              max_json_depth=max_json_depth)
     setup_logging()
     run_server(settings)
 

@@ -3,6 +3,8 @@
 Operators authenticate with the operator token; devices with their own token, and a device may fetch only
 the artifacts of the models assigned to it (active or shadow). Every request is counted (``/metrics``) and
 bad input (malformed JSON, oversized bodies, unknown devices, wrong credentials) is rejected and counted.
+Request bodies pass :mod:`edgefleet.server.limits` first: authenticated, capped and checked before any route
+reads them.
 """
 
 
@@ -11,7 +13,7 @@ import hmac
 import secrets
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Annotated, Any
 
 from fastapi import Depends, FastAPI, HTTPException, Request, Response
@@ -24,6 +26,7 @@ from edgefleet.core.update import TrustState, decide
 from edgefleet.errors import BundleError, EdgefleetError, StoreError
 from edgefleet.server.artifacts import ArtifactStore
 from edgefleet.server.broker_auth import BrokerAccess, hash_password
+from edgefleet.server.limits import Limits, RequestLimits
 from edgefleet.server.metrics import CONTENT_TYPE, Metrics
 from edgefleet.server.orchestrator import Orchestrator, model_ref
 from edgefleet.server.rollout_api import rollout_router
@@ -31,9 +34,6 @@ from edgefleet.server.schema import Device, ModelVersion
 from edgefleet.server.store import Store
 from edgefleet.server.telemetry_api import telemetry_router
 from edgefleet.transport import topics
-
-MAX_BUNDLE_BYTES = 256 * 1024 * 1024
-MAX_JSON_BYTES = 1024 * 1024
 
 __all__ = ["ServerContext", "create_app", "model_ref"]
 
@@ -51,6 +51,7 @@ class ServerContext:
     orchestrator: Orchestrator
     metrics: Metrics
     access: BrokerAccess | None = None
+    limits: Limits = field(default_factory=Limits)
 
     def sync_broker(self) -> None:
         """Rewrite the broker's password file from the store (new or revoked devices)."""
@@ -76,18 +77,11 @@ def sha256_text(value: str) -> str:
 
 def create_app(ctx: ServerContext) -> FastAPI:
     app = FastAPI(title="edgefleet control plane", version=__version__)
+    app.add_middleware(RequestLimits, limits=ctx.limits, operator_token=ctx.operator_token)  # inside the count
 
     @app.middleware("http")
-    async def count_and_limit(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
-        limit = MAX_BUNDLE_BYTES if request.url.path == "/api/v1/models" else MAX_JSON_BYTES
-        try:
-            declared = int(request.headers.get("content-length") or 0)
-        except ValueError:
-            declared = limit + 1
-        if declared > limit:
-            response: Response = JSONResponse({"detail": f"request body over {limit} bytes"}, status_code=413)
-        else:
-            response = await call_next(request)
+    async def count(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
+        response = await call_next(request)
         route = request.scope.get("route")
         ctx.metrics.http(request.method, getattr(route, "path", "unmatched"), response.status_code)
         return response
@@ -122,9 +116,7 @@ def create_app(ctx: ServerContext) -> FastAPI:
 
     @app.post("/api/v1/models", dependencies=[Operator], status_code=201)
     async def push_model(request: Request) -> dict[str, Any]:
-        data = await request.body()
-        if len(data) > MAX_BUNDLE_BYTES:
-            raise HTTPException(413, "bundle too large")
+        data = await request.body()  # RequestLimits caps it while it streams in
         try:
             accepted = decide(data, TrustState(keys=ctx.trusted_keys))
         except BundleError as exc:

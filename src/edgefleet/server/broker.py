@@ -2,12 +2,15 @@
 
 amqtt shares an event loop with nothing else there: in the same process as paho clients it times out
 under QoS 1 load. :class:`EmbeddedBroker` writes the config, starts the child, waits until a real MQTT
-CONNECT succeeds, and stops it with SIGTERM (then SIGKILL).
+CONNECT succeeds, and stops it with SIGTERM (then SIGKILL). Its address is stable: :func:`stable_port` keeps
+the port in the broker's directory, so devices provisioned against it still reach it after a restart.
 """
 
 from __future__ import annotations
 
+import errno
 import os
+import socket
 import subprocess
 import sys
 import time
@@ -18,12 +21,62 @@ from typing import Any
 import yaml
 
 import edgefleet
-from edgefleet.errors import TransportError
+from edgefleet.errors import ConfigError, TransportError
+from edgefleet.storage import atomic_write
 from edgefleet.transport.mqtt_url import MqttEndpoint
 from edgefleet.transport.ports import free_port, wait_for_mqtt
 
 CONFIG_NAME = "broker.yaml"
 LOG_NAME = "broker.log"
+PORT_NAME = "port"
+PORT_WAIT_S = 5.0
+"""How long a start waits for its port to be released (a broker of a killed server exits within ~1 s)."""
+
+
+def stable_port(data_dir: Path, host: str, requested: int | None = None, wait_s: float = PORT_WAIT_S) -> int:
+    """The embedded broker's port: ``requested``, else the one stored in ``data_dir``, else a free one; stored.
+
+    A port that stays taken for ``wait_s`` is a ConfigError (one line): moving silently would strand every
+    device provisioned with the old address.
+    """
+    path = data_dir / PORT_NAME
+    stored = _read_port(path)
+    port = requested or stored or free_port(host)
+    deadline = time.monotonic() + wait_s
+    while not _bindable(host, port):
+        if time.monotonic() >= deadline:
+            origin = "--broker-port" if requested else f"stored in {path}" if stored else "chosen"
+            raise ConfigError(f"the embedded broker's port {host}:{port} ({origin}) is in use by another process; "
+                              "stop it or pass another --broker-port (devices must then be told the new address)")
+        time.sleep(0.1)
+    if port != stored:
+        atomic_write(path, f"{port}\n".encode())
+    return port
+
+
+def _read_port(path: Path) -> int | None:
+    try:
+        text = path.read_text(encoding="utf-8").strip()
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        raise ConfigError(f"cannot read the embedded broker's port from {path}: {exc.strerror}") from exc
+    if not text.isdigit() or not 0 < int(text) <= 65535:
+        raise ConfigError(f"{path} should hold the embedded broker's port (1-65535), not {text[:20]!r}")
+    return int(text)
+
+
+def _bindable(host: str, port: int) -> bool:
+    """Whether a listener could bind ``host:port`` now (SO_REUSEADDR, as asyncio's servers bind)."""
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, port))
+        except OSError as exc:
+            if exc.errno == errno.EADDRINUSE:
+                return False
+            raise ConfigError(f"the embedded broker cannot bind {host}:{port}: {exc.strerror}") from exc
+    return True
 
 
 def broker_config(host: str, port: int, password_file: Path | None = None) -> dict[str, Any]:

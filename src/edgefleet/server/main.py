@@ -1,7 +1,13 @@
-"""Run the control plane: broker (embedded unless given), store, MQTT ingest and the HTTP API."""
+"""Run the control plane: broker (embedded unless given), store, MQTT ingest and the HTTP API.
+
+Addresses are stable: the embedded broker keeps its port across restarts (:func:`~edgefleet.server.broker.stable_port`),
+and every desired state carries the broker address devices are to dial (``--device-mqtt-url``), which an agent
+keeps and uses from its next start: moving the broker needs no file edited on a device.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -9,7 +15,7 @@ import os
 import re
 import secrets
 import socket
-from collections.abc import Callable
+from collections.abc import Callable, Generator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -19,9 +25,10 @@ from edgefleet.bundle.signing import PublicKey, load_public_key
 from edgefleet.errors import ConfigError
 from edgefleet.server.app import ServerContext, create_app
 from edgefleet.server.artifacts import ArtifactStore
-from edgefleet.server.broker import EmbeddedBroker
+from edgefleet.server.broker import EmbeddedBroker, stable_port
 from edgefleet.server.broker_auth import SERVER_USER, BrokerAccess
 from edgefleet.server.ingest import Ingest
+from edgefleet.server.limits import MIB, Limits
 from edgefleet.server.metrics import Metrics
 from edgefleet.server.orchestrator import Orchestrator, desired_message
 from edgefleet.server.publisher import DesiredPublisher
@@ -39,6 +46,8 @@ INFO_FILE = "server.json"
 REPLICA_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 MIN_TOKEN_CHARS = 16
 MAX_TICK_S = 3600.0
+_LIMIT_RANGES = {"max_upload_mb": ("--max-upload-mb", 1, 64 * 1024), "max_json_kb": ("--max-json-kb", 1, 1024 * 1024),
+                 "max_json_depth": ("--max-json-depth", 2, 256), "max_uploads": ("--max-uploads", 1, 1024)}
 
 
 @dataclass(frozen=True)
@@ -69,6 +78,16 @@ class ServerSettings:
     """Use MQTT v5 (shared subscriptions) with an external broker; False for a 3.1.1-only broker."""
     tick_s: float = 1.0
     """Orchestrator period in seconds."""
+    broker_port: int | None = None
+    """The embedded broker's port; None: the one it had last time (DATA_DIR/broker/port), else a free one."""
+    max_upload_mb: int = 256
+    """Largest bundle upload, in MiB."""
+    max_json_kb: int = 1024
+    """Largest JSON request body, in KiB."""
+    max_json_depth: int = 32
+    """Deepest nesting of a JSON request body."""
+    max_uploads: int = 2
+    """Bundle uploads served at once; more get 429."""
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:
@@ -92,10 +111,31 @@ class ServerSettings:
             raise ConfigError("--broker-auth-dir is for an external Mosquitto: give its --mqtt-url too")
         if self.device_mqtt_url is not None:
             parse_mqtt_url(self.device_mqtt_url)
+        if self.broker_port is not None:
+            if not 0 < self.broker_port <= 65535:
+                raise ConfigError(f"--broker-port must be 1-65535, not {self.broker_port}")
+            if self.mqtt_url is not None:
+                raise ConfigError("--broker-port is for the embedded broker; an external broker's address is "
+                                  "--mqtt-url")
+        for name, (flag, low, high) in _LIMIT_RANGES.items():
+            value = getattr(self, name)
+            if not low <= value <= high:
+                raise ConfigError(f"{flag} must be {low}-{high}, not {value}")
         for flag, path in (("--artifact-dir", self.artifact_dir), ("--broker-auth-dir", self.broker_auth_dir),
                            ("--data-dir", self.data_dir)):
             if path is not None and path.exists() and not path.is_dir():
                 raise ConfigError(f"{flag} {path} is not a directory")
+
+    @property
+    def limits(self) -> Limits:
+        """The request limits these settings ask for."""
+        return Limits(max_upload_bytes=self.max_upload_mb * MIB, max_json_bytes=self.max_json_kb * 1024,
+                      max_json_depth=self.max_json_depth, max_uploads=self.max_uploads)
+
+    @property
+    def broker_dir(self) -> Path:
+        """The embedded broker's directory: its configuration, log, port and password files."""
+        return self.data_dir / "broker"
 
 
 def operator_token(settings: ServerSettings) -> str:
@@ -124,6 +164,7 @@ def run_server(settings: ServerSettings) -> None:
     trusted = load_trusted(settings)
     token = operator_token(settings)
     replica = settings.replica
+    broker_port = None if settings.mqtt_url else stable_port(settings.broker_dir, settings.host, settings.broker_port)
     store = Store(settings.db_url or sqlite_url(settings.data_dir))
     port = settings.port or free_port(settings.host)
     broker: EmbeddedBroker | None = None
@@ -134,18 +175,19 @@ def run_server(settings: ServerSettings) -> None:
             assert endpoint.password is not None  # ServerSettings checked it
             access = BrokerAccess(settings.broker_auth_dir, endpoint.password, endpoint.username or SERVER_USER)
     else:
-        secret = _secret(settings.data_dir / "broker" / "server.secret")
-        access = BrokerAccess(settings.data_dir / "broker" / "auth", secret)
+        secret = _secret(settings.broker_dir / "server.secret")
+        access = BrokerAccess(settings.broker_dir / "auth", secret)
         access.sync(_credentials(store))
-        broker = EmbeddedBroker(settings.data_dir / "broker", host=settings.host, password_file=access.passwd_path,
-                                login=(SERVER_USER, secret))
+        broker = EmbeddedBroker(settings.broker_dir, host=settings.host, port=broker_port,
+                                password_file=access.passwd_path, login=(SERVER_USER, secret))
         plain = broker.start()
         endpoint = MqttEndpoint(plain.host, plain.port, SERVER_USER, secret)
     if access is not None:
         access.sync(_credentials(store))
     mqtt5 = settings.mqtt_url is not None and settings.mqtt5  # the embedded amqtt broker speaks 3.1.1 only
     ingest = Ingest(store, endpoint, replica=replica, mqtt5=mqtt5)
-    publisher = DesiredPublisher(endpoint, f"edgefleet-{replica}-publisher")
+    device_mqtt_url = settings.device_mqtt_url or endpoint.url
+    publisher = DesiredPublisher(endpoint, f"edgefleet-{replica}-publisher", device_mqtt_url=device_mqtt_url)
     metrics = Metrics()
     orchestrator = Orchestrator(store, publisher.publish_many, replica=replica, interval_s=settings.tick_s)
     try:
@@ -156,8 +198,8 @@ def run_server(settings: ServerSettings) -> None:
         ctx = ServerContext(store=store, artifacts=ArtifactStore(settings.artifact_dir or
                                                                  settings.data_dir / "artifacts"),
                             trusted_keys=trusted, operator_token=token, public_url=public_url,
-                            device_mqtt_url=settings.device_mqtt_url or endpoint.url,
-                            orchestrator=orchestrator, metrics=metrics, access=access)
+                            device_mqtt_url=device_mqtt_url, orchestrator=orchestrator, metrics=metrics,
+                            access=access, limits=settings.limits)
         orchestrator.housekeeping = ctx.sync_broker
         metrics.ingest_counts = ingest.snapshot
         metrics.state = lambda: _state(store, orchestrator)
@@ -197,11 +239,19 @@ def _state(store: Store, orchestrator: Orchestrator) -> dict[str, float]:
 
 
 class _Server(uvicorn.Server):
-    """uvicorn, announcing itself (server.json) only once its socket accepts connections."""
+    """uvicorn, announcing itself (server.json) only once its socket accepts connections, and returning after a
+    SIGTERM/SIGINT instead of raising the signal again: :func:`run_server` must stop what it started (the broker
+    child first, so that its port is free for the next start) and exit 0."""
 
     def __init__(self, config: uvicorn.Config, on_started: Callable[[], None]) -> None:
         super().__init__(config)
         self._on_started = on_started
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Generator[None, None, None]:
+        with super().capture_signals():
+            yield
+            self._captured_signals.clear()  # uvicorn would raise them again once its handlers are restored
 
     async def startup(self, sockets: list[socket.socket] | None = None) -> None:
         await super().startup(sockets)
@@ -210,8 +260,7 @@ class _Server(uvicorn.Server):
 
 
 def republish_desired(store: Store, publisher: DesiredPublisher) -> None:
-    """Publish every device's desired state again, so a fresh broker has it retained."""
+    """Publish every device's desired state again, so a fresh broker has it retained, and so that each device
+    learns the broker address it is to dial (a device with no model desired gets a state that asks for none)."""
     models = {m.id: m for m in store.list_models()}
-    states = [desired_message(d, models) for d in store.list_devices()
-              if not d.revoked and (d.desired_model_id is not None or d.desired_shadow_id is not None)]
-    publisher.publish_many(states)
+    publisher.publish_many([desired_message(d, models) for d in store.list_devices() if not d.revoked])

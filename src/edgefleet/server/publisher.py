@@ -1,4 +1,8 @@
-"""Publishing desired states (retained, QoS 1) with paho: many at once, then wait for every acknowledgement."""
+"""Publishing desired states (retained, QoS 1) with paho: many at once, then wait for every acknowledgement.
+
+Each state carries the broker address devices are to dial (``mqtt_url``), so that moving the broker needs no
+file edited on a device: an agent keeps the address it is told and dials it from its next start.
+"""
 
 from __future__ import annotations
 
@@ -12,7 +16,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 from edgefleet.errors import TransportError
 from edgefleet.transport import topics
 from edgefleet.transport.messages import DesiredState
-from edgefleet.transport.mqtt_url import MqttEndpoint
+from edgefleet.transport.mqtt_url import MqttEndpoint, parse_mqtt_url
 
 _WINDOW = 1000
 
@@ -20,8 +24,10 @@ _WINDOW = 1000
 class DesiredPublisher:
     """One MQTT connection that publishes retained desired states and waits until the broker has them."""
 
-    def __init__(self, endpoint: MqttEndpoint, client_id: str) -> None:
+    def __init__(self, endpoint: MqttEndpoint, client_id: str, *, device_mqtt_url: str | None = None) -> None:
         self.endpoint = endpoint
+        self.device_mqtt_url = _address(device_mqtt_url) if device_mqtt_url else None
+        """Stamped on every state that names no broker address itself (without credentials)."""
         self._connected = threading.Event()
         self._client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=client_id, clean_session=True)
         if endpoint.username is not None:
@@ -57,6 +63,9 @@ class DesiredPublisher:
         if not self._connected.wait(min(timeout_s, 10.0)):
             raise TransportError(f"no MQTT connection to {self.endpoint.url}")
         deadline = time.monotonic() + timeout_s
+        if self.device_mqtt_url is not None:
+            stamp = {"mqtt_url": self.device_mqtt_url}
+            states = [s if s.mqtt_url is not None else s.model_copy(update=stamp) for s in states]
         with self._lock:  # in windows no larger than paho's in-flight limit: its queue is costly per ack
             for start in range(0, len(states), _WINDOW):
                 infos = [self._client.publish(topics.desired(s.device), s.to_bytes(), qos=1, retain=True)
@@ -75,3 +84,9 @@ class DesiredPublisher:
     def _on_connect(self, _c: mqtt.Client, _u: object, _f: object, reason: object, _p: object) -> None:
         if not getattr(reason, "is_failure", False):
             self._connected.set()
+
+
+def _address(url: str) -> str:
+    """The broker's address only: each device logs in with its own credentials, never with these."""
+    endpoint = parse_mqtt_url(url)
+    return MqttEndpoint(endpoint.host, endpoint.port).url

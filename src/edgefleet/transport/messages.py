@@ -233,6 +233,7 @@ class DesiredUpdate:
     shadow: ModelTarget | None = None
     statements: list[str] = field(default_factory=list)
     issued_at: float = 0.0
+    mqtt_url: str | None = None
 
     @classmethod
     def from_wire(cls, data: Any) -> DesiredUpdate:
@@ -247,4 +248,5 @@ class DesiredUpdate:
         return cls(device=cast(str, _str(d, "device")),
                    model=None if model is None else ModelTarget.from_wire(model),
                    shadow=None if shadow is None else ModelTarget.from_wire(shadow),
-                   statements=list(statements), issued_at=float(issued))
+                   statements=list(statements), issued_at=float(issued),
+                   mqtt_url=_str(d, "mqtt_url", required=False))

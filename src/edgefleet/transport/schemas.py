@@ -49,6 +49,8 @@ class DesiredState(_Message):
     shadow: ModelRef | None = Field(default=None, description="candidate to run beside the model, reporting only")
     statements: list[str] = Field(default_factory=list, description="base64 signed key rotations and revocations")
     issued_at: float = Field(default_factory=time.time)
+    mqtt_url: str | None = Field(default=None, max_length=300,
+                                 description="broker address the device dials from its next start")
 
 
 class ReportedState(_Message):

@@ -122,7 +122,7 @@ def test_device_telemetry_sums_exactly_what_the_agent_sent(started: LocalFleet, 
     fleet.provision("cam-01")
     api.deploy(MODEL, ["cam-01"])
     tap = tap_factory(["cam-01"])
-    agent = fleet.start_agent("cam-01", duration_s=8, telemetry_interval_s=0.5)
+    agent = fleet.start_agent("cam-01", duration_s=10, telemetry_interval_s=0.5)
     assert agent.wait(60) == 0, agent.log_tail()
     wait_stored(fleet, tap, "cam-01")
     sent = tap.of("cam-01")

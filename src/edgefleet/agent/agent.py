@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 from edgefleet import __version__
 from edgefleet.agent.accepted import accepted_versions, device_clock, raise_floor, remember_bundle, time_floor
-from edgefleet.agent.config import AgentConfig
+from edgefleet.agent.config import AgentConfig, remember_broker
 from edgefleet.agent.fetch import ArtifactFetcher, Fetcher
 from edgefleet.agent.inference import InferencePipeline
 from edgefleet.agent.model import LoadedModel
@@ -29,7 +29,7 @@ from edgefleet.agent.sources import SensorSource
 from edgefleet.agent.state import AgentState
 from edgefleet.agent.updater import ERROR_KEY, STEP_KEY, HealthPolicy, Updater
 from edgefleet.agent.verify import TrustSpec, trust_state
-from edgefleet.errors import BundleError, TransportError
+from edgefleet.errors import BundleError, EdgefleetError, TransportError
 from edgefleet.transport import topics
 from edgefleet.transport.link import MqttLink
 from edgefleet.transport.messages import DesiredUpdate, encode, event_detail, parse
@@ -200,7 +200,20 @@ class Agent:
         if desired.device == self.device:
             if desired.statements:
                 self.apply_statements(desired.statements)
+            if desired.mqtt_url:
+                self._remember_broker(desired.mqtt_url)
             self.updater.request(desired.model, desired.shadow)
+
+    def _remember_broker(self, url: str) -> None:
+        """Keep the broker address the server gives; it is dialled from the next start (see agent.config)."""
+        try:
+            kept = remember_broker(self.config.data_dir, url, self.config.mqtt)
+        except (EdgefleetError, OSError) as exc:
+            self.event("rejected_broker", {"error": str(exc)})
+            return
+        if kept is not None:
+            log.info("broker address %s kept: dialled from the next start", kept)
+            self.event("broker_address", {"url": kept})
 
     # uplink -----------------------------------------------------------------------------------
     def event(self, name: str, detail: dict[str, Any]) -> None:

@@ -1,4 +1,9 @@
-"""The device's credentials file (written by ``edgefleet device add``) and agent settings."""
+"""The device's credentials file (written by ``edgefleet device add``) and agent settings.
+
+The broker address the server last told the device to dial (its desired state's ``mqtt_url``) is kept in the
+data directory (:data:`BROKER_URL_FILE`) and wins over the credentials' ``mqtt_url``: a moved broker needs no
+file edited on the device. The credentials' user name and password are used whatever the address.
+"""
 
 from __future__ import annotations
 
@@ -8,8 +13,10 @@ from pathlib import Path
 
 from edgefleet.bundle.signing import PublicKey
 from edgefleet.errors import ConfigError
+from edgefleet.storage import atomic_write
 from edgefleet.transport.mqtt_url import MqttEndpoint, parse_mqtt_url
 
+BROKER_URL_FILE = "broker.url"
 DEFAULT_TELEMETRY_INTERVAL_S = 300.0
 """Seconds between telemetry batches: a device's uplink is metered; every 5 minutes keeps the demo stream's
 uplink under 1% of its raw sensor bytes (see BENCHMARKS.md). Demos and tests pass a short one explicitly."""
@@ -54,7 +61,7 @@ def load_config(credentials: Path, data_dir: Path, *, device_id: str | None = No
         file_device = str(raw["device_id"])
         if device_id is not None and device_id != file_device:
             raise ConfigError(f"--device-id {device_id} does not match the credentials' {file_device}")
-        endpoint = parse_mqtt_url(str(raw["mqtt_url"]))
+        endpoint = stored_broker(data_dir) or parse_mqtt_url(str(raw["mqtt_url"]))
         mqtt = MqttEndpoint(endpoint.host, endpoint.port, raw.get("mqtt_username"), raw.get("mqtt_password"))
         keys = [PublicKey.from_text(str(text)) for text in dict(raw["trusted_keys"]).values()]
         token = str(raw["token"])
@@ -68,3 +75,23 @@ def load_config(credentials: Path, data_dir: Path, *, device_id: str | None = No
     return AgentConfig(device_id=file_device, server_url=url, mqtt=mqtt, token=token,
                        trusted_keys={k.key_id: k for k in keys}, data_dir=data_dir,
                        telemetry_interval_s=telemetry_interval_s)
+
+
+def stored_broker(data_dir: Path) -> MqttEndpoint | None:
+    """The broker address the server last gave this device, if any (a damaged file is ignored)."""
+    try:
+        return parse_mqtt_url((data_dir / BROKER_URL_FILE).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ConfigError):
+        return None
+
+
+def remember_broker(data_dir: Path, url: str, current: MqttEndpoint) -> str | None:
+    """Keep ``url`` (a desired state's broker address) for the next start; the address kept, or None when it is
+    the one in use or already kept. ConfigError for a malformed address."""
+    endpoint = parse_mqtt_url(url)
+    address = MqttEndpoint(endpoint.host, endpoint.port).url
+    kept = stored_broker(data_dir)
+    if address == (kept.url if kept else current.url):
+        return None
+    atomic_write(data_dir / BROKER_URL_FILE, (address + "\n").encode())
+    return address

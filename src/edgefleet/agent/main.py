@@ -5,6 +5,10 @@ entry, which imports only what the running agent needs: not typer, rich, pydanti
 ``onnx``, whose memory would otherwise stay resident for the device's whole uptime; nor OpenSSL, unless its
 configuration speaks TLS or until it opens an HTTP client (:mod:`edgefleet.agent.lean`). The options are those of
 ``edgefleet agent``; an error is one line on stderr and the project's exit code, as the CLI prints them.
+
+Before anything else the process locks its data directory for its whole life (:mod:`edgefleet.agent.lock`): a
+second agent on the same directory exits at once (exit code 2) with one line naming the directory and the pid
+of the agent that holds it.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ from types import FrameType
 
 from edgefleet.agent import lean
 from edgefleet.agent.config import DEFAULT_TELEMETRY_INTERVAL_S
+from edgefleet.agent.lock import DataDirLock
 from edgefleet.errors import ConfigError, EdgefleetError
 
 _OPTIONS: dict[str, tuple[str, type]] = {
@@ -89,6 +94,15 @@ def command(credentials: Path, data_dir: Path, source: str, *, server: str | Non
 
 
 def run(args: Options) -> None:
+    """Run the agent with these options, its data directory locked from first to last (see agent.lock)."""
+    lock = DataDirLock.acquire(args.data_dir)
+    try:
+        _run(args)
+    finally:
+        lock.release()
+
+
+def _run(args: Options) -> None:
     from edgefleet.agent.config import load_config
 
     if args.upstream is not None and not str(args.upstream).startswith(("http://", "https://")):

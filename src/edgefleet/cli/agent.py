@@ -1,4 +1,10 @@
-"""``edgefleet agent``: run the edge agent; ``edgefleet agent status``: what a stopped or running agent holds."""
+"""``edgefleet agent``: run the edge agent; ``edgefleet agent status``: what a stopped or running agent holds.
+
+The status names what runs, not only what the slots hold: ``running`` is the model the agent process holding the
+directory runs (null when it runs none, or when no agent process holds the directory), ``agent_pid`` that
+process, ``active_expired`` whether its model runs past its signed expiry, and ``slot_error:<slot>`` why a slot's
+model did not run at the last start (see :mod:`edgefleet.agent.restore`).
+"""
 
 from __future__ import annotations
 
@@ -6,11 +12,15 @@ import json
 import os
 import sys
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
 from edgefleet.errors import ConfigError
+
+if TYPE_CHECKING:
+    from edgefleet.agent.lock import LockState
+    from edgefleet.agent.state import AgentState
 
 agent_app = typer.Typer(invoke_without_command=True, no_args_is_help=False,
                         help="Run the edge agent, or inspect its state.")
@@ -64,14 +74,15 @@ def agent(ctx: typer.Context,
 @agent_app.command("status")
 def status(data_dir: Annotated[Path, typer.Option(help="the agent's state directory")],
            as_json: Annotated[bool, typer.Option("--json", help="machine-readable output")] = False) -> None:
-    """Show the agent's model slots, update state, trusted releases and queued telemetry."""
+    """Show what the agent runs, its model slots, update state, trusted releases and queued telemetry."""
+    from edgefleet.agent.lock import probe
     from edgefleet.agent.state import AgentState, describe
 
     if not (data_dir / "agent.db").exists():
         raise ConfigError(f"{data_dir} holds no agent state")
     state = AgentState(data_dir)
     try:
-        info = describe(state)
+        info = {**_running(state, probe(data_dir)), **describe(state)}
     finally:
         state.close()
     if as_json:
@@ -79,3 +90,14 @@ def status(data_dir: Annotated[Path, typer.Option(help="the agent's state direct
         return
     for key, value in info.items():
         typer.echo(f"{key:>16}: {value}")
+
+
+def _running(state: AgentState, lock: LockState) -> dict[str, Any]:
+    """What runs (as the agent recorded it, unless no agent process holds the directory), and the slots' errors."""
+    from edgefleet.agent.state import SLOTS
+
+    alive = lock.held is not False  # None: never run as a process here (an in-process agent), trust the record
+    errors = {f"slot_error:{name}": error for name in SLOTS if (error := state.get(f"slot_error:{name}"))}
+    return {"agent_pid": lock.pid if lock.held else None, "running": state.get("running") if alive else None,
+            "active_expired": bool(state.get("active_expired")) if alive else False,
+            "time_floor": state.get("time_floor"), **errors}

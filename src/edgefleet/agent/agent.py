@@ -312,29 +312,32 @@ class Agent:
             tiered = open_escalator(self.config)
         pipeline = InferencePipeline(model, shadow=shadow, escalator=tiered, source=source) if model else None
         stop = self._stop
-        for block in source.blocks():
-            now = time.monotonic()
-            if stop.is_set() or (duration_s is not None and now - started >= duration_s):
-                break
-            if self.model is not model or self.shadow is not shadow:  # flush what the old pair did
-                self._flush(pipeline, source)
-                model, shadow = self.model, self.shadow
-                if model is not None:
-                    source.bind(model.pipeline.inputs)
-                pipeline = InferencePipeline(model, shadow=shadow, escalator=tiered, source=source) if model else None
-            if pipeline is not None:
-                outcomes = pipeline.push_block(block)
-                if pipeline.alerts:  # -- sensing/edge filtering: alert events, already rate-limited per reason
-                    for alert in pipeline.take_alerts():
-                        self.event("alert", alert)
-                for outcome in outcomes:
-                    self._consecutive_failures = self._consecutive_failures + 1 if outcome.failed else 0
-                    if self._consecutive_failures >= self.config.failures_before_rollback:
-                        self._roll_back(f"{self._consecutive_failures} inference failures in a row")
-                        break
-            if now >= next_flush:
-                self._flush(pipeline, source)
-                next_flush = now + interval
-        self._flush(pipeline, source)
+        try:
+            for block in source.blocks():
+                now = time.monotonic()
+                if stop.is_set() or (duration_s is not None and now - started >= duration_s):
+                    break
+                if self.model is not model or self.shadow is not shadow:  # flush what the old pair did
+                    self._flush(pipeline, source)
+                    model, shadow = self.model, self.shadow
+                    if model is not None:
+                        source.bind(model.pipeline.inputs)
+                    pipeline = (InferencePipeline(model, shadow=shadow, escalator=tiered, source=source)
+                                if model else None)
+                if pipeline is not None:
+                    outcomes = pipeline.push_block(block)
+                    if pipeline.alerts:  # -- sensing/edge filtering: alert events, already rate-limited per reason
+                        for alert in pipeline.take_alerts():
+                            self.event("alert", alert)
+                    for outcome in outcomes:
+                        self._consecutive_failures = self._consecutive_failures + 1 if outcome.failed else 0
+                        if self._consecutive_failures >= self.config.failures_before_rollback:
+                            self._roll_back(f"{self._consecutive_failures} inference failures in a row")
+                            break
+                if now >= next_flush:
+                    self._flush(pipeline, source)
+                    next_flush = now + interval
+        finally:  # the last batch, also when the source or the loop fails
+            self._flush(pipeline, source)
         if tiered is not None:  # -- sensing/edge filtering: stop retrying escalations (the queue stays on disk)
             tiered.close()

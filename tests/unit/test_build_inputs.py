@@ -28,16 +28,18 @@ def _to_onnx(estimator: Any, x: np.ndarray, final: Any) -> bytes:
     return bytes(proto.SerializeToString())
 
 
-def test_tree_from_skl2onnx_is_refused_clearly() -> None:
-    """A decision tree is one ai.onnx.ml TreeEnsembleClassifier: nothing to quantize or convert, and the
-    reason names the operator instead of a quantizer traceback."""
+def test_tree_from_skl2onnx_ships_the_float_model() -> None:
+    """A decision tree is one ai.onnx.ml TreeEnsembleClassifier: nothing quantizes or converts it, so the float
+    model is the candidate and is chosen, and the reason says so and names the operator."""
     from sklearn.tree import DecisionTreeClassifier
 
     x, y = _digits()
     tree = DecisionTreeClassifier(max_depth=6, random_state=0).fit(x[:1200], y[:1200])
     model = _to_onnx(tree, x, tree)
     outcome = BuildSearch(model, validate(model, x[:100], x[1200:], y[1200:]), FAST, []).run()
-    assert outcome.chosen is None
+    assert outcome.float_shipped and outcome.chosen is not None and outcome.chosen.pass_name == "none"
+    assert outcome.chosen.accuracy == outcome.baseline.accuracy
+    assert outcome.reason.startswith("no pass quantizes this model: float model shipped")
     assert "TreeEnsembleClassifier" in outcome.reason and "nothing to quantize" in outcome.reason
 
 

@@ -5,7 +5,8 @@ A QDQ model is analysed as a runtime that fuses QuantizeLinear/DequantizeLinear 
 (ONNX Runtime does on CPU): a node whose activation inputs all come from DequantizeLinear is an int8 node,
 its weights are stored in int8, and the Q/DQ pairs around it cost nothing and leave uint8 tensors behind.
 Q/DQ that a runtime cannot fold (a float graph input being quantized, a dequantize feeding a float node)
-remain as elementwise nodes.
+remain as elementwise nodes. Operators of other domains (ONNX-ML's tree ensembles, SVMs, linear classifiers,
+ZipMap, ...) have no MAC formula here: each counts 0 MACs, and the analysis notes which ones were not counted.
 """
 
 from __future__ import annotations
@@ -63,6 +64,8 @@ class ModelAnalysis:
     energy: EnergyEstimate
     float_compute_nodes: list[str] = field(default_factory=list)
     unknown_shapes: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    """What the figures leave out, in words (operators counted as 0 MACs)."""
 
     @property
     def int8_fraction(self) -> float:
@@ -85,6 +88,7 @@ class _Node:
     outputs: list[str]
     attrs: dict[str, object]
     int8: bool = False
+    domain: str = ""
 
 
 def load_model(model_bytes: bytes) -> onnx.ModelProto:
@@ -111,6 +115,8 @@ def fix_batch(model: onnx.ModelProto, batch: int) -> onnx.ModelProto:
     return fixed
 
 
+#: ONNX-ML operators with a cost formula below (any other operator outside the ONNX domain counts 0 MACs)
+_COUNTED_ML = {"Scaler"}
 #: ONNX-ML operators whose output has their input's shape (ONNX shape inference stops at them)
 _SAME_SHAPE_ML = {"Scaler", "Normalizer", "Imputer", "Binarizer"}
 
@@ -156,7 +162,8 @@ def _tensors(model: onnx.ModelProto) -> dict[str, _Tensor]:
 
 def _nodes(model: onnx.ModelProto) -> list[_Node]:
     return [_Node(name=n.name or f"{n.op_type}_{i}", op_type=n.op_type, inputs=list(n.input),
-                  outputs=list(n.output), attrs={a.name: helper.get_attribute_value(a) for a in n.attribute})
+                  outputs=list(n.output), attrs={a.name: helper.get_attribute_value(a) for a in n.attribute},
+                  domain="" if n.domain == "ai.onnx" else n.domain)
             for i, n in enumerate(model.graph.node)]
 
 
@@ -213,7 +220,8 @@ def deployed_graph(model: onnx.ModelProto) -> tuple[list[_Node], set[str]]:
         return name
 
     view = [
-        _Node(n.name, n.op_type, [resolve(x) for x in n.inputs], [resolve(x) for x in n.outputs], n.attrs, n.int8)
+        _Node(n.name, n.op_type, [resolve(x) for x in n.inputs], [resolve(x) for x in n.outputs], n.attrs, n.int8,
+              n.domain)
         for n in nodes if id(n) not in folded
     ]
     return view, {resolve(w) for w in weights}
@@ -310,7 +318,14 @@ def analyze(model_bytes: bytes, *, batch: int = 1, alignment: int = 16) -> Model
     initializers = {t.name for t in fixed.graph.initializer}
     costs: list[NodeCost] = []
     unknown: list[str] = []
+    uncounted: dict[str, int] = {}
     for node in view:
+        if node.domain not in ("", "com.microsoft") and node.op_type not in _COUNTED_ML:  # no MAC formula
+            key = f"{node.op_type} ({node.domain})"
+            uncounted[key] = uncounted.get(key, 0) + 1
+            costs.append(NodeCost(name=node.name, op_type=node.op_type, precision=_precision(node, tensors),
+                                  macs=0, adds=0, mults=0))
+            continue
         cost = _node_cost(node, tensors)
         if cost is None:
             unknown.append(node.name)
@@ -326,9 +341,11 @@ def analyze(model_bytes: bytes, *, batch: int = 1, alignment: int = 16) -> Model
     counts = _op_counts(costs)
     energy = estimate_energy(counts, weight_bytes=weight_bytes, activation_bytes=_activation_traffic(steps, sizes))
     float_compute = [c.name for c in costs if c.macs and c.precision in ("fp32", "fp16")]
+    notes = [f"counted as 0 MACs (no formula for these operators): "
+             f"{', '.join(f'{op} x{n}' if n > 1 else op for op, n in uncounted.items())}"] if uncounted else []
     return ModelAnalysis(file_bytes=len(model_bytes), params=params, weight_bytes=weight_bytes,
                          macs=sum(c.macs for c in costs), nodes=costs, arena=arena, energy=energy,
-                         float_compute_nodes=float_compute, unknown_shapes=unknown)
+                         float_compute_nodes=float_compute, unknown_shapes=unknown, notes=notes)
 
 
 def _op_counts(costs: list[NodeCost]) -> OpCounts:

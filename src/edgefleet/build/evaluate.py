@@ -1,16 +1,20 @@
-"""Measure an ONNX classifier with ONNX Runtime on CPU: probabilities, accuracy, size, batch-1 latency."""
+"""Measure an ONNX classifier with ONNX Runtime on CPU: class scores (read through the manifest's output spec, as
+the agent reads them), accuracy, size, batch-1 latency."""
 
 from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import onnxruntime as ort
 from google.protobuf.message import DecodeError
 from onnxruntime.capi import onnxruntime_pybind11_state as _ort_state
 
-from edgefleet.errors import DataError, ModelError
+from edgefleet.errors import BundleError, DataError, ModelError
+from edgefleet.runtime.inputs import DTYPES, ONNX_TO_DTYPE
+from edgefleet.runtime.outputs import OutputStep, output_step
 
 #: Exceptions ONNX Runtime and onnx raise for a model they cannot load, optimize or run; all derive
 #: from Exception directly, so they are listed by name.
@@ -48,37 +52,55 @@ def open_session(model_bytes: bytes, *, threads: int = 1) -> ort.InferenceSessio
         raise ModelError(f"ONNX Runtime cannot load the model: {exc}") from exc
 
 
-def probability_output(session: ort.InferenceSession) -> str:
-    """Name of the model's class-score output: the first float tensor output of rank 2 [batch, classes]."""
-    for out in session.get_outputs():
-        if out.type in ("tensor(float)", "tensor(float16)") and len(out.shape or []) == 2:
-            return str(out.name)
-    shown = ", ".join(f"{o.name}: {o.type}" for o in session.get_outputs())
-    raise ModelError(f"the model has no [batch, classes] float output to score ({shown}); a scikit-learn "
-                     "classifier exported with skl2onnx needs options={'zipmap': False}")
+def output_reader(model_bytes: bytes, postprocess: dict[str, Any] | None = None) -> OutputStep:
+    """The output step that reads the model's class scores: ``postprocess`` (a manifest's output spec), else the
+    one the model's outputs imply (bundle.describe: float scores, or an ONNX-ML label + probabilities, ZipMap
+    included). ModelError when it gives no class scores (a regression or anomaly model has no accuracy)."""
+    from edgefleet.bundle.describe import default_postprocess
+    from edgefleet.bundle.pack import model_schema
+
+    try:
+        spec = postprocess if postprocess else default_postprocess(model_bytes, model_schema(model_bytes)[1])
+        step = output_step(spec)
+    except BundleError as exc:
+        raise ModelError(f"cannot read class scores from the model: {exc}") from exc
+    if not step.classifies:
+        raise ModelError(f"the model's output spec ({step.kind}) gives no class scores: the build measures "
+                         "classification accuracy")
+    return step
 
 
-def predict(model_bytes: bytes, x: np.ndarray, batch: int = 64) -> np.ndarray:
-    """Class probabilities [m, n_classes] for inputs x [m, ...], run ``batch`` samples at a time."""
+def _input_type(session: ort.InferenceSession) -> type[np.generic]:
+    kind = str(session.get_inputs()[0].type).removeprefix("tensor(").removesuffix(")")
+    return DTYPES.get(ONNX_TO_DTYPE.get(kind, "float32"), np.float32)
+
+
+def predict(model_bytes: bytes, x: np.ndarray, batch: int = 64,
+            postprocess: dict[str, Any] | None = None) -> np.ndarray:
+    """Class scores [m, n_classes] for model inputs x [m, ...], run ``batch`` samples at a time and read through
+    the output spec (``output_reader``), as the agent reads them."""
     session = open_session(model_bytes)
     name = session.get_inputs()[0].name
-    output = probability_output(session)
-    data = np.ascontiguousarray(x, dtype=np.float32)
+    step = output_reader(model_bytes, postprocess)
+    first = session.get_outputs()[0].name
+    outputs = [n or first for n in step.output_names]
+    data = np.ascontiguousarray(x, dtype=_input_type(session))
     if len(data) == 0:
         raise DataError("no samples to predict")
     try:
-        parts = [session.run([output], {name: data[i : i + batch]})[0] for i in range(0, len(data), batch)]
+        parts = [step.interpret(session.run(outputs, {name: data[i : i + batch]}))
+                 for i in range(0, len(data), batch)]
     except ORT_ERRORS as exc:
         raise ModelError(f"inference failed on input {data.shape}: {exc}") from exc
     return np.concatenate(parts).astype(np.float32, copy=False)
 
 
-def accuracy(model_bytes: bytes, x: np.ndarray, y: np.ndarray) -> float:
+def accuracy(model_bytes: bytes, x: np.ndarray, y: np.ndarray, postprocess: dict[str, Any] | None = None) -> float:
     """Fraction of samples whose most probable class equals the label, in [0, 1]."""
     labels = np.asarray(y)
     if labels.shape != (len(x),):
         raise DataError(f"labels shape {labels.shape} does not match {len(x)} samples")
-    return float(np.mean(predict(model_bytes, x).argmax(axis=1) == labels))
+    return float(np.mean(predict(model_bytes, x, postprocess=postprocess).argmax(axis=1) == labels))
 
 
 def model_size(model_bytes: bytes) -> int:

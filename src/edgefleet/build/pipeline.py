@@ -1,5 +1,10 @@
 """The build search: candidates from a recipe, an accuracy gate, a rescue that keeps sensitive nodes in float,
-and a choice (smallest passing candidate, then fastest), every step recorded for the report."""
+and a choice (smallest passing candidate, then fastest), every step recorded for the report.
+
+A pass output that computes nothing in a lower precision (ONNX Runtime's quantizer leaves a tree ensemble, an
+SVM or a linear classifier of ONNX-ML in float) is no candidate. When no pass gives a candidate at all, the
+float model is the candidate and is chosen: the outcome says "no pass quantizes this model: float model shipped".
+"""
 
 from __future__ import annotations
 
@@ -10,6 +15,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
+import onnx
 
 from edgefleet.build.analyze import ModelAnalysis, analyze
 from edgefleet.build.compact import compact
@@ -31,6 +37,8 @@ class BuildData:
     calib_x: np.ndarray
     test_x: np.ndarray
     test_y: np.ndarray
+    postprocess: dict[str, Any] | None = None
+    """How class scores are read from the model's outputs (runtime.outputs); None: inferred from the model."""
 
 
 @dataclass
@@ -73,6 +81,8 @@ class BuildOutcome:
     reason: str
     max_accuracy_drop: float
     rescue_trials: list[dict[str, Any]] = field(default_factory=list)
+    float_shipped: bool = False
+    """True when no pass quantizes the model and the float model is the chosen candidate."""
 
 
 def _footprint(analysis: ModelAnalysis) -> Footprint:
@@ -94,10 +104,14 @@ class BuildSearch:
         self._stats: dict[tuple[str, Hashable], Any] = {}
         self.baseline_accuracy = 0.0
 
+    def accuracy(self, model: bytes) -> float:
+        """Test accuracy of ``model``, its scores read through the build's output spec."""
+        return accuracy(model, self.data.test_x, self.data.test_y, self.data.postprocess)
+
     def measure(self, cand: Candidate, *, timing: bool = True) -> Candidate:
         """Accuracy, drop, gate, static analysis, latency and profile verdicts of ``cand.model``."""
         assert cand.model is not None
-        cand.accuracy = accuracy(cand.model, self.data.test_x, self.data.test_y)
+        cand.accuracy = self.accuracy(cand.model)
         cand.drop_pp = 100.0 * (self.baseline_accuracy - cand.accuracy)
         cand.passed = cand.drop_pp <= self.recipe.max_accuracy_drop + 1e-9
         cand.analysis = replace(analyze(cand.raw or cand.model), file_bytes=len(cand.model))
@@ -130,6 +144,10 @@ class BuildSearch:
         except EdgefleetError as exc:
             cand.error = str(exc)
             return cand
+        if not lowered(result.model):
+            kept = "; ".join(result.notes)
+            cand.error = "computes nothing in a lower precision: left in float" + (f" ({kept})" if kept else "")
+            return cand
         cand.raw, cand.model, cand.notes = result.model, compact(result.model), list(result.notes)
         cand.build_s = time.perf_counter() - start
         return cand
@@ -138,7 +156,7 @@ class BuildSearch:
         """Baseline, every candidate, the rescue when none passes, then the choice."""
         self.progress("measuring the float baseline")
         baseline = Candidate(label="float32 (baseline)", pass_name="none", config={}, model=self.float_model)
-        self.baseline_accuracy = accuracy(self.float_model, self.data.test_x, self.data.test_y)
+        self.baseline_accuracy = self.accuracy(self.float_model)
         self.measure(baseline)
         baseline.passed = True
         candidates: list[Candidate] = []
@@ -159,6 +177,13 @@ class BuildSearch:
             rescued = self.rescue(candidates, trials)
             if rescued is not None:
                 candidates.append(rescued)
+        if not any(c.model is not None for c in candidates):
+            self.progress("no pass quantizes this model: the float model is the candidate")
+            shipped = self.float_candidate(baseline, candidates)
+            reason = FLOAT_SHIPPED + _tried(candidates)
+            return BuildOutcome(baseline=baseline, candidates=[*candidates, shipped], chosen=shipped, reason=reason,
+                                max_accuracy_drop=self.recipe.max_accuracy_drop, rescue_trials=trials,
+                                float_shipped=True)
         close = finalists(candidates, self.recipe.size_tolerance)
         if len(close) > 1:  # the choice among these rests on latency: time them again, side by side
             self.progress(f"timing {len(close)} finalists side by side")
@@ -170,6 +195,15 @@ class BuildSearch:
                                 self.recipe.latency_tolerance)
         return BuildOutcome(baseline=baseline, candidates=candidates, chosen=chosen, reason=reason,
                             max_accuracy_drop=self.recipe.max_accuracy_drop, rescue_trials=trials)
+
+    def float_candidate(self, baseline: Candidate, candidates: list[Candidate]) -> Candidate:
+        """The float model as the one candidate (compacted like every shipped model), measured as the baseline."""
+        shipped = compact(self.float_model)
+        analysis = None if baseline.analysis is None else replace(baseline.analysis, file_bytes=len(shipped))
+        return Candidate(label="float32 (no pass quantizes it)", pass_name="none", config={}, model=shipped,
+                         raw=self.float_model, accuracy=baseline.accuracy, drop_pp=0.0, passed=True,
+                         analysis=analysis, latency=dict(baseline.latency), verdicts=list(baseline.verdicts),
+                         notes=[f"{FLOAT_SHIPPED} ({len(candidates)} pass configuration(s) tried)"])
 
     def rescue(self, candidates: list[Candidate], trials: list[dict[str, Any]]) -> Candidate | None:
         """Keep the most sensitive tensors of the best int8 candidate in float until the gate passes."""
@@ -199,7 +233,7 @@ class BuildSearch:
             cand = self.quantize("static_int8", config.model_copy(update={"nodes_to_exclude": nodes}))
             if cand.model is None:
                 return None
-            cand.accuracy = accuracy(cand.model, self.data.test_x, self.data.test_y)
+            cand.accuracy = self.accuracy(cand.model)
             cand.drop_pp = 100.0 * (self.baseline_accuracy - cand.accuracy)
             cand.passed = cand.drop_pp <= self.recipe.max_accuracy_drop + 1e-9
             trials.append({"tensors_in_float": [e.tensor for e in ranked[:k]], "nodes_in_float": list(nodes),
@@ -236,6 +270,36 @@ class BuildSearch:
         chosen.notes.insert(0, f"rescued: kept in float the {best[0]} most sensitive tensor(s) of {base.label}: "
                                + ", ".join(e.tensor for e in ranked[: best[0]]))
         return self.measure(chosen)
+
+
+FLOAT_SHIPPED = "no pass quantizes this model: float model shipped"
+_LOWERED_OPS = {"QuantizeLinear", "DynamicQuantizeLinear", "QLinearConv", "QLinearMatMul", "ConvInteger",
+                "MatMulInteger", "QGemm", "MatMulNBits", "MatMulIntegerToFloat", "DynamicQuantizeMatMul"}
+_LOW_TYPES = {onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16, onnx.TensorProto.INT8, onnx.TensorProto.UINT8,
+              onnx.TensorProto.INT4, onnx.TensorProto.UINT4}
+
+
+def lowered(model: bytes) -> bool:
+    """Whether the model computes anything in a lower precision than float32: int8/float16 weights, a
+    quantize or integer operator, or a cast to float16/int8."""
+    proto = onnx.load_from_string(model)
+    graph = proto.graph
+    if any(t.data_type in _LOW_TYPES for t in graph.initializer):
+        return True
+    for node in graph.node:
+        if node.op_type in _LOWERED_OPS or node.op_type.startswith("QLinear"):
+            return True
+        if node.op_type == "Cast" and any(a.name == "to" and a.i in _LOW_TYPES for a in node.attribute):
+            return True
+    return False
+
+
+def _tried(candidates: list[Candidate]) -> str:
+    errors: dict[str, list[str]] = {}
+    for c in candidates:
+        if c.error is not None:
+            errors.setdefault(c.error, []).append(c.label)
+    return "".join(f"; {', '.join(labels)}: {error}" for error, labels in errors.items())
 
 
 def finalists(candidates: list[Candidate], size_tolerance: float) -> list[Candidate]:

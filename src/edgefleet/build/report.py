@@ -44,6 +44,8 @@ def candidate_json(cand: Candidate, baseline_size: int, *, nodes: bool = False) 
         })
         if a.unknown_shapes:
             out["not_counted"] = a.unknown_shapes
+        if a.notes:
+            out["analysis_notes"] = a.notes
         if nodes:
             out["nodes"] = [asdict(n) for n in a.nodes]
     return out
@@ -59,6 +61,7 @@ def report_json(outcome: BuildOutcome, *, name: str = "", version: str = "") -> 
         "max_accuracy_drop_pp": outcome.max_accuracy_drop,
         "passed": outcome.chosen is not None,
         "chosen": outcome.chosen.label if outcome.chosen else None,
+        "float_shipped": outcome.float_shipped,
         "reason": outcome.reason,
         "baseline": candidate_json(outcome.baseline, size, nodes=True),
         "candidates": [candidate_json(c, size, nodes=c is outcome.chosen) for c in outcome.candidates],
@@ -116,7 +119,7 @@ def print_table(outcome: BuildOutcome, console: Console | None = None) -> None:
     console.print("* energy is an estimate from a 45 nm per-operation table (see REPORT.json)", style="dim")
     console.print(("chosen: " if outcome.chosen else "[red]no bundle:[/red] ") + outcome.reason, highlight=False)
     for cand in [outcome.chosen] if outcome.chosen else []:
-        for note in cand.notes:
+        for note in [*cand.notes, *(cand.analysis.notes if cand.analysis else [])]:
             console.print(f"  note: {note}", highlight=False)
         if cand.verdicts:
             verdicts = Table(title=f"device profiles: {cand.label}")

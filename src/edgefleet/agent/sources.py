@@ -1,11 +1,17 @@
 """Sensor sources behind one interface; a source spec string picks one.
 
-    npz:PATH[?shard=I/N&speed=X&loop=0|1]   replay the test recordings of a dataset file at its sample rate
-    jsonl:PATH | jsonl:-                     one JSON object per line: {"values": [...], "label": optional int}
-    csv:PATH                                 one sample per line: channel values, optional trailing label column
-                                             named "label" in a header line; an empty cell is a missing value
-    vibration:?rate=2000&fault=outer_race... a synthetic rotating machine with a bearing (agent.sensors.vibration)
-    mqtt://HOST:PORT/TOPIC[?qos=1&queue=N]   JSON ``{"values": [...]}`` messages on a topic (agent.sensors.mqtt_source)
+    npz:PATH[?speed=X&rate=R&loop=0|1&shard=I/N]
+                                 replay the test rows (test_x, test_y) of the data file given to
+                                 ``edgefleet build --data``, or of a recordings file (data.basicmotions)
+    jsonl:PATH | jsonl:-          one JSON object per line: {"values": [...], "label": optional int}
+    csv:PATH                      one sample per line: channel values, optional trailing label column
+                                  named "label" in a header line; an empty cell is a missing value
+    vibration:?rate=2000&fault=outer_race...  a synthetic rotating machine with a bearing (agent.sensors.vibration)
+    mqtt://HOST:PORT/TOPIC[?qos=1&queue=N]    JSON ``{"values": [...]}`` messages on a topic (agent.sensors.mqtt_source)
+
+An ``npz:`` replay (agent.sensors.replay_file) starts once the agent has a model and shapes its stream by the
+model's input step (:meth:`SensorSource.bind`): a sample stream for a time-series model, one row per inference
+for an image, vector or tensor model.
 
 A missing value is NaN (JSON null or NaN, an empty CSV cell); a reading with one is skipped and counted unless
 ``allow_missing`` is set (by a pipeline whose preprocessing imputes), then passed on with ``missing=True``.
@@ -20,6 +26,7 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 import math
 import sys
 import time
@@ -35,12 +42,15 @@ import numpy as np
 from edgefleet.errors import ConfigError, DataError
 
 if TYPE_CHECKING:
-    from edgefleet.runtime.inputs import InputStep
+    from edgefleet.runtime.inputs import InputStep, SeriesInput
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
 class Reading:
-    """One multi-channel sample and its ground-truth label where the source knows it."""
+    """One reading (a multi-channel sample [C], a frame [h, w, c], a row [F]: see ``runtime.inputs``) and its
+    ground-truth label where the source knows it."""
 
     values: np.ndarray
     label: int | None = None
@@ -54,8 +64,9 @@ NO_LABEL = -(2**62)
 
 @dataclass(frozen=True)
 class Block:
-    """Consecutive samples: ``values`` [n, channels] float32, ``labels`` [n] int64 (:data:`NO_LABEL` where a
-    sample has none; None when no sample has one), ``missing`` [n] bool (samples passed on with NaN)."""
+    """Consecutive readings: ``values`` [n, ...] (samples [n, channels] float32, frames [n, h, w, c], rows
+    [n, F]), ``labels`` [n] int64 (:data:`NO_LABEL` where a reading has none; None when no reading has one),
+    ``missing`` [n] bool (samples passed on with NaN)."""
 
     values: np.ndarray
     labels: np.ndarray | None = None
@@ -86,8 +97,8 @@ class SensorSource(ABC):
         """Yield readings, or None for a record that could not be parsed."""
 
     def _raw_blocks(self) -> Iterator[Block] | None:
-        """Yield unvalidated blocks [n, channels] (a source holding its samples as arrays); None: this source
-        has readings only."""
+        """Yield unvalidated blocks [n, ...] (a source holding its readings as arrays); None: this source has
+        readings only."""
         return None
 
     def blocks(self) -> Iterator[Block]:
@@ -107,37 +118,46 @@ class SensorSource(ABC):
     def _check_block(self, block: Block) -> Block | None:
         values = block.values
         n = len(values)
-        if values.ndim != 2 or not values.shape[1]:
+        if values.ndim < 2 or 0 in values.shape[1:]:
             self.skipped += n
             return None
-        if math.isfinite(values.sum()):  # the common case: every value finite (a NaN or an infinity makes the
-            return block                 # sum non-finite)
+        if values.dtype.kind in "biu" or math.isfinite(values.sum()):  # the common case: every value finite
+            return block                                              # (a NaN or an infinity makes the sum so)
         finite = np.isfinite(values)
-        whole = finite.all(axis=1)
-        if whole.all():  # the sum of squares overflowed
+        whole = finite.reshape(n, -1).all(axis=1)
+        if whole.all():  # the sum overflowed
             return block
-        partial = finite.any(axis=1) & ~whole if self.allow_missing else np.zeros(n, dtype=bool)
+        imputing = values.ndim == 2 and self.allow_missing  # samples with some values missing pass on, to be filled
+        partial = finite.any(axis=1) & ~whole if imputing else np.zeros(n, dtype=bool)
         keep = whole | partial
         self.skipped += int(n - keep.sum())
         self.partial += int(partial.sum())
         if not keep.any():
             return None
-        kept = np.where(finite, values, np.nan).astype(np.float32)[keep]
         labels = None if block.labels is None else block.labels[keep]
-        return Block(kept, labels, partial[keep] if partial.any() else None)
+        if not partial.any():
+            return Block(values[keep], labels)
+        kept = np.where(finite, values, np.nan).astype(np.float32)[keep]
+        return Block(kept, labels, partial[keep])
 
     def readings(self) -> Iterator[Reading]:
-        """Yield every well-formed reading (a 1-D array of finite values, or with ``allow_missing`` some NaN, an
-        infinity counting as missing); count the rest in ``skipped`` (a reading with no finite value always) and
-        the partially missing ones passed on in ``partial``."""
+        """Yield every well-formed reading (an array of finite values: a sample, a frame, a row; a sample [C]
+        with ``allow_missing`` may have some NaN, an infinity counting as missing); count the rest in ``skipped``
+        (a reading with no finite value always) and the partially missing ones passed on in ``partial``."""
         isfinite = math.isfinite
         for reading in self._raw():
             if reading is None:
                 self.skipped += 1
                 continue
             values = reading.values
-            if values.ndim != 1 or not values.size:
+            if not values.ndim or not values.size:
                 self.skipped += 1
+                continue
+            if values.ndim > 1:  # a frame or a tensor: whole, or skipped
+                if values.dtype.kind in "biu" or isfinite(values.sum()) or np.isfinite(values).all():
+                    yield reading
+                else:
+                    self.skipped += 1
                 continue
             if isfinite(values.dot(values)):  # any NaN or infinity makes the sum of squares non-finite
                 yield reading
@@ -191,48 +211,122 @@ class Pacer:
         self._emitted += 1
 
 
+DEFAULT_ROW_RATE_HZ = 10.0
+"""Rows per second of an image, vector or tensor replay, and a series replay's sample rate when neither the
+model nor the file says (``rate`` sets either)."""
+ROWS_PER_BLOCK = 32
+"""Rows (images, vectors, tensors) one replay block holds at most when many are due at once."""
+
+
+@dataclass(frozen=True)
+class _Plan:
+    """What a replay streams: ``readings`` [m, ...] with ``labels`` [m], released at ``rate_hz``, ``per_row``
+    readings for each of the file's rows (a row's samples for a series, else 1), at most ``block`` per block
+    (a series block never crosses a row's end, so windows of a row's length line up with the rows)."""
+
+    readings: np.ndarray
+    labels: np.ndarray
+    rate_hz: float
+    per_row: int
+    block: int
+
+
 class ReplaySource(SensorSource):
-    """Replays recordings [n, channels, length] sample by sample at ``rate_hz * speed``, optionally looping."""
+    """Replays rows [n, ...] with a label each, shaped by the input step of the model it feeds (:meth:`bind`).
+
+    A series model (and, before any bind, recordings [n, channels, length]) gets one continuous sample stream:
+    row after row, each sample labelled with its row's label, at the model's sample rate (``rate_hz`` when the
+    model does not say, or always when ``fixed_rate``). An image, vector or tensor model gets one row per reading
+    at ``row_rate_hz``. ``speed`` multiplies either rate. ``model_inputs``: the rows are model inputs (a build
+    data file), turned back into readings through the bound step (see ``agent.sensors.replay_file``).
+
+    When the model changes mid-replay, the new stream starts at the next row, so that its windows line up with
+    the rows again.
+    """
 
     def __init__(self, recordings: np.ndarray, labels: np.ndarray, rate_hz: float, *, speed: float = 1.0,
-                 loop: bool = True, clock: Callable[[], float] = time.monotonic,
+                 loop: bool = True, row_rate_hz: float = DEFAULT_ROW_RATE_HZ, fixed_rate: bool = False,
+                 model_inputs: bool = False, clock: Callable[[], float] = time.monotonic,
                  sleep: Callable[[float], None] = time.sleep) -> None:
         super().__init__()
-        if recordings.ndim != 3 or len(recordings) != len(labels) or len(recordings) == 0:
-            raise DataError("replay needs recordings [n, channels, length] with one label each")
-        if rate_hz <= 0 or speed <= 0:
+        rows = np.asarray(recordings)
+        if rows.ndim < 2 or len(rows) != len(labels) or len(rows) == 0:
+            raise DataError("replay needs rows [n, ...] (recordings [n, channels, length]) with one label each")
+        if not (rate_hz > 0 and speed > 0 and row_rate_hz > 0):
             raise ConfigError("replay rate and speed must be positive")
-        self._samples = np.ascontiguousarray(recordings.transpose(0, 2, 1), dtype=np.float32)  # rows = samples
-        self._labels = [int(label) for label in labels]
-        self._rate = rate_hz * speed
+        self._rows = rows
+        self._labels = np.asarray(labels, dtype=np.int64)
+        self._rate, self._row_rate, self._speed = rate_hz, row_rate_hz, speed
+        self._fixed_rate, self._model_inputs = fixed_rate, model_inputs
         self._loop = loop
         self._clock = clock
         self._sleep = sleep
+        self._plan = self._series_plan(None) if rows.ndim == 3 else self._rows_plan(None)
+
+    @property
+    def rate_hz(self) -> float:
+        """Readings released per second now (samples for a series, else rows; ``speed`` included)."""
+        return self._plan.rate_hz
+
+    def bind(self, step: InputStep) -> None:
+        """Shape the stream for ``step``: a sample stream for a series model, one row per reading otherwise."""
+        from edgefleet.runtime.inputs import SeriesInput
+
+        if isinstance(step, SeriesInput) and self._rows.ndim == 3:
+            self._plan = self._series_plan(step)
+        elif isinstance(step, SeriesInput) and self._rows.ndim == 2:  # each row is one sample
+            rate = self._rate if self._fixed_rate or not step.window.sample_rate_hz > 0 else step.window.sample_rate_hz
+            self._plan = _Plan(self._rows.astype(np.float32, copy=False), self._labels, rate * self._speed, 1,
+                               ROWS_PER_BLOCK)
+        else:
+            self._plan = self._rows_plan(step)
+
+    def _series_plan(self, step: SeriesInput | None) -> _Plan:
+        from edgefleet.agent.sensors.replay_file import series_samples
+
+        rate = self._rate
+        if step is not None and not self._fixed_rate and step.window.sample_rate_hz > 0:
+            rate = step.window.sample_rate_hz
+        length = self._rows.shape[2]
+        samples = series_samples(self._rows, step if self._model_inputs else None)
+        return _Plan(samples, np.repeat(self._labels, length), rate * self._speed, length, length)
+
+    def _rows_plan(self, step: InputStep | None) -> _Plan:
+        rows = self._rows
+        if step is not None and self._model_inputs:
+            from edgefleet.agent.sensors.replay_file import readings_from_model_rows
+
+            rows = readings_from_model_rows(step, rows)
+        return _Plan(rows, self._labels, self._row_rate * self._speed, 1, ROWS_PER_BLOCK)
 
     def _raw(self) -> Iterator[Reading | None]:
-        pacer = Pacer(self._rate, self._clock, self._sleep)
-        while True:
-            for recording, label in zip(self._samples, self._labels, strict=True):
-                for row in recording:
-                    pacer.wait()
-                    yield Reading(row, label)
-            if not self._loop:
-                return
+        for block in self._raw_blocks():
+            assert block.labels is not None
+            for values, label in zip(block.values, block.labels.tolist(), strict=True):
+                yield Reading(values, label)
 
     def _raw_blocks(self) -> Iterator[Block]:
-        """The samples due at once, up to one recording at a time (every sample at full speed)."""
-        pacer = Pacer(self._rate, self._clock, self._sleep)
-        label_rows = {label: np.full(self._samples.shape[1], label, dtype=np.int64) for label in set(self._labels)}
+        """The readings due at once, at most a block (a series block ends at its row's end)."""
+        plan = self._plan
+        pacer = Pacer(plan.rate_hz, self._clock, self._sleep)
+        position = 0
         while True:
-            for recording, label in zip(self._samples, self._labels, strict=True):
-                labels = label_rows[label]
-                start, length = 0, len(recording)
-                while start < length:
-                    n = pacer.take(length - start)
-                    yield Block(recording[start : start + n], labels[start : start + n])
-                    start += n
+            total = len(plan.readings)
+            while position < total:
+                if self._plan is not plan:  # bound to a new model: its stream starts at the next row
+                    next_row = -(-position // plan.per_row)
+                    plan = self._plan
+                    pacer = Pacer(plan.rate_hz, self._clock, self._sleep)
+                    position, total = next_row * plan.per_row, len(plan.readings)
+                    continue
+                end = min(total, position - position % plan.block + plan.block)
+                n = pacer.take(end - position)
+                yield Block(plan.readings[position : position + n], plan.labels[position : position + n])
+                position += n
             if not self._loop:
+                log.info("replay of %d rows done (loop=1 repeats it)", len(self._rows))
                 return
+            position = 0
 
 
 class JsonLinesSource(SensorSource):
@@ -297,7 +391,9 @@ def open_source(spec: str) -> SensorSource:
     target, _, query = rest.partition("?")
     options = {k: v[-1] for k, v in parse_qs(query).items()}
     if kind == "npz":
-        return _npz_source(Path(target), options)
+        from edgefleet.agent.sensors.replay_file import npz_source
+
+        return npz_source(Path(target), options)
     if kind in ("jsonl", "csv"):
         stream = sys.stdin if target == "-" else _open_text(Path(target))
         return JsonLinesSource(stream) if kind == "jsonl" else CsvSource(stream)
@@ -309,18 +405,16 @@ def open_source(spec: str) -> SensorSource:
                       "vibration:?OPTIONS or mqtt://HOST:PORT/TOPIC")
 
 
-def _npz_source(path: Path, options: dict[str, str]) -> ReplaySource:
-    from edgefleet.data.basicmotions import load_npz
-
-    index, count = _shard(options.get("shard", "0/1"))
-    recordings = load_npz(path)
-    x, y = recordings.test_x[index::count], recordings.test_y[index::count]
-    if len(x) == 0:
-        raise ConfigError(f"shard {index}/{count} of {path} holds no recording")
-    speed = number_option(options, "speed", 1.0)
-    source = ReplaySource(x, y, recordings.sample_rate_hz, speed=speed, loop=options.get("loop", "1") != "0")
-    source.labels = recordings.labels
-    return source
+def flag_option(options: dict[str, str], name: str, default: bool) -> bool:
+    """A 0|1 option of a source spec; ConfigError for anything else."""
+    text = options.get(name)
+    if text is None:
+        return default
+    if text.strip().lower() in ("1", "true", "yes"):
+        return True
+    if text.strip().lower() in ("0", "false", "no"):
+        return False
+    raise ConfigError(f"{name} must be 0 or 1, got {text!r}")
 
 
 def number_option(options: dict[str, str], name: str, default: float) -> float:
@@ -329,17 +423,6 @@ def number_option(options: dict[str, str], name: str, default: float) -> float:
         return float(options.get(name, default))
     except ValueError as exc:
         raise ConfigError(f"{name} must be a number, got {options[name]!r}") from exc
-
-
-def _shard(text: str) -> tuple[int, int]:
-    try:
-        index_text, count_text = text.split("/")
-        index, count = int(index_text), int(count_text)
-    except ValueError as exc:
-        raise ConfigError(f"shard must look like I/N, got {text!r}") from exc
-    if not 0 <= index < count:
-        raise ConfigError(f"shard index must be in [0, {count}), got {index}")
-    return index, count
 
 
 def _open_text(path: Path) -> IO[str]:

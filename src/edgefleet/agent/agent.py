@@ -13,6 +13,7 @@ import binascii
 import hashlib
 import json
 import logging
+import os
 import sqlite3
 import threading
 import time
@@ -44,6 +45,8 @@ STATEMENTS_KEY = "statements_applied"
 RUNNING_KEY = "running"
 """What the agent runs (``name@version``, null for nothing), as it last reported it."""
 EXPIRED_KEY = "active_expired"
+RUNNING_PID_KEY = "running_pid"
+"""The process that recorded ``running`` (a restarted agent has not said what it runs until it records its own)."""
 
 
 class Agent:
@@ -251,6 +254,7 @@ class Agent:
             try:
                 self.state.put(RUNNING_KEY, current[0])
                 self.state.put(EXPIRED_KEY, current[1])
+                self.state.put(RUNNING_PID_KEY, os.getpid())
                 self._recorded = current
             except (OSError, sqlite3.Error) as exc:  # status is best effort; the report itself still goes out
                 log.warning("cannot record the running model: %s", exc)

@@ -1,9 +1,10 @@
 """``edgefleet agent``: run the edge agent; ``edgefleet agent status``: what a stopped or running agent holds.
 
 The status names what runs, not only what the slots hold: ``running`` is the model the agent process holding the
-directory runs (null when it runs none, or when no agent process holds the directory), ``agent_pid`` that
-process, ``active_expired`` whether its model runs past its signed expiry, and ``slot_error:<slot>`` why a slot's
-model did not run at the last start (see :mod:`edgefleet.agent.restore`).
+directory runs (null when it runs none, when no agent process holds the directory, or while the one that does
+has not yet said what it runs), ``agent_pid`` that process, ``active_expired`` whether its model runs past its
+signed expiry, and ``slot_error:<slot>`` why a slot's model did not run at the last start (see
+:mod:`edgefleet.agent.restore`).
 """
 
 from __future__ import annotations
@@ -96,7 +97,8 @@ def _running(state: AgentState, lock: LockState) -> dict[str, Any]:
     """What runs (as the agent recorded it, unless no agent process holds the directory), and the slots' errors."""
     from edgefleet.agent.state import SLOTS
 
-    alive = lock.held is not False  # None: never run as a process here (an in-process agent), trust the record
+    # None: never run as a process here (an in-process agent): trust the record; else it must be the holder's own
+    alive = lock.held is None or (lock.held and state.get("running_pid") == lock.pid)
     errors = {f"slot_error:{name}": error for name in SLOTS if (error := state.get(f"slot_error:{name}"))}
     return {"agent_pid": lock.pid if lock.held else None, "running": state.get("running") if alive else None,
             "active_expired": bool(state.get("active_expired")) if alive else False,

@@ -135,8 +135,8 @@ from pathlib import Path
 from edgefleet.agent import lean
 assert lean.keep_openssl_out()
 from edgefleet.agent.fetch import ArtifactFetcher
-got = ArtifactFetcher(sys.argv[1], "test-token").fetch("/a/model.bundle", Path(sys.argv[2]), 10**6)
-print(len(got), sys.modules.get("ssl") is not None)
+got = ArtifactFetcher(sys.argv[1], "test-token").fetch("/a/model.bundle", Path(sys.argv[2]), 256000)
+print(got.size, sys.modules.get("ssl") is not None)
 """
     with ArtifactServer({"/a/model.bundle": data}) as server:
         result = python(code, server.url, str(tmp_path / "part"))

@@ -63,7 +63,7 @@ class Agent:
         self._consecutive_failures = 0
         self.link = MqttLink(config.mqtt, f"ef-agent-{self.device}", clean_session=False,
                              subscriptions=[(topics.desired(self.device), 1)], on_message=self._on_message)
-        fetcher = fetcher or ArtifactFetcher(config.server_url, config.token)
+        fetcher = fetcher or ArtifactFetcher(config.server_url, config.token, limits=config.downloads)
         self.updater = Updater(self.state, fetcher, self.trust, self._activate, self.event, self.report,
                                set_shadow=self._set_shadow,
                                health=HealthPolicy(config.health_timeout_s, config.latency_budget_ms))
@@ -220,12 +220,13 @@ class Agent:
 
     # uplink -----------------------------------------------------------------------------------
     def event(self, name: str, detail: dict[str, Any]) -> None:
-        """Queue an ``Event`` message (its schema: :class:`edgefleet.transport.schemas.Event`)."""
-        kind = "update" if name != "alert" else "alert"
-        self.state.enqueue(topics.events(self.device), "events", lambda seq: encode(
-            {"device": self.device, "seq": seq, "ts": time.time(), "kind": kind, "name": name,
-             "detail": event_detail(detail)}))
-        self._outbox_wake.set()
+        """Queue an ``Event`` message (its schema: :class:`edgefleet.transport.schemas.Event`). An outbox that
+        cannot write refuses it (counted); the first event queued after that says how many were refused."""
+        kind = "alert" if name == "alert" else "agent" if name == "outbox_refused" else "update"
+        if self.state.enqueue(topics.events(self.device), "events", lambda seq: encode(
+                {"device": self.device, "seq": seq, "ts": time.time(), "kind": kind, "name": name,
+                 "detail": event_detail(detail)})) is not None:
+            self._queued()
 
     def report(self) -> None:
         """Publish the ``ReportedState`` (schema: :class:`edgefleet.transport.schemas.ReportedState`).
@@ -264,32 +265,47 @@ class Agent:
         while True:
             self._outbox_wake.wait(timeout=1.0)
             self._outbox_wake.clear()
-            if self._stop.is_set() and not self.state.pending_count():
-                return
-            if not self.link.connected:
-                continue
-            for item in self.state.pending():
-                try:
-                    self.link.publish_and_wait(item.topic, item.payload, qos=1, timeout_s=10.0)
-                except TransportError as exc:
-                    log.info("outbox waits: %s", exc)
-                    break
-                self.state.delivered(item.id)
+            try:
+                if self._stop.is_set() and not self.state.pending_count():
+                    return
+                if not self.link.connected:
+                    continue
+                for item in self.state.pending():
+                    try:
+                        self.link.publish_and_wait(item.topic, item.payload, qos=1, timeout_s=10.0)
+                    except TransportError as exc:
+                        log.info("outbox waits: %s", exc)
+                        break
+                    self.state.delivered(item.id)  # not written (disk full): sent again later, a duplicate
+            except OSError as exc:  # the state database cannot be read or written now: try again
+                log.warning("outbox waits for its database: %s", exc)
+                if self._stop.is_set():
+                    return
 
     def _flush(self, pipeline: InferencePipeline | None, source: SensorSource) -> None:
         skipped = source.skipped - self._skipped_reported
         if pipeline is None or not (pipeline.has_data or skipped):
             return
         self._skipped_reported = source.skipped
-        dropped = self.state.counter("outbox_dropped")
+        try:
+            dropped = self.state.counter("outbox_dropped")
+        except OSError:  # the database cannot be read: the count comes with the next batch
+            dropped = 0
 
         def payload(seq: int) -> bytes:
             batch = pipeline.take_batch(self.device, seq, time.time(), skipped)
             batch.outbox_dropped = dropped
             return batch.to_bytes()
 
-        self.state.enqueue(topics.telemetry(self.device), "telemetry", payload)
+        if self.state.enqueue(topics.telemetry(self.device), "telemetry", payload) is not None:
+            self._queued()
+
+    def _queued(self) -> None:
+        """A message is in the outbox: wake its sender; after refusals (the outbox could not write), say so."""
         self._outbox_wake.set()
+        if refused := self.state.take_refusals_recovered():
+            self.event("outbox_refused", {"refused": refused, "total": self.state.outbox_refused,
+                                          "error": (self.state.last_refusal or "")[:200]})
 
     # inference --------------------------------------------------------------------------------
     def run(self, source: SensorSource, duration_s: float | None = None) -> None:

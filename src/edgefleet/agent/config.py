@@ -8,9 +8,12 @@ file edited on the device. The credentials' user name and password are used what
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 
+from edgefleet.agent.fetch import DownloadLimits
 from edgefleet.bundle.signing import PublicKey
 from edgefleet.errors import ConfigError
 from edgefleet.storage import atomic_write
@@ -20,6 +23,16 @@ BROKER_URL_FILE = "broker.url"
 DEFAULT_TELEMETRY_INTERVAL_S = 300.0
 """Seconds between telemetry batches: a device's uplink is metered; every 5 minutes keeps the demo stream's
 uplink under 1% of its raw sensor bytes (see BENCHMARKS.md). Demos and tests pass a short one explicitly."""
+
+DOWNLOAD_ENV: dict[str, tuple[str, type[int] | type[float]]] = {
+    "EDGEFLEET_DOWNLOAD_MAX_BYTES": ("max_bytes", int),
+    "EDGEFLEET_DOWNLOAD_RESERVE_BYTES": ("reserve_bytes", int),
+    "EDGEFLEET_DOWNLOAD_DEADLINE_S": ("deadline_s", float),
+    "EDGEFLEET_DOWNLOAD_MIN_RATE": ("min_rate_bps", float),
+    "EDGEFLEET_DOWNLOAD_GRACE_S": ("grace_s", float),
+    "EDGEFLEET_DOWNLOAD_READ_TIMEOUT_S": ("read_timeout_s", float),
+}
+"""The environment variables that set the agent's :class:`DownloadLimits` (each field's default otherwise)."""
 
 
 @dataclass(frozen=True)
@@ -46,11 +59,32 @@ class AgentConfig:
     escalation_rate_per_s: float = 1.0
     escalation_burst: float = 5.0
     escalation_queue_max: int = 1000
+    downloads: DownloadLimits = field(default_factory=DownloadLimits)
+    """Bundle size cap, free-space reserve, deadline and minimum rate of update downloads."""
+
+
+def download_limits(environ: Mapping[str, str]) -> DownloadLimits:
+    """:class:`DownloadLimits` from the ``EDGEFLEET_DOWNLOAD_*`` variables (:data:`DOWNLOAD_ENV`) that are set."""
+    values: dict[str, int | float] = {}
+    for name, (field_name, kind) in DOWNLOAD_ENV.items():
+        text = environ.get(name)
+        if text is None or not text.strip():
+            continue
+        try:
+            value = kind(text)
+        except ValueError as exc:
+            raise ConfigError(f"{name} must be a {kind.__name__}, got {text!r}") from exc
+        if value < 0 or (field_name in ("max_bytes", "deadline_s", "read_timeout_s") and value == 0):
+            raise ConfigError(f"{name} must be positive, got {text!r}")
+        values[field_name] = value
+    return DownloadLimits(**values)  # type: ignore[arg-type]
 
 
 def load_config(credentials: Path, data_dir: Path, *, device_id: str | None = None, server_url: str | None = None,
-                telemetry_interval_s: float = DEFAULT_TELEMETRY_INTERVAL_S) -> AgentConfig:
-    """Read the credentials JSON; flags given on the command line override what it says."""
+                telemetry_interval_s: float = DEFAULT_TELEMETRY_INTERVAL_S,
+                environ: Mapping[str, str] | None = None) -> AgentConfig:
+    """Read the credentials JSON; flags given on the command line override what it says. The download limits
+    come from ``environ`` (the process environment by default), see :func:`download_limits`."""
     try:
         raw = json.loads(credentials.read_text())
     except OSError as exc:
@@ -74,7 +108,8 @@ def load_config(credentials: Path, data_dir: Path, *, device_id: str | None = No
         raise ConfigError("telemetry interval must be positive")
     return AgentConfig(device_id=file_device, server_url=url, mqtt=mqtt, token=token,
                        trusted_keys={k.key_id: k for k in keys}, data_dir=data_dir,
-                       telemetry_interval_s=telemetry_interval_s)
+                       telemetry_interval_s=telemetry_interval_s,
+                       downloads=download_limits(os.environ if environ is None else environ))
 
 
 def stored_broker(data_dir: Path) -> MqttEndpoint | None:

@@ -3,15 +3,23 @@
 Every change is one transaction (WAL, synchronous=FULL), so a kill -9 at any point leaves either the state
 before it or the state after it. Bundle files live beside the database, named by their SHA-256, and are
 written crash-safely before any slot points at them.
+
+A database that cannot write (disk full, I/O error) raises OSError, as a file would (``ENOSPC`` for SQLite's
+"database or disk is full", else ``EIO``), so that callers handle one kind of storage failure. The outbox never
+raises for it: :meth:`AgentState.enqueue` refuses the message and counts it (``outbox_refused``).
 """
 
 from __future__ import annotations
 
+import errno
 import json
+import logging
+import os
 import sqlite3
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,6 +36,8 @@ CREATE TABLE IF NOT EXISTS outbox (id INTEGER PRIMARY KEY AUTOINCREMENT, topic T
 """
 SLOTS = ("active", "previous", "candidate", "shadow")
 DEFAULT_OUTBOX_BYTES = 64 * 1024 * 1024
+_SQLITE_FULL = 13
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -54,6 +64,9 @@ class AgentState:
         self.bundles_dir = data_dir / "bundles"
         self.bundles_dir.mkdir(parents=True, exist_ok=True)
         self._lock = threading.Lock()
+        self._refused_unsaved = 0
+        self.refusals_recovered = 0
+        self.last_refusal: str | None = None
         self._db = sqlite3.connect(data_dir / "agent.db", check_same_thread=False, isolation_level=None)
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=FULL")
@@ -102,7 +115,7 @@ class AgentState:
         self._write(statements)
 
     def highest_releases(self) -> dict[str, int]:
-        with self._lock:
+        with self._lock, self._translated():
             return dict(self._db.execute("SELECT model, highest FROM releases").fetchall())
 
     def bundle_path(self, sha256: str) -> Path:
@@ -113,6 +126,17 @@ class AgentState:
         atomic_write(path, data)
         return path
 
+    def adopt_bundle(self, sha256: str, source: Path) -> Path:
+        """Move a finished download (already fsynced) into place as the bundle ``sha256``: no copy is written."""
+        path = self.bundle_path(sha256)
+        os.replace(source, path)
+        dir_fd = os.open(self.bundles_dir, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+        return path
+
     # key-value --------------------------------------------------------------------------------
     def get(self, key: str, default: Any = None) -> Any:
         row = self._one("SELECT value FROM kv WHERE key = ?", (key,))
@@ -121,32 +145,65 @@ class AgentState:
     def put(self, key: str, value: Any) -> None:
         self._write([("INSERT OR REPLACE INTO kv VALUES (?, ?)", (key, json.dumps(value)))])
 
+    def put_all(self, values: dict[str, Any]) -> None:
+        """Several keys in one transaction."""
+        if values:
+            self._write([("INSERT OR REPLACE INTO kv VALUES (?, ?)", (key, json.dumps(value)))
+                         for key, value in values.items()])
+
     # outbox -----------------------------------------------------------------------------------
-    def enqueue(self, topic: str, counter: str, make_payload: Callable[[int], bytes]) -> int:
+    def enqueue(self, topic: str, counter: str, make_payload: Callable[[int], bytes]) -> int | None:
         """Take the next sequence number of ``counter``, build the payload with it, and queue it: atomically.
 
-        When the queue would exceed ``outbox_max_bytes`` the oldest messages are dropped and counted.
+        When the queue would exceed ``outbox_max_bytes`` the oldest messages are dropped and counted. When the
+        database cannot write (disk full, I/O error) the message is refused, counted in ``outbox_refused``
+        (kept in memory until a message is queued again) and None returned: the caller goes on without it.
         """
-        with self._lock:
-            self._db.execute("BEGIN IMMEDIATE")
-            try:
-                seq = self._bump(counter, 1, first=0)
-                payload = make_payload(seq)
-                self._db.execute("INSERT INTO outbox (topic, payload, created) VALUES (?, ?, ?)",
-                                 (topic, payload, time.time()))
-                queued = self._bump("outbox_bytes", len(payload), first=len(payload))
-                while queued > self.outbox_max_bytes:
-                    oldest = self._db.execute("SELECT id, length(payload) FROM outbox ORDER BY id LIMIT 1").fetchone()
-                    if oldest is None:
-                        break
-                    self._db.execute("DELETE FROM outbox WHERE id = ?", (oldest[0],))
-                    queued = self._bump("outbox_bytes", -oldest[1], first=0)
-                    self._bump("outbox_dropped", 1, first=1)
-                self._db.execute("COMMIT")
-            except BaseException:
-                self._db.execute("ROLLBACK")
-                raise
+        try:
+            with self._lock, self._translated():
+                self._db.execute("BEGIN IMMEDIATE")
+                try:
+                    seq = self._bump(counter, 1, first=0)
+                    payload = make_payload(seq)
+                    self._db.execute("INSERT INTO outbox (topic, payload, created) VALUES (?, ?, ?)",
+                                     (topic, payload, time.time()))
+                    queued = self._bump("outbox_bytes", len(payload), first=len(payload))
+                    while queued > self.outbox_max_bytes:
+                        oldest = self._db.execute(
+                            "SELECT id, length(payload) FROM outbox ORDER BY id LIMIT 1").fetchone()
+                        if oldest is None:
+                            break
+                        self._db.execute("DELETE FROM outbox WHERE id = ?", (oldest[0],))
+                        queued = self._bump("outbox_bytes", -oldest[1], first=0)
+                        self._bump("outbox_dropped", 1, first=1)
+                    if self._refused_unsaved:
+                        self._bump("outbox_refused", self._refused_unsaved, first=self._refused_unsaved)
+                    self._db.execute("COMMIT")
+                except BaseException:
+                    self._rollback()
+                    raise
+                self.refusals_recovered += self._refused_unsaved
+                self._refused_unsaved = 0
+        except OSError as exc:
+            with self._lock:
+                self._refused_unsaved += 1
+                self.last_refusal = str(exc)
+            log.warning("outbox refused a message on %s: %s", topic, exc)
+            return None
         return seq
+
+    @property
+    def outbox_refused(self) -> int:
+        """Messages the outbox refused (it could not write), since the state was created."""
+        with self._lock:
+            unsaved = self._refused_unsaved
+        return self.counter("outbox_refused") + unsaved
+
+    def take_refusals_recovered(self) -> int:
+        """How many refused messages were counted durably since the last call (the outbox writes again)."""
+        with self._lock:
+            recovered, self.refusals_recovered = self.refusals_recovered, 0
+        return recovered
 
     def counter(self, name: str) -> int:
         row = self._one("SELECT value FROM counters WHERE name = ?", (name,))
@@ -160,7 +217,7 @@ class AgentState:
         return value
 
     def pending(self, limit: int = 100) -> list[OutboxItem]:
-        with self._lock:
+        with self._lock, self._translated():
             rows = self._db.execute("SELECT id, topic, payload FROM outbox ORDER BY id LIMIT ?", (limit,)).fetchall()
         return [OutboxItem(r[0], r[1], bytes(r[2])) for r in rows]
 
@@ -177,20 +234,39 @@ class AgentState:
 
     # helpers ----------------------------------------------------------------------------------
     def _one(self, sql: str, args: tuple[Any, ...]) -> tuple[Any, ...] | None:
-        with self._lock:
+        with self._lock, self._translated():
             row: tuple[Any, ...] | None = self._db.execute(sql, args).fetchone()
             return row
 
     def _write(self, statements: list[tuple[str, tuple[Any, ...]]]) -> None:
-        with self._lock:
+        with self._lock, self._translated():
             self._db.execute("BEGIN IMMEDIATE")
             try:
                 for sql, args in statements:
                     self._db.execute(sql, args)
                 self._db.execute("COMMIT")
             except BaseException:
-                self._db.execute("ROLLBACK")
+                self._rollback()
                 raise
+
+    def _rollback(self) -> None:
+        """Undo the open transaction, if SQLite has not already (it rolls back itself on a full disk)."""
+        if self._db.in_transaction:
+            try:
+                self._db.execute("ROLLBACK")
+            except sqlite3.Error as exc:
+                log.warning("rollback failed: %s", exc)
+
+    @contextmanager
+    def _translated(self) -> Iterator[None]:
+        """SQLite's storage failures as OSError (see the module docstring); misuse passes untouched."""
+        try:
+            yield
+        except (sqlite3.OperationalError, sqlite3.DatabaseError) as exc:
+            if isinstance(exc, (sqlite3.IntegrityError, sqlite3.ProgrammingError)):
+                raise
+            code = errno.ENOSPC if getattr(exc, "sqlite_errorcode", 0) & 0xFF == _SQLITE_FULL else errno.EIO
+            raise OSError(code, f"agent state {self.data_dir / 'agent.db'}: {exc}") from exc
 
 
 def describe(state: AgentState) -> dict[str, Any]:
@@ -199,4 +275,5 @@ def describe(state: AgentState) -> dict[str, Any]:
     return {**slots, "update_state": state.get("update_state", "idle"), "last_error": state.get("last_error"),
             "pending_update": (state.get("pending_update") or {}).get("version"),
             "releases": state.highest_releases(), "outbox_pending": state.pending_count(),
-            "outbox_dropped": state.counter("outbox_dropped"), "failed_models": state.get("failed_models", [])}
+            "outbox_dropped": state.counter("outbox_dropped"), "outbox_refused": state.outbox_refused,
+            "failed_models": state.get("failed_models", [])}

@@ -26,7 +26,7 @@ from edgefleet.bundle.signing import SigningKey
 from edgefleet.core.keys import revocation_statement
 from edgefleet.errors import BundleError
 from edgefleet.testing import synthetic
-from edgefleet.testing.agents import signed_bundle
+from edgefleet.testing.agents import model_ref, signed_bundle
 from edgefleet.transport import topics
 from edgefleet.transport.messages import ReportedState, parse
 from edgefleet.transport.mqtt_url import MqttEndpoint
@@ -217,4 +217,27 @@ def test_an_activation_records_its_version_under_its_release_counter(tmp_path: P
     agent._activate(make_model(info, digest, synthetic.channel_mean_model()))
     assert agent.trust().accepted_versions == {"clf": (4, "2.0.0")}
     assert accepted.time_floor(agent.state) is not None
+    agent.state.close()
+
+
+def test_the_updater_refuses_another_version_under_the_release_counter_it_accepted(tmp_path: Path) -> None:
+    agent = make_agent(tmp_path)
+    fetcher = agent.updater._fetcher
+    assert isinstance(fetcher, InMemoryFetcher)
+
+    def install(version: str, release: int, model: bytes | None = None) -> str | None:
+        data = signed_bundle(A, version, release, model)
+        target = model_ref(data, version, release)
+        fetcher.artifacts[target.url] = data
+        before = len(events(agent))
+        agent.updater.install(target)
+        refusals = [d.get("reason") for n, d in events(agent)[before:] if n == "refused"]
+        return refusals[-1] if refusals else None
+
+    assert install("1.2.0", 3) is None and agent.state.slot("active").ref == "clf@1.2.0"  # type: ignore[union-attr]
+    assert install("1.1.0", 3) == "rollback"
+    assert install("1.3.0", 3) == "release_reused"
+    rebuilt = synthetic.channel_mean_model(bias=[0.01, 0.0, 0.0, 0.0])
+    assert install("1.2.0", 3, rebuilt) is None  # a sideways move with the same version is allowed
+    assert install("1.3.0", 4) is None and agent.state.slot("active").ref == "clf@1.3.0"  # type: ignore[union-attr]
     agent.state.close()

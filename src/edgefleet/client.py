@@ -62,6 +62,11 @@ class ControlPlane:
     def rollout(self, rollout_id: str) -> Any:
         return self._call("GET", f"/api/v1/rollouts/{rollout_id}")
 
+    def promote_rollout(self, rollout_id: str, **options: Any) -> Any:
+        """Start a canary rollout of a shadow-passed rollout's candidate; ``options``: waves, gates, window_s..."""
+        return self._call("POST", f"/api/v1/rollouts/{rollout_id}/promote",
+                          json={k: v for k, v in options.items() if v is not None})
+
     def rollout_command(self, rollout_id: str, action: str, note: str = "") -> Any:
         """``action``: pause, resume or abort."""
         return self._call("POST", f"/api/v1/rollouts/{rollout_id}/{action}", json={"note": note})

@@ -255,7 +255,7 @@ def test_shadow_disagreement_gate_in_shadow_mode() -> None:
 def test_a_good_shadow_candidate_finishes_and_stops_shadowing() -> None:
     sim = Sim(plan(["shadow_disagreement > 10%"], mode="shadow"))
     sim.candidate = stats(shadow_agree=99)
-    assert sim.run().phase == "done"
+    assert sim.run().phase == "shadow-passed"  # not "done": no device runs the candidate yet (E14)
     stop = [d for d in sim.log if d.kind == "assign" and d.model is None]
     assert stop and stop[0].role == "shadow" and set(stop[0].devices) == set(sim.devices)
     assert sim.on(NEW) == set()  # shadow never changes the active model

@@ -303,7 +303,7 @@ class InferencePipeline:
                 if answer is not None:
                     decision, decided_confidence, upstream = answer.label, answer.confidence, True
         if self.shadow is not None:
-            self._run_shadow(x)
+            self._run_shadow(x, truth)
         alert = self._check_alert(window, decision, decided_confidence, score) if self._alerting else None
         return Outcome(decision, decided_confidence, latency_ms, upstream=upstream, alert=alert)
 
@@ -338,22 +338,41 @@ class InferencePipeline:
                                 "threshold": limit, "windows": self._alert_since.pop(reason)})
         return reason
 
-    def _run_shadow(self, x: np.ndarray) -> None:
+    def _run_shadow(self, x: np.ndarray, truth: str | None = None) -> None:
+        """Run the shadow on the window and time it fairly: the active model runs again on the same input, the
+        two in alternating order (shadow first on every other window), so neither always meets a warm input;
+        the active's time here is the shadow's baseline (``shadow_active_latency_ms``)."""
         assert self.shadow is not None
-        started = time.perf_counter()
+        clock = time.perf_counter
+
+        def time_active() -> float | None:  # the active model on the same input again; None if it fails now
+            begun = clock()
+            try:
+                self._run(x)
+            except ModelError:
+                return None
+            return (clock() - begun) * 1000.0
+
+        shadow_first = self.stats.shadow_windows % 2 == 0
+        active_ms: float | None = None
+        if not shadow_first:
+            active_ms = time_active()
+        started = clock()
         try:
             probs = self.shadow.score(x)[0]
         except ModelError as exc:
             log.warning("shadow inference failed on %s: %s", self.shadow.ref, exc)
             self.stats.record_shadow(None, 0.0)
             return
-        latency_ms = (time.perf_counter() - started) * 1000.0
+        latency_ms = (clock() - started) * 1000.0
+        if shadow_first:
+            active_ms = time_active()
         if not np.all(np.isfinite(probs)):
             self.stats.record_shadow(None, latency_ms)
             return
         best = int(probs.argmax())
         labels = self.shadow.manifest.labels
-        self.stats.record_shadow(labels[best] if best < len(labels) else str(best), latency_ms)
+        self.stats.record_shadow(labels[best] if best < len(labels) else str(best), latency_ms, truth, active_ms)
 
 
 def _top(scores: np.ndarray) -> tuple[int, float, bool]:

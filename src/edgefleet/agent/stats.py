@@ -66,6 +66,9 @@ class TelemetryReport:
     shadow_agree: int = 0
     shadow_errors: int = 0
     shadow_latency_ms: dict[str, int] = field(default_factory=dict)
+    shadow_labelled: int = 0
+    shadow_correct: int = 0
+    shadow_active_latency_ms: dict[str, int] = field(default_factory=dict)
     outbox_dropped: int = 0
     imputed: int = 0
     incomplete: int = 0
@@ -111,6 +114,9 @@ class WindowStats:
     shadow_agree: int = 0
     shadow_errors: int = 0
     shadow_latency: LatencyHistogram = field(default_factory=LatencyHistogram)
+    shadow_labelled: int = 0
+    shadow_correct: int = 0
+    shadow_active_latency: LatencyHistogram = field(default_factory=LatencyHistogram)
     _last_predicted: str | None = None
 
     def record(self, predicted: str, confidence: float, latency_ms: float, truth: str | None) -> None:
@@ -130,14 +136,22 @@ class WindowStats:
     def record_alert(self, reason: str) -> None:
         self.alerts[reason] = self.alerts.get(reason, 0) + 1
 
-    def record_shadow(self, predicted: str | None, latency_ms: float) -> None:
-        """The shadow candidate's answer on the window just recorded (None when it failed)."""
+    def record_shadow(self, predicted: str | None, latency_ms: float, truth: str | None = None,
+                      active_ms: float | None = None) -> None:
+        """The shadow candidate's answer on the window just recorded (None when it failed), the window's label
+        (``truth``), and the active model's latency timed beside it on the same input (``active_ms``): the
+        fair baseline of the shadow's latency."""
         if predicted is None:
             self.shadow_errors += 1
             return
         self.shadow_windows += 1
         self.shadow_agree += int(predicted == self._last_predicted)
         self.shadow_latency.add(latency_ms)
+        if active_ms is not None:
+            self.shadow_active_latency.add(active_ms)
+        if truth is not None:
+            self.shadow_labelled += 1
+            self.shadow_correct += truth == predicted
 
     @property
     def empty(self) -> bool:
@@ -151,7 +165,9 @@ class WindowStats:
             correct=self.correct, classes=self.classes, latency_ms=self.latency.to_json(),
             confidence=self.confidence, skipped=skipped, errors=self.errors, shadow_model=self.shadow_model,
             shadow_windows=self.shadow_windows, shadow_agree=self.shadow_agree, shadow_errors=self.shadow_errors,
-            shadow_latency_ms=self.shadow_latency.to_json(), imputed=imputed, incomplete=incomplete,
+            shadow_latency_ms=self.shadow_latency.to_json(), shadow_labelled=self.shadow_labelled,
+            shadow_correct=self.shadow_correct, shadow_active_latency_ms=self.shadow_active_latency.to_json(),
+            imputed=imputed, incomplete=incomplete,
             uncertain=self.uncertain, alerts=self.alerts, drift=drift, hard_examples=hard_examples or [],
             hard_left_out=hard_left_out, escalations=escalations or {})
 

@@ -151,26 +151,77 @@ def model_list(server: Server = "", token: Token = "", as_json: Json = False) ->
 
 
 # -- rollouts ------------------------------------------------------------------------------------------------
+ROLLOUT_MODES = ("canary", "shadow", "ab")
+Window = Annotated[float, typer.Option(help="observation window per wave, seconds")]
+InstallTimeout = Annotated[float, typer.Option(help="seconds to install a wave")]
+UnknownTimeout = Annotated[float, typer.Option(help="seconds a gate may lack data after the window, then pause")]
+InconclusiveTimeout = Annotated[float, typer.Option(
+    help="seconds a gate may stay inconclusive after the window, then --on-inconclusive")]
+OnInconclusive = Annotated[str, typer.Option(help="pause, abort or proceed when still inconclusive")]
+Baseline = Annotated[float, typer.Option(help="canary: seconds of the targets' history in the baseline")]
+MinWindows = Annotated[int, typer.Option(help="windows each cohort needs before a gate may decide")]
+Confidence = Annotated[float, typer.Option(help="two-sided confidence a gate decision needs (0.5 to 1)")]
+Gates = Annotated[list[str] | None, typer.Option("--gate", help="abort when true (repeatable)")]
+PauseGates = Annotated[list[str] | None, typer.Option("--pause-gate", help="pause when true (repeatable)")]
+
+
+def _gates(gate: list[str] | None, pause_gate: list[str] | None) -> list[Any]:
+    return [{"expr": g, "action": "abort"} for g in gate or []] + [{"expr": g, "action": "pause"}
+                                                                  for g in pause_gate or []]
+
+
+def _choice(value: str, allowed: tuple[str, ...], flag: str) -> str:
+    if value not in allowed:
+        raise ConfigError(f"{flag} must be one of {', '.join(allowed)}, not {value!r}")
+    return value
+
+
 @rollout_app.command("create")
 def rollout_create(model: Annotated[str, typer.Argument(help="candidate NAME@VERSION")],
                    select: Annotated[list[str] | None, typer.Option(help="KEY=VALUE tag (repeatable)")] = None,
                    waves: Annotated[str, typer.Option(help="cumulative waves: 10%,50%,100% or 1,10,100%")] = "100%",
-                   gate: Annotated[list[str] | None, typer.Option(help="abort when true (repeatable)")] = None,
-                   pause_gate: Annotated[list[str] | None, typer.Option(help="pause when true (repeatable)")] = None,
+                   gate: Gates = None, pause_gate: PauseGates = None,
                    mode: Annotated[str, typer.Option(help="canary, shadow or ab")] = "canary",
-                   window: Annotated[float, typer.Option(help="observation window per wave, seconds")] = 60.0,
-                   install_timeout: Annotated[float, typer.Option(help="seconds to install a wave")] = 300.0,
-                   min_windows: Annotated[int, typer.Option(help="inference windows needed to judge")] = 10,
+                   window: Window = 60.0, install_timeout: InstallTimeout = 300.0,
+                   unknown_timeout: UnknownTimeout = 600.0, inconclusive_timeout: InconclusiveTimeout = 600.0,
+                   on_inconclusive: OnInconclusive = "pause", baseline: Baseline = 3600.0,
+                   min_windows: MinWindows = 10, confidence: Confidence = 0.95,
                    profile: Annotated[str | None, typer.Option(help="only devices of this profile")] = None,
                    server: Server = "", token: Token = "", as_json: Json = False) -> None:
     """Start a staged rollout; each wave must pass its gates before the next one."""
-    gates: list[Any] = [{"expr": g, "action": "abort"} for g in gate or []]
-    gates += [{"expr": g, "action": "pause"} for g in pause_gate or []]
+    _choice(mode, ROLLOUT_MODES, "--mode")
+    _choice(on_inconclusive, ("pause", "abort", "proceed"), "--on-inconclusive")
     with _api(server, token) as api:
-        rollout = api.create_rollout(model, waves=[w.strip() for w in waves.split(",")], gates=gates,
-                                     select=_pairs(select, "--select"), mode=mode, window_s=window,
-                                     install_timeout_s=install_timeout, min_windows=min_windows, profile=profile)
+        rollout = api.create_rollout(model, waves=[w.strip() for w in waves.split(",")],
+                                     gates=_gates(gate, pause_gate), select=_pairs(select, "--select"), mode=mode,
+                                     window_s=window, install_timeout_s=install_timeout,
+                                     unknown_timeout_s=unknown_timeout, inconclusive_timeout_s=inconclusive_timeout,
+                                     on_inconclusive=on_inconclusive, baseline_s=baseline, min_windows=min_windows,
+                                     confidence=confidence, profile=profile)
     _emit(rollout, as_json, f"{rollout['id']}: {model} to {rollout['targets']} device(s), {rollout['phase']}")
+
+
+@rollout_app.command("promote")
+def rollout_promote(rollout_id: Annotated[str, typer.Argument(help="a shadow rollout that passed")],
+                    waves: Annotated[str, typer.Option(help="cumulative waves: 10%,50%,100% or 1,10,100%")] = "100%",
+                    gate: Gates = None, pause_gate: PauseGates = None, window: Window = 60.0,
+                    install_timeout: InstallTimeout = 300.0, unknown_timeout: UnknownTimeout = 600.0,
+                    inconclusive_timeout: InconclusiveTimeout = 600.0, on_inconclusive: OnInconclusive = "pause",
+                    baseline: Baseline = 3600.0,
+                    min_windows: Annotated[int | None, typer.Option(help="default: the shadow rollout's")] = None,
+                    confidence: Annotated[float | None, typer.Option(help="default: the shadow rollout's")] = None,
+                    server: Server = "", token: Token = "", as_json: Json = False) -> None:
+    """Roll a shadow-passed candidate out to the same devices as a canary (gates: given, or the shadow's that a
+    canary can judge)."""
+    _choice(on_inconclusive, ("pause", "abort", "proceed"), "--on-inconclusive")
+    with _api(server, token) as api:
+        rollout = api.promote_rollout(rollout_id, waves=[w.strip() for w in waves.split(",")],
+                                      gates=_gates(gate, pause_gate), window_s=window,
+                                      install_timeout_s=install_timeout, unknown_timeout_s=unknown_timeout,
+                                      inconclusive_timeout_s=inconclusive_timeout, on_inconclusive=on_inconclusive,
+                                      baseline_s=baseline, min_windows=min_windows, confidence=confidence)
+    _emit(rollout, as_json, f"{rollout['id']}: {rollout['candidate']} promoted from {rollout_id} to "
+                            f"{rollout['targets']} device(s), {rollout['phase']}")
 
 
 @rollout_app.command("list")
@@ -178,19 +229,26 @@ def rollout_list(server: Server = "", token: Token = "", as_json: Json = False) 
     """Every rollout and its phase."""
     with _api(server, token) as api:
         rollouts = api.rollouts()
-    lines = [f"{r['id']}  {r['candidate']:<20} {r['phase']:<10} wave {r['wave']}/{r['waves']}  {r['reason']}"
-             for r in rollouts]
+    lines = [f"{r['id']}  {r['candidate']:<20} {r['mode'] or '':<7} {r['phase']:<13} wave {r['wave']}/{r['waves']}  "
+             f"{r['reason']}" for r in rollouts]
     _emit(rollouts, as_json, "\n".join(lines) or "no rollouts")
 
 
 @rollout_app.command("status")
 def rollout_status(rollout_id: str, server: Server = "", token: Token = "", as_json: Json = False) -> None:
-    """A rollout's phase, progress and audit trail (each decision with the values that caused it)."""
+    """A rollout's phase, progress, devices and audit trail (each decision with its model role and the values
+    that caused it)."""
     with _api(server, token) as api:
         r = api.rollout(rollout_id)
     lines = [f"{r['id']}: {r['candidate']} ({r['mode']}) {r['phase']}, wave {r['wave']}/{r['waves']}, "
              f"{r['moved']}/{r['targets']} device(s) moved", f"  {r['reason']}" if r["reason"] else ""]
-    lines += [f"  step {d['step']} {d['kind']:<8} wave {d['wave']}: {d['reason']}" for d in r.get("decisions", [])]
+    if r.get("promoted_from"):
+        lines.append(f"  promoted from shadow rollout {r['promoted_from']}")
+    if "control_devices" in r:
+        lines.append(f"  treatment ({len(r['treatment_devices'])}): {', '.join(r['treatment_devices'])}")
+        lines.append(f"  control ({len(r['control_devices'])}): {', '.join(r['control_devices'])}")
+    lines += [f"  step {d['step']} {d['kind']:<8} wave {d['wave']} [{d.get('role', 'active')}]: {d['reason']}"
+              for d in r.get("decisions", [])]
     _emit(r, as_json, "\n".join(line for line in lines if line))
 
 

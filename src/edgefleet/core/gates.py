@@ -23,23 +23,27 @@ import operator
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Literal
 
-from edgefleet.core.telemetry import CONFIDENCE_BINS, LatencyHistogram, add_bins
+from edgefleet.core.cohorts import ABSOLUTE, METRICS, CohortStats, estimates, metrics
+from edgefleet.core.stats import Estimate, Judge
 from edgefleet.errors import ConfigError
 
-Outcome = Literal["pass", "fail", "unknown"]
+__all__ = [
+    "ALIASES",
+    "METRICS",
+    "CohortStats",
+    "Gate",
+    "GateResult",
+    "Judge",
+    "estimates",
+    "evaluate",
+    "metrics",
+    "parse_gate",
+]
 
-METRICS: dict[str, str] = {
-    "install_failure_rate": "share of the wave's devices whose install failed or timed out (0..1)",
-    "latency_p95_increase": "relative change of p95 latency, candidate vs baseline ((c - b) / b)",
-    "confidence_drop": "mean top-class confidence, baseline minus candidate (absolute, 0..1)",
-    "escalation_rate_increase": "escalations per window, candidate minus baseline (absolute)",
-    "shadow_disagreement": "share of shadow windows whose class differed from the active model's",
-    "accuracy_drop": "accuracy on labelled windows, baseline minus candidate (absolute, 0..1)",
-    "error_rate": "share of the candidate's inference calls that failed",
-    "latency_p95_ms": "the candidate's p95 latency in milliseconds",
-}
+Outcome = Literal["pass", "fail", "unknown", "inconclusive"]
+
 ALIASES = {"latency_increase": "latency_p95_increase"}
 
 _COMPARE: dict[str, Callable[[float, float], bool]] = {
@@ -101,12 +105,14 @@ class Gate:
 
 @dataclass(frozen=True)
 class GateResult:
-    """What one evaluation concluded, the values it used, and why, in one line."""
+    """What one evaluation concluded, the values it used (point values, and intervals where it had them), and
+    why, in one line."""
 
     outcome: Outcome
     values: dict[str, float | None]
     explanation: str
     missing: tuple[str, ...] = ()
+    intervals: dict[str, Estimate] = field(default_factory=dict)
 
 
 # -- parsing -------------------------------------------------------------------------------------------------
@@ -221,190 +227,120 @@ def _metrics_of(node: Node) -> set[str]:
 
 
 # -- evaluation ----------------------------------------------------------------------------------------------
-def evaluate(gate: Gate, values: Mapping[str, float | None]) -> GateResult:
-    """Evaluate ``gate`` with metric ``values`` (None or absent = unavailable): fail, pass or unknown."""
-    used = {m: _finite(values.get(m)) for m in sorted(gate.metrics)}
-    verdict, why = _eval(gate.tree, used)
+# A comparison's truth: "T" the evidence says true, "F" false, "U" no data yet, "I" data but no evidence either way.
+_Truth = Literal["T", "F", "U", "I"]
+Value = float | Estimate | None
+
+
+def evaluate(gate: Gate, values: Mapping[str, Value], *, confidence: float | None = None) -> GateResult:
+    """Evaluate ``gate`` with metric ``values``: plain numbers (exact) or estimates with intervals; None or
+    absent means unavailable. Outcome: ``fail`` (the gate trips), ``pass``, ``unknown`` (data missing) or
+    ``inconclusive`` (data present, no decision at the intervals' confidence yet).
+
+    The gate trips only on evidence: a comparison on the *bad* side of the gate (under an even number of NOTs)
+    is true when its whole interval satisfies it, false when its point estimate does not, and inconclusive in
+    between; under a NOT the roles swap, so a NOT never turns a point estimate into a trip. ``confidence`` is
+    only named in the explanation.
+    """
+    used = {m: _as_estimate(values.get(m)) for m in sorted(gate.metrics)}
+    verdict, why = _eval(gate.tree, used, True)
     missing = tuple(m for m, v in used.items() if v is None)
-    if verdict is None:
+    level = f" at {_fmt(confidence * 100)}% confidence" if confidence is not None else ""
+    if verdict == "U":
         outcome: Outcome = "unknown"
         text = f"cannot pass yet: no data for {', '.join(missing)} ({why})"
-    elif verdict:
+    elif verdict == "I":
+        outcome, text = "inconclusive", f"inconclusive{level}: {why}"
+    elif verdict == "T":
         outcome, text = "fail", f"tripped: {why}"
     else:
         outcome, text = "pass", f"passed: {why}"
-    return GateResult(outcome, used, text, missing)
+    points = {m: None if e is None else e.value for m, e in used.items()}
+    intervals = {m: e for m, e in used.items() if e is not None and not e.is_exact}
+    return GateResult(outcome, points, text, missing, intervals)
 
 
-def _eval(node: Node, values: Mapping[str, float | None]) -> tuple[bool | None, str]:
+def _eval(node: Node, values: Mapping[str, Estimate | None], bad_side: bool) -> tuple[_Truth, str]:
     if isinstance(node, Compare):
-        left, right = _value(node.left, values), _value(node.right, values)
-        shown = f"{_show(node.left, left)} {node.op} {_show(node.right, right)}"
-        if left is None or right is None:
-            return None, shown
-        return _COMPARE[node.op](left, right), shown
+        return _compare(node, values, bad_side)
     if isinstance(node, Not):
-        inner, why = _eval(node.inner, values)
-        return (None if inner is None else not inner), f"NOT ({why})"
-    results = [_eval(p, values) for p in node.parts]
-    decisive = node.op == "OR"  # OR: any True decides; AND: any False decides
+        inner, why = _eval(node.inner, values, not bad_side)
+        flipped: dict[_Truth, _Truth] = {"T": "F", "F": "T", "U": "U", "I": "I"}
+        return flipped[inner], f"NOT ({why})"
+    results = [_eval(p, values, bad_side) for p in node.parts]
+    decisive: _Truth = "T" if node.op == "OR" else "F"  # OR: any true decides; AND: any false decides
     for verdict, why in results:
-        if verdict is decisive:
+        if verdict == decisive:
             return decisive, why
-    if any(v is None for v, _ in results):
-        return None, f" {node.op} ".join(w for v, w in results if v is None)
-    return not decisive, f" {node.op} ".join(w for _, w in results)
+    for waiting in ("U", "I"):
+        if any(v == waiting for v, _ in results):
+            return waiting, f" {node.op} ".join(w for v, w in results if v in ("U", "I"))
+    return ("F" if decisive == "T" else "T"), f" {node.op} ".join(w for _, w in results)
 
 
-def _value(operand: Operand, values: Mapping[str, float | None]) -> float | None:
-    return operand.value if operand.metric is None else values.get(operand.metric)
+def _compare(node: Compare, values: Mapping[str, Estimate | None], bad_side: bool) -> tuple[_Truth, str]:
+    left, right = _operand(node.left, values), _operand(node.right, values)
+    shown_left, shown_right = _show(node.left, left), _show(node.right, right)
+    if left is None or right is None:
+        return "U", f"{shown_left} {node.op} {shown_right}"
+    test = _COMPARE[node.op]
+    point = test(left.value, right.value)
+    # certainly true: every pair of values within the intervals satisfies the comparison (likewise false)
+    corners = [test(a, b) for a in (left.low, left.high) for b in (right.low, right.high)]
+    same = left.low == left.high == right.low == right.high
+    if node.op == "==":
+        sure_true, sure_false = same and point, _disjoint(left, right)
+    elif node.op == "!=":
+        sure_true, sure_false = _disjoint(left, right), same and not point
+    else:
+        sure_true, sure_false = all(corners), not any(corners)
+    truth: _Truth
+    if bad_side:
+        truth = "T" if sure_true else ("F" if not point else "I")
+    else:
+        truth = "F" if sure_false else ("T" if point else "I")
+    said = {"T": f"{shown_left} {node.op} {shown_right}", "F": f"{shown_left}, not {node.op} {shown_right}",
+            "I": f"{shown_left} {node.op} {shown_right} not yet shown (interval spans it)"
+            if point else f"{shown_left}, not {node.op} {shown_right} not yet shown (interval spans it)"}
+    return truth, said[truth]
 
 
-def _show(operand: Operand, value: float | None) -> str:
+def _disjoint(a: Estimate, b: Estimate) -> bool:
+    return a.high < b.low or b.high < a.low
+
+
+def _operand(operand: Operand, values: Mapping[str, Estimate | None]) -> Estimate | None:
+    if operand.metric is None:
+        assert operand.value is not None
+        return Estimate.exact(operand.value)
+    return values.get(operand.metric)
+
+
+def _as_estimate(value: Value) -> Estimate | None:
+    if value is None:
+        return None
+    if isinstance(value, Estimate):
+        return value if math.isfinite(value.value) else None
+    return Estimate.exact(float(value)) if math.isfinite(value) else None
+
+
+def _show(operand: Operand, value: Estimate | None) -> str:
     if operand.metric is None:
         return operand.text()
     if value is None:
         return f"{operand.metric}=n/a"
-    return f"{operand.metric}={_fmt(value * 100)}%" if operand.metric not in ("latency_p95_ms",) else \
-        f"{operand.metric}={_fmt(value)}"
+
+    def unit(x: float) -> str:
+        if not math.isfinite(x):
+            return "inf" if x > 0 else "-inf"
+        return _fmt(x) if operand.metric in ABSOLUTE else f"{_fmt(x * 100)}%"
+
+    text = f"{operand.metric}={unit(value.value)}"
+    if not value.is_exact:
+        sizes = f"n={value.n}" + (f" vs {value.n_baseline}" if value.n_baseline is not None else "")
+        text += f" [{unit(value.low)}, {unit(value.high)}; {sizes}]"
+    return text
 
 
 def _fmt(value: float) -> str:
     return f"{value:.4g}"
-
-
-def _finite(value: float | None) -> float | None:
-    return value if value is not None and math.isfinite(value) else None
-
-
-# -- metrics from cohorts ------------------------------------------------------------------------------------
-@dataclass
-class CohortStats:
-    """Telemetry of a group of devices for one model, summed; optional agent fields stay None if unreported."""
-
-    devices: int = 0
-    windows: int = 0
-    labelled: int = 0
-    correct: int = 0
-    errors: int = 0
-    latency: LatencyHistogram = field(default_factory=LatencyHistogram)
-    confidence: list[int] = field(default_factory=list)
-    escalations: int | None = None
-    shadow_windows: int | None = None
-    shadow_agree: int | None = None
-
-    def add(self, other: CohortStats) -> None:
-        """Add another cohort (or one device's stats) into this one."""
-        self.devices += other.devices
-        self.windows += other.windows
-        self.labelled += other.labelled
-        self.correct += other.correct
-        self.errors += other.errors
-        self.latency.merge(other.latency)
-        self.confidence = add_bins(self.confidence, other.confidence)
-        self.escalations = _add_optional(self.escalations, other.escalations)
-        self.shadow_windows = _add_optional(self.shadow_windows, other.shadow_windows)
-        self.shadow_agree = _add_optional(self.shadow_agree, other.shadow_agree)
-
-    def add_batch(self, payload: Mapping[str, Any], *, shadow: bool = False) -> None:
-        """Add one telemetry batch (its JSON form); reads optional fields defensively.
-
-        With ``shadow`` the batch's shadow figures are the ones counted (the candidate ran beside).
-        """
-        if shadow:
-            self.windows += _int(payload.get("shadow_windows"))
-            self.errors += _int(payload.get("shadow_errors"))
-            self.latency.merge(_histogram(payload.get("shadow_latency_ms")))
-            self.shadow_windows = _add_optional(self.shadow_windows, _opt_int(payload.get("shadow_windows")))
-            self.shadow_agree = _add_optional(self.shadow_agree, _opt_int(payload.get("shadow_agree")))
-            return
-        self.windows += _int(payload.get("windows"))
-        self.labelled += _int(payload.get("labelled"))
-        self.correct += _int(payload.get("correct"))
-        self.errors += _int(payload.get("errors"))
-        self.latency.merge(_histogram(payload.get("latency_ms")))
-        bins = payload.get("confidence")
-        if isinstance(bins, list):
-            self.confidence = add_bins(self.confidence, [_int(b) for b in bins])
-        self.escalations = _add_optional(self.escalations, _escalated(payload.get("escalations")))
-
-    @property
-    def accuracy(self) -> float | None:
-        return self.correct / self.labelled if self.labelled else None
-
-    @property
-    def mean_confidence(self) -> float | None:
-        total = sum(self.confidence)
-        if not total:
-            return None
-        width = 1.0 / max(len(self.confidence), CONFIDENCE_BINS)
-        return sum(n * (i + 0.5) * width for i, n in enumerate(self.confidence)) / total
-
-    def to_json(self) -> dict[str, Any]:
-        return {"devices": self.devices, "windows": self.windows, "labelled": self.labelled, "correct": self.correct,
-                "accuracy": self.accuracy, "errors": self.errors, "latency_p95_ms": self.latency.quantile(0.95),
-                "mean_confidence": self.mean_confidence, "escalations": self.escalations,
-                "shadow_windows": self.shadow_windows, "shadow_agree": self.shadow_agree}
-
-
-def metrics(candidate: CohortStats, baseline: CohortStats, *, installs_done: int = 0, installs_failed: int = 0,
-            min_windows: int = 1) -> dict[str, float | None]:
-    """Every metric's value for a candidate cohort against its baseline; None where data is missing.
-
-    A cohort with fewer than ``min_windows`` windows gives no behaviour metric (too few to judge).
-    """
-    enough_c = candidate.windows >= min_windows
-    enough_b = baseline.windows >= min_windows
-    both = enough_c and enough_b
-    out: dict[str, float | None] = dict.fromkeys(METRICS)
-    finished = installs_done + installs_failed
-    out["install_failure_rate"] = installs_failed / finished if finished else None
-    p95_c, p95_b = candidate.latency.quantile(0.95), baseline.latency.quantile(0.95)
-    if enough_c and p95_c is not None:
-        out["latency_p95_ms"] = p95_c
-        if both and p95_b:
-            out["latency_p95_increase"] = (p95_c - p95_b) / p95_b
-    conf_c, conf_b = candidate.mean_confidence, baseline.mean_confidence
-    if both and conf_c is not None and conf_b is not None:
-        out["confidence_drop"] = conf_b - conf_c
-    if both and candidate.escalations is not None and baseline.escalations is not None:
-        out["escalation_rate_increase"] = (candidate.escalations / candidate.windows
-                                           - baseline.escalations / baseline.windows)
-    if candidate.shadow_windows and candidate.shadow_windows >= min_windows and candidate.shadow_agree is not None:
-        out["shadow_disagreement"] = 1.0 - candidate.shadow_agree / candidate.shadow_windows
-    acc_c, acc_b = candidate.accuracy, baseline.accuracy
-    if candidate.labelled >= min_windows and baseline.labelled >= min_windows and acc_c is not None \
-            and acc_b is not None:
-        out["accuracy_drop"] = acc_b - acc_c
-    calls = candidate.windows + candidate.errors
-    if calls >= min_windows:
-        out["error_rate"] = candidate.errors / calls
-    return out
-
-
-def _add_optional(a: int | None, b: int | None) -> int | None:
-    return b if a is None else (a if b is None else a + b)
-
-
-def _int(value: object) -> int:
-    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else 0
-
-
-def _opt_int(value: object) -> int | None:
-    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else None
-
-
-def _escalated(value: object) -> int | None:
-    """Windows sent upstream: a count, or the agent's counter mapping (its ``sent`` entry)."""
-    if isinstance(value, Mapping):
-        return _int(value.get("sent", 0))
-    return _opt_int(value)
-
-
-def _histogram(value: object) -> LatencyHistogram:
-    if not isinstance(value, Mapping):
-        return LatencyHistogram()
-    try:
-        return LatencyHistogram.from_json({str(k): int(v) for k, v in value.items()})
-    except (TypeError, ValueError):
-        return LatencyHistogram()

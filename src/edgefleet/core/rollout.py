@@ -7,16 +7,26 @@ pause, resume, done, aborted), each carrying the values that caused it. The orch
 Phases::
 
     installing --all wave devices installed, failed or timed out--> observing
-    observing  --gates pass at window end--> installing (next wave) | done
-    observing  --a gate trips (any time)--> aborted (roll back) | paused
+    observing  --gates pass at window end--> installing (next wave) | done (shadow-passed in shadow mode)
+    observing  --a gate trips--> aborted (roll back) | paused
     observing  --a metric is missing at window end--> hold ... --unknown_timeout_s--> paused
+    observing  --a gate is inconclusive at window end--> hold ... --inconclusive_timeout_s--> on_inconclusive
     installing/observing --operator pause--> paused --resume--> where it was (timers restart)
     paused by a gate --resume--> next wave (operator override)        any --operator abort--> aborted
 
+Judging (:mod:`edgefleet.core.stats`): every metric is an estimate with an interval at the plan's
+``confidence``, from cohorts of at least ``min_windows``; a gate trips only when the interval is wholly on the
+bad side of its threshold. While the window runs, gates are looked at on every step with a time-uniform
+(sequential) interval, so a clear failure acts at once without noise tripping it; at the window's end they are
+judged once with the fixed-sample interval; while holding, sequentially again.
+
 Modes: ``canary`` compares the moved devices on the candidate with every target's baseline telemetry
 (their own before the move included); ``ab`` splits the targets into a control half that keeps the
-baseline and a treatment half that receives the candidate in waves, compared over the same period;
-``shadow`` runs the candidate beside the active model on the moved devices and compares the two there.
+baseline and a treatment half that receives the candidate in waves, compared over the same period (the split
+depends on the device ids only, so the same devices land in the same halves in every rollout); ``shadow``
+runs the candidate beside the active model on the moved devices and compares the two there (latency against
+the active model timed beside it on the same inputs). A baseline holds the models the targets ran before the
+candidate, never the candidate itself nor a model that an earlier rollout rolled back.
 """
 
 from __future__ import annotations
@@ -28,15 +38,28 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from edgefleet.core.gates import CohortStats, Gate, evaluate, metrics, parse_gate
+from edgefleet.core.cohorts import estimates
+from edgefleet.core.gates import CohortStats, Gate, GateResult, evaluate, parse_gate
+from edgefleet.core.stats import Estimate, Judge
 from edgefleet.errors import ConfigError
 
 Mode = Literal["canary", "shadow", "ab"]
 Action = Literal["abort", "pause"]
-Phase = Literal["installing", "observing", "paused", "done", "aborted"]
+InconclusiveAction = Literal["pause", "abort", "proceed"]
+Phase = Literal["installing", "observing", "paused", "done", "shadow-passed", "aborted"]
 Kind = Literal["assign", "rollback", "wait", "hold", "pause", "resume", "done", "aborted"]
+Role = Literal["active", "shadow"]
 MODES: tuple[Mode, ...] = ("canary", "shadow", "ab")
-FINAL: tuple[Phase, ...] = ("done", "aborted")
+FINAL: tuple[Phase, ...] = ("done", "shadow-passed", "aborted")
+INCONCLUSIVE_ACTIONS: tuple[InconclusiveAction, ...] = ("pause", "abort", "proceed")
+
+UNJUDGEABLE: dict[Mode, dict[str, str]] = {
+    "shadow": {"confidence_drop": "a shadow reports no confidence histogram",
+               "escalation_rate_increase": "a shadow never escalates"},
+    "canary": {"shadow_disagreement": "no shadow runs in canary mode (use --mode shadow)"},
+    "ab": {"shadow_disagreement": "no shadow runs in A/B mode (use --mode shadow)"},
+}
+"""Metrics that a mode cannot measure, and why: a gate naming one is refused when the rollout is created."""
 
 
 @dataclass(frozen=True)
@@ -94,13 +117,23 @@ class RolloutPlan:
     unknown_timeout_s: float = 600.0
     baseline_s: float = 3600.0
     min_windows: int = 10
+    confidence: float = 0.95
+    inconclusive_timeout_s: float = 600.0
+    on_inconclusive: InconclusiveAction = "pause"
+    promoted_from: str | None = None
+
+    @property
+    def judge(self) -> Judge:
+        return Judge(self.confidence, self.min_windows)
 
     def to_json(self) -> dict[str, Any]:
         return {"candidate": self.candidate, "waves": [w.text() for w in self.waves],
                 "gates": [{"expr": r.gate.text, "action": r.action} for r in self.gates],
                 "select": dict(self.select), "profile": self.profile, "mode": self.mode, "window_s": self.window_s,
                 "install_timeout_s": self.install_timeout_s, "unknown_timeout_s": self.unknown_timeout_s,
-                "baseline_s": self.baseline_s, "min_windows": self.min_windows}
+                "baseline_s": self.baseline_s, "min_windows": self.min_windows, "confidence": self.confidence,
+                "inconclusive_timeout_s": self.inconclusive_timeout_s, "on_inconclusive": self.on_inconclusive,
+                "promoted_from": self.promoted_from}
 
 
 def make_plan(data: Mapping[str, Any]) -> RolloutPlan:
@@ -119,14 +152,30 @@ def make_plan(data: Mapping[str, Any]) -> RolloutPlan:
         if rule.get("action", "abort") not in ("abort", "pause"):
             raise ConfigError(f"gate action must be abort or pause, not {rule.get('action')!r}")
         gates.append(GateRule(parse_gate(str(rule["expr"])), rule.get("action", "abort")))
+    for rule in gates:
+        for metric in sorted(rule.gate.metrics):
+            why = UNJUDGEABLE[mode].get(metric)
+            if why:
+                raise ConfigError(f"gate {rule.gate.text!r} cannot be judged in {mode} mode: {metric}: {why}")
     numbers = {}
     for key, default in (("window_s", 60.0), ("install_timeout_s", 300.0), ("unknown_timeout_s", 600.0),
-                         ("baseline_s", 3600.0), ("min_windows", 10)):
+                         ("baseline_s", 3600.0), ("min_windows", 10), ("inconclusive_timeout_s", 600.0)):
         value = data.get(key, default)
         if not isinstance(value, int | float) or isinstance(value, bool) or not 0 <= value <= 30 * 86400:
             raise ConfigError(f"{key} must be a number of at least 0, not {value!r}")
         numbers[key] = value
-    return RolloutPlan(candidate=candidate, mode=mode, gates=tuple(gates),
+    confidence = data.get("confidence", 0.95)
+    if not isinstance(confidence, int | float) or isinstance(confidence, bool) or not 0.5 <= confidence < 1:
+        raise ConfigError(f"confidence must be a fraction in [0.5, 1) such as 0.95, not {confidence!r}")
+    on_inconclusive = data.get("on_inconclusive", "pause")
+    if on_inconclusive not in INCONCLUSIVE_ACTIONS:
+        raise ConfigError(f"on_inconclusive must be one of {', '.join(INCONCLUSIVE_ACTIONS)}, not "
+                          f"{on_inconclusive!r}")
+    promoted_from = data.get("promoted_from")
+    return RolloutPlan(candidate=candidate, mode=mode, gates=tuple(gates), confidence=float(confidence),
+                       inconclusive_timeout_s=float(numbers["inconclusive_timeout_s"]),
+                       on_inconclusive=on_inconclusive,
+                       promoted_from=None if promoted_from is None else str(promoted_from),
                        waves=parse_waves(",".join(waves) if isinstance(waves, list) else str(waves)),
                        select={str(k): str(v) for k, v in dict(data.get("select") or {}).items()},
                        profile=data.get("profile"), window_s=float(numbers["window_s"]),
@@ -158,6 +207,8 @@ class Observation:
     devices: Mapping[str, DeviceView]
     telemetry: Mapping[str, Mapping[str, CohortStats]] = field(default_factory=dict)
     shadow: Mapping[str, Mapping[str, CohortStats]] = field(default_factory=dict)
+    rolled_back: frozenset[str] = frozenset()
+    """Models that earlier rollouts rolled back: never part of a baseline."""
 
 
 @dataclass(frozen=True)
@@ -170,7 +221,7 @@ class Decision:
     reason: str
     devices: tuple[str, ...] = ()
     model: str | None = None
-    role: Literal["active", "shadow"] = "active"
+    role: Role = "active"
     restore: Mapping[str, str | None] = field(default_factory=dict)
     until: float | None = None
     values: Mapping[str, Any] = field(default_factory=dict)
@@ -249,20 +300,26 @@ def start(plan: RolloutPlan, rollout_id: str, devices: Mapping[str, DeviceView],
     if plan.mode == "ab":
         if len(targets) < 2:
             raise ConfigError("an A/B rollout needs at least two matching devices")
-        control, targets = targets[1::2], targets[0::2]
+        halves = sorted(targets, key=lambda d: hashlib.sha256(f"ab/{d}".encode()).hexdigest())
+        in_control = set(halves[1::2])  # stable: the same devices make the same halves in every rollout
+        control, targets = [d for d in targets if d in in_control], [d for d in targets if d not in in_control]
     state = RolloutState(id=rollout_id, phase="installing", created=now, targets=targets, control=control)
-    return _numbered(_next_wave(plan, state, devices, now, "rollout started"))
+    return _numbered(plan, _next_wave(plan, state, devices, now, "rollout started"))
 
 
 def step(plan: RolloutPlan, state: RolloutState, obs: Observation) -> Step:
     """Advance on what the fleet reports now."""
-    return _numbered(_step(plan, dataclasses.replace(state, moved=dict(state.moved)), obs))
+    return _numbered(plan, _step(plan, dataclasses.replace(state, moved=dict(state.moved)), obs))
 
 
-def _numbered(result: Step) -> Step:
-    """Every step that decides something gets the next step number (the audit trail's key)."""
+def _numbered(plan: RolloutPlan, result: Step) -> Step:
+    """Every step that decides something gets the next step number (the audit trail's key); in shadow mode
+    every decision concerns the shadow role."""
     if result.decisions:
         result.state.step_no += 1
+    if plan.mode == "shadow":
+        result = Step(result.state, tuple(dataclasses.replace(d, role="shadow") for d in result.decisions),
+                      result.wake_at)
     return result
 
 
@@ -284,39 +341,68 @@ def _step(plan: RolloutPlan, s: RolloutState, obs: Observation) -> Step:
         later = _step(plan, s, obs)
         return Step(later.state, (wait, *later.decisions), later.wake_at)
     candidate, baseline = cohorts(plan, s, obs)
-    values = metrics(candidate, baseline, installs_done=len(done), installs_failed=len(failed),
-                     min_windows=plan.min_windows)
-    results = [(rule, evaluate(rule.gate, values)) for rule in plan.gates]
-    evidence = {"metrics": values, "gates": [{"expr": r.gate.text, "action": r.action, "outcome": g.outcome,
-                                              "explanation": g.explanation} for r, g in results],
-                "candidate": candidate.to_json(), "baseline": baseline.to_json(), "installs": installs}
+    final_look = obs.now >= s.deadline and s.held_since is None  # the window's one fixed-sample look
+    judge = plan.judge.looks(sequential=not final_look)
+    values = estimates(candidate, baseline, judge, installs_done=len(done), installs_failed=len(failed))
+    results = [(rule, evaluate(rule.gate, values, confidence=plan.confidence)) for rule in plan.gates]
+    evidence = _evidence(plan, values, results, candidate, baseline, installs, final_look)
     tripped = [(r, g) for r, g in results if g.outcome == "fail"]
     if tripped:
         rule, result = next(((r, g) for r, g in tripped if r.action == "abort"), tripped[0])
-        why = f"gate {rule.gate.text!r} {result.explanation}"
+        why = f"gate {rule.gate.text!r} {result.explanation} ({evidence['compared']})"
         if rule.action == "abort":
             return _abort(plan, s, obs.now, why, evidence)
         return _pause(s, obs.now, "gate", why, evidence)
     if obs.now < s.deadline:
         return Step(s, (), s.deadline)
-    unknown = [(r, g) for r, g in results if g.outcome == "unknown"]
-    if unknown:
-        why = "; ".join(f"gate {r.gate.text!r} {g.explanation}" for r, g in unknown)
+    waiting = [(r, g) for r, g in results if g.outcome in ("unknown", "inconclusive")]
+    if waiting:
+        kind = "unknown" if any(g.outcome == "unknown" for _, g in waiting) else "inconclusive"
+        timeout = plan.unknown_timeout_s if kind == "unknown" else plan.inconclusive_timeout_s
+        why = "; ".join(f"gate {r.gate.text!r} {g.explanation}" for r, g in waiting)
         if s.held_since is None:
             s.held_since = obs.now
-            until = obs.now + plan.unknown_timeout_s
-            return Step(s, (Decision("hold", obs.now, s.wave, why, until=until, values=evidence),), until)
-        if obs.now < s.held_since + plan.unknown_timeout_s:
-            return Step(s, (), s.held_since + plan.unknown_timeout_s)
-        return _pause(s, obs.now, "unknown", f"metrics still unavailable after {plan.unknown_timeout_s:g} s: "
-                      f"{why}", evidence)
+            until = obs.now + timeout
+            return Step(s, (Decision("hold", obs.now, s.wave, f"{why} ({evidence['compared']})", until=until,
+                                     values=evidence),), until)
+        if obs.now < s.held_since + timeout:
+            return Step(s, (), s.held_since + timeout)
+        if kind == "unknown":
+            return _pause(s, obs.now, "unknown", f"metrics still unavailable after {plan.unknown_timeout_s:g} s: "
+                          f"{why}", evidence)
+        lead = f"still inconclusive after {timeout:g} s: {why}"
+        if plan.on_inconclusive == "abort":
+            return _abort(plan, s, obs.now, f"{lead}; aborting as configured", evidence)
+        if plan.on_inconclusive == "pause":
+            return _pause(s, obs.now, "inconclusive", f"{lead}; pausing as configured", evidence)
+        return _next_wave(plan, s, obs.devices, obs.now, f"wave {s.wave + 1} {lead}; proceeding as configured",
+                          evidence)
     return _next_wave(plan, s, obs.devices, obs.now, f"wave {s.wave + 1} passed its gates", evidence)
+
+
+def _evidence(plan: RolloutPlan, values: Mapping[str, Estimate | None], results: list[tuple[GateRule, GateResult]],
+              candidate: CohortStats, baseline: CohortStats, installs: Mapping[str, int],
+              final_look: bool) -> dict[str, Any]:
+    """What a decision rests on: what was compared, each metric (point and interval), each gate's verdict."""
+    who = {"canary": "the targets' current models", "ab": "the control half",
+           "shadow": "the active model timed beside it"}[plan.mode]
+    compared = (f"{plan.candidate}{' as shadow' if plan.mode == 'shadow' else ''} on {candidate.devices} "
+                f"device(s), {candidate.windows} window(s), against {who} on {baseline.devices} device(s), "
+                f"{baseline.windows} window(s); {plan.confidence:.0%} confidence, "
+                f"{'fixed-sample look at the window end' if final_look else 'sequential look'}")
+    return {"compared": compared, "look": "final" if final_look else "sequential",
+            "metrics": {m: None if e is None else e.value for m, e in values.items()},
+            "intervals": {m: e.to_json() for m, e in values.items() if e is not None},
+            "gates": [{"expr": r.gate.text, "action": r.action, "outcome": g.outcome, "explanation": g.explanation}
+                      for r, g in results],
+            "candidate": candidate.to_json(), "baseline": baseline.to_json(), "installs": dict(installs)}
 
 
 def command(plan: RolloutPlan, state: RolloutState, action: Literal["pause", "resume", "abort"], now: float,
             devices: Mapping[str, DeviceView] | None = None, note: str = "") -> Step:
     """An operator's pause, resume or abort; ConfigError when it makes no sense in the current phase."""
-    return _numbered(_command(plan, dataclasses.replace(state, moved=dict(state.moved)), action, now, devices, note))
+    return _numbered(plan, _command(plan, dataclasses.replace(state, moved=dict(state.moved)), action, now, devices,
+                                    note))
 
 
 def _command(plan: RolloutPlan, s: RolloutState, action: Literal["pause", "resume", "abort"], now: float,
@@ -350,6 +436,10 @@ def _next_wave(plan: RolloutPlan, s: RolloutState, devices: Mapping[str, DeviceV
     counts = wave_counts(plan, len(s.targets))
     if s.wave + 1 >= len(counts):
         s.phase, s.reason = "done", f"{why}; all {len(counts)} waves done"
+        if plan.mode == "shadow":
+            s.phase = "shadow-passed"
+            s.reason += (f"; {plan.candidate} passed as a shadow but runs nowhere: promote it with "
+                         f"`edgefleet rollout promote {s.id} --waves ...`")
         decisions = [Decision("done", now, s.wave, s.reason, values=dict(evidence or {}))]
         if plan.mode == "shadow":
             decisions.insert(0, Decision("assign", now, s.wave, "shadow evaluation finished: stop shadowing",
@@ -409,8 +499,20 @@ def cohorts(plan: RolloutPlan, s: RolloutState, obs: Observation) -> tuple[Cohor
         if stats is not None:
             candidate.add(stats)
     pool = s.control if plan.mode == "ab" else (list(s.moved) if plan.mode == "shadow" else s.targets)
+    models = baseline_models(plan, s, obs, pool)
     for device in pool:
         for model, stats in obs.telemetry.get(device, {}).items():
-            if model != plan.candidate:
+            if model in models:
                 baseline.add(stats)
     return candidate, baseline
+
+
+def baseline_models(plan: RolloutPlan, s: RolloutState, obs: Observation, pool: Iterable[str]) -> set[str]:
+    """The models a baseline may hold: what the pool's devices run (or the moved ones ran before the candidate),
+    less the candidate and any model an earlier rollout rolled back."""
+    models = {m for m in s.moved.values() if m}
+    for device in pool:
+        view = obs.devices.get(device)
+        if view is not None and view.active:
+            models.add(view.active)
+    return models - {plan.candidate} - set(obs.rolled_back)

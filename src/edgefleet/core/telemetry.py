@@ -1,34 +1,53 @@
-"""Mergeable histograms and quantiles for telemetry: devices send buckets, the server adds them up."""
+"""Mergeable histograms and quantiles for telemetry: devices send buckets, the server adds them up.
+
+Latency buckets are log-spaced from 1 microsecond, so the relative error of any quantile is bounded whatever
+the latency: on the current scale (``FINE``) buckets grow by 2% and a quantile read from its bucket's geometric
+middle is within 1% of the truth (0.2 ms and 200 ms alike). Batches of older agents used 5% buckets (``COARSE``,
+within 2.5%); they stay readable: a histogram remembers its scale, the wire form names it (``"s": 1`` among
+the buckets; absent means the old scale), and merging two scales re-bins the coarse one onto the fine one.
+"""
 
 from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Mapping
 
-# Latency buckets grow by 5% from 1 microsecond: any quantile is known to within 2.5%.
 _LATENCY_BASE_MS = 0.001
-_LATENCY_GROWTH = 1.05
-_LATENCY_LOG = math.log(_LATENCY_GROWTH)
-_MAX_LATENCY_BUCKET = 500  # ~40 minutes: anything slower lands in the last bucket
+COARSE, FINE = 0, 1
+_GROWTH = {COARSE: 1.05, FINE: 1.02}
+_LOG = {scale: math.log(growth) for scale, growth in _GROWTH.items()}
+_MAX_BUCKET = {COARSE: 500, FINE: 1250}  # ~40 minutes: anything slower lands in the last bucket
+SCALE_KEY = "s"
 
 CONFIDENCE_BINS = 20
 
 
 class LatencyHistogram:
-    """Sparse log-bucketed histogram of latencies in milliseconds."""
+    """Sparse log-bucketed histogram of latencies in milliseconds, on one bucket scale."""
 
-    __slots__ = ("buckets", "count")
+    __slots__ = ("buckets", "count", "scale")
 
-    def __init__(self, buckets: Mapping[int, int] | None = None) -> None:
+    def __init__(self, buckets: Mapping[int, int] | None = None, scale: int = FINE) -> None:
         self.buckets: dict[int, int] = dict(buckets or {})
         self.count = sum(self.buckets.values())
+        self.scale = scale
 
     def add(self, latency_ms: float) -> None:
-        index = latency_bucket(latency_ms)
+        index = latency_bucket(latency_ms, self.scale)
         self.buckets[index] = self.buckets.get(index, 0) + 1
         self.count += 1
 
     def merge(self, other: LatencyHistogram) -> None:
+        """Add ``other`` in; an empty histogram takes the other's scale, two scales meet on the finer one."""
+        if not other.buckets:
+            return
+        if not self.buckets:
+            self.scale = other.scale
+        if other.scale != self.scale:
+            if self.scale == COARSE:
+                self.buckets, self.scale = _rebin(self.buckets, COARSE, FINE), FINE
+            if other.scale == COARSE:
+                other = LatencyHistogram(_rebin(other.buckets, COARSE, FINE), FINE)
         for index, n in other.buckets.items():
             self.buckets[index] = self.buckets.get(index, 0) + n
         self.count += other.count
@@ -44,36 +63,70 @@ class LatencyHistogram:
         for index in sorted(self.buckets):
             seen += self.buckets[index]
             if seen >= rank:
-                return bucket_middle_ms(index)
-        return bucket_middle_ms(max(self.buckets))
+                return bucket_middle_ms(index, self.scale)
+        return bucket_middle_ms(max(self.buckets), self.scale)
+
+    def edges(self) -> list[tuple[float, float, int]]:
+        """Every non-empty bucket as (lower edge ms, upper edge ms, count), fastest first."""
+        return [(*bucket_edges_ms(i, self.scale), n) for i, n in sorted(self.buckets.items()) if n]
+
+    @property
+    def relative_error(self) -> float:
+        """The most a quantile read from this histogram can be off, relative to the truth."""
+        return math.sqrt(_GROWTH[self.scale]) - 1.0
 
     def to_json(self) -> dict[str, int]:
-        return {str(index): n for index, n in sorted(self.buckets.items())}
+        out = {str(index): n for index, n in sorted(self.buckets.items())}
+        if self.scale != COARSE and out:
+            out[SCALE_KEY] = self.scale
+        return out
 
     @classmethod
     def from_json(cls, data: Mapping[str, int]) -> LatencyHistogram:
+        scale = data.get(SCALE_KEY, COARSE)
+        if scale not in _GROWTH:
+            raise ValueError(f"histogram scale {scale!r} is unknown")
         buckets: dict[int, int] = {}
         for key, n in data.items():
+            if key == SCALE_KEY:
+                continue
             index = int(key)
-            if not 0 <= index <= _MAX_LATENCY_BUCKET or n < 0:
+            if not 0 <= index <= _MAX_BUCKET[scale] or n < 0:
                 raise ValueError(f"histogram bucket {key}={n} is out of range")
             buckets[index] = n
-        return cls(buckets)
+        return cls(buckets, scale)
 
 
-def latency_bucket(latency_ms: float) -> int:
+def latency_bucket(latency_ms: float, scale: int = COARSE) -> int:
     if math.isnan(latency_ms) or latency_ms <= _LATENCY_BASE_MS:
         return 0
     if math.isinf(latency_ms):
-        return _MAX_LATENCY_BUCKET
-    return min(_MAX_LATENCY_BUCKET, 1 + int(math.log(latency_ms / _LATENCY_BASE_MS) / _LATENCY_LOG))
+        return _MAX_BUCKET[scale]
+    return min(_MAX_BUCKET[scale], 1 + int(math.log(latency_ms / _LATENCY_BASE_MS) / _LOG[scale]))
 
 
-def bucket_middle_ms(index: int) -> float:
+def bucket_edges_ms(index: int, scale: int = COARSE) -> tuple[float, float]:
+    """The latencies bucket ``index`` holds: (lower edge, upper edge]; the last bucket is open above."""
+    if index == 0:
+        return 0.0, _LATENCY_BASE_MS
+    growth = _GROWTH[scale]
+    low = _LATENCY_BASE_MS * growth ** (index - 1)
+    return low, math.inf if index >= _MAX_BUCKET[scale] else low * growth
+
+
+def bucket_middle_ms(index: int, scale: int = COARSE) -> float:
     if index == 0:
         return _LATENCY_BASE_MS
-    low = _LATENCY_BASE_MS * _LATENCY_GROWTH ** (index - 1)
-    return low * math.sqrt(_LATENCY_GROWTH)
+    low = _LATENCY_BASE_MS * _GROWTH[scale] ** (index - 1)
+    return low * math.sqrt(_GROWTH[scale])
+
+
+def _rebin(buckets: Mapping[int, int], source: int, target: int) -> dict[int, int]:
+    out: dict[int, int] = {}
+    for index, n in buckets.items():
+        moved = latency_bucket(bucket_middle_ms(index, source), target)
+        out[moved] = out.get(moved, 0) + n
+    return out
 
 
 def confidence_bin(confidence: float) -> int:

@@ -134,7 +134,14 @@ def create_app(ctx: ServerContext) -> FastAPI:
         if ctx.store.find_model(name, version) is None:
             raise HTTPException(404, f"unknown model {name}@{version}")
         stats, devices = ctx.store.model_stats(f"{name}@{version}", since)
-        return {"model": f"{name}@{version}", "devices": devices, **stats.to_json()}
+        from edgefleet.core.cohorts import CohortStats
+
+        as_shadow = CohortStats()  # what it did beside the active model, with its agreement (E14)
+        for per_model in ctx.store.device_model_stats(None, since)[1].values():
+            if f"{name}@{version}" in per_model:
+                as_shadow.add(per_model[f"{name}@{version}"])
+        return {"model": f"{name}@{version}", "devices": devices, **stats.to_json(),
+                "as_shadow": as_shadow.to_json() if as_shadow.devices else None}
 
     @app.post("/api/v1/devices", dependencies=[Operator], status_code=201)
     def add_device(body: DeviceIn) -> dict[str, Any]:

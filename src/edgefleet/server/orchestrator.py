@@ -20,6 +20,7 @@ from typing import Any, Literal
 from sqlalchemy import Row
 
 from edgefleet.core.rollout import (
+    FINAL,
     DeviceView,
     Observation,
     RolloutPlan,
@@ -144,7 +145,7 @@ class Orchestrator:
             if self.store.advance_rollout(rollout_id, compute, actor, skip_locked=False) is not None:
                 break
             latest = self.store.get_rollout(rollout_id)
-            if latest is not None and latest.phase in ("done", "aborted"):
+            if latest is not None and latest.phase in FINAL:
                 raise ConfigError(f"rollout {rollout_id} is already {latest.phase}")
         else:
             raise StoreError(f"rollout {rollout_id} is busy; try again")
@@ -153,6 +154,29 @@ class Orchestrator:
         latest = self.store.get_rollout(rollout_id)
         assert latest is not None
         return latest
+
+    def promote(self, rollout_id: str, spec: Mapping[str, Any], actor: str = "operator") -> RolloutRow:
+        """Start a canary rollout of a shadow rollout's candidate, once it has ``shadow-passed``: the same
+        devices (selection and profile), the waves and options of ``spec``; without gates in ``spec``, the shadow
+        rollout's gates that a canary can judge. ConfigError when the shadow rollout has not passed."""
+        row = self.store.get_rollout(rollout_id)
+        if row is None:
+            raise StoreError(f"unknown rollout {rollout_id}")
+        if row.phase != "shadow-passed":
+            raise ConfigError(f"rollout {rollout_id} is {row.phase}: only a shadow rollout that passed "
+                              "(shadow-passed) can be promoted")
+        for other in self.store.list_rollouts():
+            if other.plan.get("promoted_from") == rollout_id and other.phase not in ("aborted",):
+                raise ConfigError(f"rollout {rollout_id} was already promoted: {other.id} ({other.phase})")
+        shadow = make_plan(row.plan)
+        gates = spec.get("gates") or [{"expr": r.gate.text, "action": r.action} for r in shadow.gates
+                                      if "shadow_disagreement" not in r.gate.metrics]
+        plan = {**{k: v for k, v in spec.items() if v is not None}, "candidate": shadow.candidate, "mode": "canary",
+                "select": dict(shadow.select), "profile": shadow.profile, "gates": gates,
+                "promoted_from": rollout_id}
+        for key in ("confidence", "min_windows"):
+            plan.setdefault(key, getattr(shadow, key))
+        return self.create(plan, actor)
 
     # driving ----------------------------------------------------------------------------------
     def tick(self) -> int:
@@ -187,6 +211,7 @@ class Orchestrator:
         since = telemetry_since(plan, state)
         primary, shadow = self.store.device_model_stats(involved, since)
         refused = self.store.refused_models(state.moved, state.created)
+        rolled_back = rolled_back_models(self.store.list_rollouts())
         for device_id in involved:
             view = devices.get(device_id)
             if view is None:
@@ -194,7 +219,7 @@ class Orchestrator:
             shadow_running = view.shadow or (plan.candidate if plan.candidate in shadow.get(device_id, {}) else None)
             devices[device_id] = DeviceView(view.id, view.tags, view.profile, view.desired, view.active,
                                             shadow_running, frozenset(refused.get(device_id, ())), view.revoked)
-        return Observation(self.clock(), devices, primary, shadow)
+        return Observation(self.clock(), devices, primary, shadow, rolled_back)
 
     def publish_pending(self) -> int:
         """Publish the desired state of every device whose desired model changed; return how many."""
@@ -241,6 +266,17 @@ class Orchestrator:
             log.info("telemetry retention: %d batches rolled up, %d old rows purged", moved, purged)
 
 
+def rolled_back_models(rows: Sequence[RolloutRow]) -> frozenset[str]:
+    """Candidates that a rollout rolled back off active devices and that no later rollout completed since."""
+    out: set[str] = set()
+    for row in sorted(rows, key=lambda r: r.created):
+        if row.phase == "aborted" and row.plan.get("mode") != "shadow":
+            out.add(row.candidate)
+        elif row.phase == "done":
+            out.discard(row.candidate)
+    return frozenset(out)
+
+
 def _advance(result: Step) -> Advance:
     return Advance(result.state.to_json(), result.state.phase, result.state.step_no, result.wake_at,
                    result.decisions)
@@ -254,12 +290,16 @@ def rollout_json(row: RolloutRow, store: Store, *, audit: bool = True) -> dict[s
         "updated": row.updated, "wave": state.get("wave", -1) + 1, "waves": len(row.plan.get("waves", [])),
         "mode": row.plan.get("mode"), "targets": len(state.get("targets", [])),
         "control": len(state.get("control", [])), "moved": len(state.get("moved", {})),
-        "reason": state.get("reason", ""), "plan": row.plan,
+        "reason": state.get("reason", ""), "plan": row.plan, "promoted_from": row.plan.get("promoted_from"),
     }
+    if row.plan.get("mode") == "ab":
+        data["treatment_devices"] = list(state.get("targets", []))
+        data["control_devices"] = list(state.get("control", []))
     if audit:
         data["decisions"] = [{"step": d.step_no, "kind": d.kind, "at": d.at, "wave": d.wave + 1, "reason": d.reason,
                               "actor": d.actor, "devices": d.detail.get("devices", []),
-                              "model": d.detail.get("model"), "values": d.detail.get("values", {})}
+                              "model": d.detail.get("model"), "role": d.detail.get("role", "active"),
+                              "values": d.detail.get("values", {})}
                              for d in store.decisions(row.id)]
         data["wave_devices"] = {w.wave + 1: w.devices for w in store.waves(row.id)}
     return data

@@ -1,4 +1,4 @@
-"""REST endpoints for rollouts: create, list, status (with the audit trail), pause, resume, abort."""
+"""REST endpoints for rollouts: create, list, status (with the audit trail), pause, resume, abort, promote."""
 
 
 from typing import Any, Literal
@@ -22,12 +22,31 @@ class RolloutIn(BaseModel):
     waves: list[str] = Field(default_factory=lambda: ["100%"], min_length=1, max_length=100,
                              description="cumulative counts (5) or percentages (10%)")
     gates: list[str | GateIn] = Field(default_factory=list, max_length=32)
-    mode: Literal["canary", "shadow", "ab"] = "canary"
+    mode: str = Field(default="canary", max_length=32, description="canary, shadow or ab")
     window_s: float = Field(default=60.0, ge=0, le=30 * 86400)
     install_timeout_s: float = Field(default=300.0, ge=0, le=30 * 86400)
     unknown_timeout_s: float = Field(default=600.0, ge=0, le=30 * 86400)
     baseline_s: float = Field(default=3600.0, ge=0, le=30 * 86400)
-    min_windows: int = Field(default=10, ge=0, le=10**9)
+    min_windows: int = Field(default=10, ge=0, le=10**9, description="observations each cohort needs to judge")
+    confidence: float = Field(default=0.95, ge=0.5, lt=1.0, description="two-sided confidence of gate decisions")
+    inconclusive_timeout_s: float = Field(default=600.0, ge=0, le=30 * 86400)
+    on_inconclusive: Literal["pause", "abort", "proceed"] = "pause"
+
+
+class PromoteIn(BaseModel):
+    """A canary rollout of a shadow rollout's candidate; unset options keep their defaults."""
+
+    waves: list[str] = Field(default_factory=lambda: ["100%"], min_length=1, max_length=100)
+    gates: list[str | GateIn] = Field(default_factory=list, max_length=32,
+                                      description="none: the shadow rollout's gates a canary can judge")
+    window_s: float | None = Field(default=None, ge=0, le=30 * 86400)
+    install_timeout_s: float | None = Field(default=None, ge=0, le=30 * 86400)
+    unknown_timeout_s: float | None = Field(default=None, ge=0, le=30 * 86400)
+    inconclusive_timeout_s: float | None = Field(default=None, ge=0, le=30 * 86400)
+    on_inconclusive: Literal["pause", "abort", "proceed"] | None = None
+    baseline_s: float | None = Field(default=None, ge=0, le=30 * 86400)
+    min_windows: int | None = Field(default=None, ge=0, le=10**9)
+    confidence: float | None = Field(default=None, ge=0.5, lt=1.0)
 
 
 class CommandIn(BaseModel):
@@ -53,6 +72,12 @@ def rollout_router(orchestrator: Orchestrator, store: Store) -> APIRouter:
         row = store.get_rollout(rollout_id)
         if row is None:
             raise HTTPException(404, f"unknown rollout {rollout_id!r}")
+        return rollout_json(row, store)
+
+    @router.post("/{rollout_id}/promote", status_code=201)
+    def promote(rollout_id: str, body: PromoteIn) -> dict[str, Any]:
+        """Start a canary rollout of a shadow-passed rollout's candidate."""
+        row = orchestrator.promote(rollout_id, body.model_dump())
         return rollout_json(row, store)
 
     @router.post("/{rollout_id}/{action}")

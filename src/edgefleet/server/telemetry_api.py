@@ -29,6 +29,7 @@ class Cohort(BaseModel):
     escalations: int | None
     shadow_windows: int | None
     shadow_agree: int | None
+    shadow_agreement: float | None = Field(default=None, description="shadow_agree / shadow_windows")
 
 
 class ModelTelemetry(Cohort):

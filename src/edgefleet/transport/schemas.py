@@ -117,6 +117,10 @@ class TelemetryBatch(_Message):
     shadow_agree: int = Field(ge=0, default=0, description="windows where the shadow predicted the same class")
     shadow_errors: int = Field(ge=0, default=0)
     shadow_latency_ms: dict[str, int] = Field(default_factory=dict)
+    shadow_labelled: int = Field(ge=0, default=0, description="shadow windows that came with a label")
+    shadow_correct: int = Field(ge=0, default=0, description="labelled shadow windows the shadow got right")
+    shadow_active_latency_ms: dict[str, int] = Field(
+        default_factory=dict, description="the active model timed beside the shadow on the same inputs")
     outbox_dropped: int = Field(ge=0, default=0, description="queued messages dropped on overflow, since start")
     imputed: int = Field(ge=0, default=0, description="missing sensor values filled in by the preprocessing")
     incomplete: int = Field(ge=0, default=0, description="windows dropped for too many missing values")

@@ -35,17 +35,17 @@ services:
 	@# the package may start a system broker on 1883; the tests never use it, and it must not hold the port
 	@-$(SUDO) service mosquitto stop >/dev/null 2>&1 || true
 
-test: $(VENV)/.installed-dev+train+data services
+test: $(VENV)/.installed-dev+train+data+camera services
 	$(BIN)/pytest -q $(PYTEST_ARGS)
 
-lint: $(VENV)/.installed-dev+train+data
+lint: $(VENV)/.installed-dev+train+data+camera
 	$(BIN)/ruff check src tests bench
 	$(BIN)/mypy
 
-bench: $(VENV)/.installed-dev+train+data services
+bench: $(VENV)/.installed-dev+train+data+camera services
 	@for b in $(BENCHES); do $(MAKE) --no-print-directory bench-$$b || exit 1; done
 
-bench-%: $(VENV)/.installed-dev+train+data services
+bench-%: $(VENV)/.installed-dev+train+data+camera services
 	$(BIN)/python -m bench.bench_$*
 
 clean:

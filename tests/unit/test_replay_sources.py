@@ -9,10 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import onnx
-import onnxruntime as ort
 import pytest
-from onnx import TensorProto, helper
 
 from edgefleet.agent.inference import InferencePipeline
 from edgefleet.agent.model import LoadedModel, load_model
@@ -25,25 +22,10 @@ from edgefleet.errors import ConfigError, DataError
 from edgefleet.runtime.inputs import ImageInput, SeriesInput, VectorInput, input_step
 from edgefleet.runtime.preprocess import StreamWindower
 from edgefleet.testing import synthetic
+from edgefleet.testing.linear import linear_model, predictions
 
 KEY = SigningKey.generate()
 INF = "speed=inf"
-
-
-def linear_model(shape: list[int], classes: int) -> bytes:
-    """[N, ...] -> flatten -> fixed matrix -> softmax [N, classes]."""
-    features = int(np.prod(shape))
-    weights = np.sin(np.arange(features * classes, dtype=np.float32)).reshape(features, classes)
-    graph = helper.make_graph(
-        [helper.make_node("Flatten", ["x"], ["flat"], axis=1), helper.make_node("MatMul", ["flat", "w"], ["y"]),
-         helper.make_node("Softmax", ["y"], ["probs"], axis=1)],
-        "linear", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, *shape])],
-        [helper.make_tensor_value_info("probs", TensorProto.FLOAT, [None, classes])],
-        [onnx.numpy_helper.from_array(weights, "w")])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    model.ir_version = 9
-    data: bytes = model.SerializeToString()
-    return data
 
 
 def loaded(model: bytes, labels: list[str], preprocess: dict[str, Any] | None = None) -> LoadedModel:
@@ -51,13 +33,6 @@ def loaded(model: bytes, labels: list[str], preprocess: dict[str, Any] | None = 
     bundle = pack_bundle(model, KEY, BundleSpec(name="clf", version="1.0.0", labels=labels,
                                                 preprocess=preprocess or {}))
     return load_model(decide(bundle, TrustState(keys={KEY.public.key_id: KEY.public})))
-
-
-def predictions(model: bytes, rows: np.ndarray) -> np.ndarray:
-    session = ort.InferenceSession(model, providers=["CPUExecutionProvider"])
-    scores = np.asarray(session.run(None, {"x": rows.astype(np.float32)})[0])
-    best: np.ndarray = scores.argmax(axis=1)
-    return best
 
 
 def data_file(path: Path, test_x: np.ndarray, test_y: np.ndarray, **extra: Any) -> Path:

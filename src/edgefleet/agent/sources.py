@@ -3,6 +3,9 @@
     npz:PATH[?speed=X&rate=R&loop=0|1&shard=I/N]
                                  replay the test rows (test_x, test_y) of the data file given to
                                  ``edgefleet build --data``, or of a recordings file (data.basicmotions)
+    images:DIR[?rate=R&loop=0|1]  image files in a directory, sorted by name (agent.sensors.images)
+    video:PATH[?rate=R&loop=0|1]  the frames of a video file (OpenCV, the ``camera`` extra)
+    camera:INDEX[?rate=R]         a live camera (OpenCV); frames that inference does not keep up with are dropped
     jsonl:PATH | jsonl:-          one JSON object per line: {"values": [...], "label": optional int}
     csv:PATH                      one sample per line: channel values, optional trailing label column
                                   named "label" in a header line; an empty cell is a missing value
@@ -401,8 +404,12 @@ def open_source(spec: str) -> SensorSource:
         from edgefleet.agent.sensors.vibration import VibrationSource
 
         return VibrationSource.from_options(options)
-    raise ConfigError(f"unknown sensor source {spec!r}: use npz:PATH, jsonl:PATH|-, csv:PATH, "
-                      "vibration:?OPTIONS or mqtt://HOST:PORT/TOPIC")
+    if kind in ("images", "video", "camera"):
+        from edgefleet.agent.sensors.images import open_frame_source
+
+        return open_frame_source(kind, target, options)
+    raise ConfigError(f"unknown sensor source {spec!r}: use npz:PATH, jsonl:PATH|-, csv:PATH, images:DIR, "
+                      "video:PATH, camera:INDEX, vibration:?OPTIONS or mqtt://HOST:PORT/TOPIC")
 
 
 def flag_option(options: dict[str, str], name: str, default: bool) -> bool:

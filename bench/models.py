@@ -61,9 +61,9 @@ def digits_96(seed: int = 0) -> dict[str, Any]:
     import torch
     import torch.nn.functional as F
 
-    from edgefleet.data.datasets import load_dataset
+    from edgefleet.data.datasets import load_dataset, standardize
 
-    ds = load_dataset("digits")
+    ds, _ = standardize(load_dataset("digits"))  # grey levels scaled to [0, 1]
 
     def up(x: np.ndarray) -> np.ndarray:
         t = F.interpolate(torch.from_numpy(x), size=(96, 96), mode="bilinear", align_corners=False)

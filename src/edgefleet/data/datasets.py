@@ -1,8 +1,10 @@
 """Real labelled datasets that installed packages ship (no download), by name.
 
 Time series from sktime (the ``data`` extra): BasicMotions, ItalyPowerDemand, GunPoint, ACSF1, as
-[n, channels, length] with their own train/test split. Images from scikit-learn: digits (8x8 grey levels),
-as [n, 1, 8, 8] with a fixed stratified 75/25 split. Class ids index the sorted class names.
+[n, channels, length] with their own train/test split. Images from scikit-learn: digits (8x8 grey levels 0..16,
+as the "sensor" gives them), as [n, 1, 8, 8] with a fixed stratified 75/25 split. Class ids index the sorted class
+names. ``standardize`` gives the model-ready arrays and the manifest's input pipeline that makes them on a device
+from the raw arrays: a device replaying the raw test arrays through it feeds the model what the build tested.
 """
 
 from __future__ import annotations
@@ -22,6 +24,9 @@ _SKTIME = {
     "acsf1": ("ACSF1", "load_acsf1"),
 }
 DATASETS = (*(v[0] for v in _SKTIME.values()), "digits")
+SAMPLE_RATES_HZ = {"BasicMotions": 10.0}
+"""Known sample rates (BasicMotions: 10 s at 100 samples); the others' are unknown and left out of the pipeline."""
+DIGITS_SCALE = 1.0 / 16.0
 
 
 @dataclass(frozen=True)
@@ -74,7 +79,7 @@ def _load_digits(seed: int = 0) -> Dataset:
     except ImportError as exc:
         raise ConfigError("digits needs scikit-learn: install the 'data' extra: pip install 'edgefleet[data]'") from exc
     digits = load_digits()
-    x = (digits.images.astype(np.float32) / 16.0)[:, None, :, :]
+    x = digits.images.astype(np.float32)[:, None, :, :]
     y = digits.target.astype(np.int64)
     train_x, test_x, train_y, test_y = train_test_split(x, y, test_size=0.25, random_state=seed, stratify=y)
     return Dataset(name="digits", kind="image", train_x=train_x, train_y=train_y, test_x=test_x, test_y=test_y,
@@ -92,12 +97,20 @@ def load_dataset(name: str) -> Dataset:
 
 
 def standardize(ds: Dataset) -> tuple[Dataset, dict[str, Any]]:
-    """Z-normalize time series per channel with the training statistics; images are left as they are.
+    """Model-ready arrays and the input pipeline (runtime.inputs) a device runs to make them from raw readings.
 
-    Returns the dataset and the preprocessing spec a device needs to do the same.
+    Time series: z-normalized per channel with the training statistics; the pipeline is a ``sliding_window`` of
+    the series' length with a hop of the same length, its mean/std, and the sample rate where known. Digits:
+    grey levels scaled by 1/16; the pipeline an ``image`` of 1x8x8, gray, scale 1/16.
     """
     if ds.kind != "timeseries":
-        return ds, {"kind": "image", "shape": list(ds.input_shape), "scale": 1.0 / 16.0 if ds.name == "digits" else 1.0}
+        channels, height, width = ds.input_shape
+        scale = DIGITS_SCALE if ds.name == "digits" else 1.0
+        image: dict[str, Any] = {"kind": "image", "height": height, "width": width, "channels": channels,
+                                 "layout": "NCHW", "color": "gray" if channels == 1 else "rgb", "scale": scale}
+        return Dataset(name=ds.name, kind=ds.kind, train_x=(ds.train_x * np.float32(scale)).astype(np.float32),
+                       train_y=ds.train_y, test_x=(ds.test_x * np.float32(scale)).astype(np.float32),
+                       test_y=ds.test_y, labels=ds.labels), image
     mean = ds.train_x.mean(axis=(0, 2)).astype(np.float32)
     std = np.maximum(ds.train_x.std(axis=(0, 2)), 1e-6).astype(np.float32)
 
@@ -105,7 +118,10 @@ def standardize(ds: Dataset) -> tuple[Dataset, dict[str, Any]]:
         out: np.ndarray = ((x - mean[:, None]) / std[:, None]).astype(np.float32)
         return out
 
-    spec = {"kind": "series", "channels": int(ds.train_x.shape[1]), "length": int(ds.train_x.shape[2]),
-            "mean": [float(v) for v in mean], "std": [float(v) for v in std]}
+    length = int(ds.train_x.shape[2])
+    spec: dict[str, Any] = {"kind": "sliding_window", "channels": int(ds.train_x.shape[1]), "window": length,
+                            "hop": length, "mean": [float(v) for v in mean], "std": [float(v) for v in std]}
+    if ds.name in SAMPLE_RATES_HZ:
+        spec["sample_rate_hz"] = SAMPLE_RATES_HZ[ds.name]
     return Dataset(name=ds.name, kind=ds.kind, train_x=norm(ds.train_x), train_y=ds.train_y,
                    test_x=norm(ds.test_x), test_y=ds.test_y, labels=ds.labels), spec

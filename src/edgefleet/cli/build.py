@@ -16,11 +16,19 @@ def build(
     *,
     key: Annotated[Path, typer.Option(help="signing.key")],
     out: Annotated[Path, typer.Option(help="bundle file to write")],
-    name: Annotated[str, typer.Option(help="model name in the bundle")],
-    version: Annotated[str, typer.Option(help="semantic version, e.g. 1.0.0")],
-    data: Annotated[Path | None, typer.Option(help=".npz with calib_x, test_x, test_y (for an ONNX file)")] = None,
+    name: Annotated[str | None, typer.Option(help="model name in the bundle (default: the model file's stem)")]
+    = None,
+    version: Annotated[str, typer.Option(help="semantic version")] = "1.0.0",
+    data: Annotated[Path | None, typer.Option(help=".npz with calib_x, test_x, test_y [, sample_rate_hz, labels] "
+                                              "(for an ONNX file): raw readings in the model's layout")] = None,
     dataset: Annotated[str | None, typer.Option(help="train a default model on a bundled dataset instead: "
                                                 "BasicMotions, ItalyPowerDemand, GunPoint, ACSF1, digits")] = None,
+    pipeline: Annotated[Path | None, typer.Option(help="pipeline YAML: input, output, labels, thresholds")] = None,
+    labels: Annotated[str | None, typer.Option(help="class names in class order: a,b,c")] = None,
+    threshold: Annotated[list[str] | None, typer.Option(help="KEY=VALUE for the manifest (repeatable)")] = None,
+    sample_rate: Annotated[float | None, typer.Option(help="time series: samples per second")] = None,
+    window: Annotated[int | None, typer.Option(help="time series: samples per window")] = None,
+    hop: Annotated[int | None, typer.Option(help="time series: samples between windows")] = None,
     recipe: Annotated[Path | None, typer.Option(help="recipe YAML (default: the built-in recipe)")] = None,
     profile: Annotated[list[str] | None, typer.Option(help="device profile to check (repeatable; default: all)")]
     = None,
@@ -33,11 +41,14 @@ def build(
 ) -> None:
     """Compress MODEL under an accuracy gate, report every candidate, and sign the chosen one as a bundle.
 
-    Exits non-zero, writing no bundle, when no candidate keeps the accuracy drop within the gate.
+    The bundle's input pipeline and output interpretation are inferred from the model and the data file, then
+    set by --pipeline and the flags; golden samples are the first calibration rows with the chosen model's
+    outputs. Exits non-zero, writing no bundle, when no candidate keeps the accuracy drop within the gate.
     """
     from rich.console import Console
 
     from edgefleet.build.inputs import from_dataset, from_factory, from_onnx
+    from edgefleet.build.io_pipeline import golden_tolerance, options_from_flags
     from edgefleet.build.pipeline import BuildSearch
     from edgefleet.build.recipe import load_recipe
     from edgefleet.build.report import plot as draw
@@ -47,6 +58,7 @@ def build(
     from edgefleet.core.profiles import BUILTIN_PROFILES, parse_profiles, resolve
 
     console = Console(stderr=True)
+    check_name_version(name, version)
     signing_key = load_signing_key(key)  # fail on a bad key before minutes of work
     the_recipe = load_recipe(_read_text(recipe) if recipe else None)
     if max_accuracy_drop is not None:
@@ -55,19 +67,21 @@ def build(
         the_recipe = the_recipe.model_copy(update={"max_accuracy_drop": max_accuracy_drop})
     user = parse_profiles(_read_text(profiles_file)) if profiles_file else {}
     profiles = resolve(profile or [*BUILTIN_PROFILES, *(n for n in user if n not in BUILTIN_PROFILES)], user)
+    options = options_from_flags(pipeline, labels, threshold, sample_rate, window, hop)
 
     if dataset is not None:
         if model is not None or data is not None:
             raise ConfigError("give either --dataset or MODEL (with --data), not both")
-        inputs = from_dataset(dataset, epochs=epochs, seed=the_recipe.seed)
+        inputs = from_dataset(dataset, options, epochs=epochs, seed=the_recipe.seed)
     elif model is None:
         raise ConfigError("give MODEL (an ONNX file with --data, or module:function) or --dataset NAME")
     elif not model.endswith(".onnx") and ":" in model and not Path(model).exists():
-        inputs = from_factory(model)
+        inputs = from_factory(model, options)
     else:
         if data is None:
             raise ConfigError("an ONNX model needs --data DATA.npz with calib_x, test_x and test_y")
-        inputs = from_onnx(Path(model), data)
+        inputs = from_onnx(Path(model), data, options)
+    name = name or inputs.name
 
     outcome = BuildSearch(inputs.model, inputs.data, the_recipe, profiles,
                           progress=lambda msg: console.print(f"[dim]{msg}[/dim]", highlight=False)).run()
@@ -87,12 +101,25 @@ def build(
                "energy_uj_estimate": chosen.analysis.energy.total_uj}
     metrics.update({f"latency_b{b}_ms": s.median_ms for b, s in chosen.latency.items()})
     fitting = [v.profile for v in chosen.verdicts if v.fits]
+    tolerance = golden_tolerance(chosen.pass_name)
     bundle = pack_bundle(chosen.model, signing_key, BundleSpec(
         name=name, version=version, release=release, labels=inputs.labels, preprocess=inputs.preprocess,
-        metrics=metrics, profiles=fitting))
+        postprocess=inputs.postprocess, thresholds=inputs.thresholds, metrics=metrics, profiles=fitting,
+        golden=inputs.golden, golden_atol=tolerance, golden_rtol=tolerance))
     write_bundle(out, bundle)
     typer.echo(f"{name}@{version} ({chosen.label}) -> {out} ({len(bundle)} bytes); "
                f"fits: {', '.join(fitting) or 'none'}")
+
+
+def check_name_version(name: str | None, version: str) -> None:
+    """Refuse a bundle name or version the manifest would refuse, before any work."""
+    from edgefleet.core.manifest import NAME, SEMVER
+
+    if name is not None and not NAME.match(name):
+        raise ConfigError(f"--name {name!r}: lowercase letters, digits, '.', '_' or '-', at most 64, starting with "
+                          "a letter or digit")
+    if not SEMVER.match(version):
+        raise ConfigError(f"--version {version!r} is not a semantic version such as 1.2.3")
 
 
 def register(app: typer.Typer) -> None:

@@ -5,11 +5,14 @@ from __future__ import annotations
 import json
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
 from edgefleet.errors import BundleError, ConfigError
+
+if TYPE_CHECKING:
+    from edgefleet.build.io_pipeline import ResolvedPipeline
 
 keys_app = typer.Typer(no_args_is_help=True, help="Signing keys, key rotation and revocation.")
 bundle_app = typer.Typer(no_args_is_help=True, help="Signed model bundles and deltas between them.")
@@ -79,32 +82,80 @@ def keys_model_key(out: Annotated[Path, typer.Option(help="file to write (mode 0
 
 @bundle_app.command("pack")
 def bundle_pack(model: Annotated[Path, typer.Argument(help="an ONNX model file")],
-                name: Annotated[str, typer.Option(help="model name")],
-                version: Annotated[str, typer.Option(help="semantic version, e.g. 1.0.0")],
                 key: Annotated[Path, typer.Option(help="signing.key")],
                 out: Annotated[Path, typer.Option(help="bundle file to write")],
+                name: Annotated[str | None, typer.Option(help="model name (default: the model file's stem)")] = None,
+                version: Annotated[str, typer.Option(help="semantic version")] = "1.0.0",
                 release: Annotated[int, typer.Option(help="monotonic release counter")] = 1,
                 expires: Annotated[str | None, typer.Option(help="ISO 8601 time after which devices refuse it")] = None,
                 hardware: Annotated[list[str] | None, typer.Option(help="compatible hardware id (repeatable)")] = None,
                 encrypt_key: Annotated[Path | None, typer.Option(help="model key file: encrypt the model")] = None,
-                golden: Annotated[Path | None, typer.Option(help=".npy of golden inputs [n, ...]")] = None) -> None:
-    """Sign an already built ONNX model as a bundle (no compression)."""
+                golden: Annotated[Path | None, typer.Option(
+                    help="golden inputs: a data .npz (its first calib_x rows, through the input pipeline) or an "
+                         ".npy of model inputs [n, ...]")] = None,
+                pipeline: Annotated[Path | None, typer.Option(help="pipeline YAML: input, output, labels, thresholds")]
+                = None,
+                labels: Annotated[str | None, typer.Option(help="class names in class order: a,b,c")] = None,
+                threshold: Annotated[list[str] | None, typer.Option(help="KEY=VALUE for the manifest (repeatable)")]
+                = None,
+                sample_rate: Annotated[float | None, typer.Option(help="time series: samples per second")] = None,
+                window: Annotated[int | None, typer.Option(help="time series: samples per window")] = None,
+                hop: Annotated[int | None, typer.Option(help="time series: samples between windows")] = None) -> None:
+    """Sign an already built ONNX model as a bundle (no compression).
+
+    The input pipeline and output interpretation are inferred from the model (and the --golden data file), then
+    set by --pipeline and the flags; a bundle the agent could not run is refused here, and nothing is written.
+    """
+    from edgefleet.build.inputs import default_name, read_npz
+    from edgefleet.build.io_pipeline import GOLDEN_ROWS, options_from_flags, resolve_pipeline
     from edgefleet.bundle.encrypt import load_model_key
     from edgefleet.bundle.pack import BundleSpec, pack_bundle, write_bundle
+    from edgefleet.bundle.safe_onnx import check_onnx
     from edgefleet.bundle.signing import load_signing_key
+    from edgefleet.cli.build import check_name_version
     from edgefleet.core.keys import parse_time
 
+    check_name_version(name, version)
     if expires is not None:
         try:
             parse_time(expires)
         except BundleError as exc:
             raise ConfigError(f"--expires: {exc}") from exc
-    spec = BundleSpec(name=name, version=version, release=release, expires=expires, hardware=hardware or [],
-                      encrypt_key=None if encrypt_key is None else load_model_key(encrypt_key),
-                      golden=None if golden is None else _load_npy(golden))
-    bundle = pack_bundle(read_file(model), load_signing_key(key), spec)
+    options = options_from_flags(pipeline, labels, threshold, sample_rate, window, hop)
+    model_bytes = read_file(model)
+    check_onnx(model_bytes)
+    data = read_npz(golden, ("calib_x",)) if golden is not None and golden.suffix == ".npz" else {}
+    resolved = resolve_pipeline(model_bytes, options, data_sample_rate=data.get("sample_rate_hz"),
+                                data_labels=data.get("labels"))
+    golden_inputs: Any = None
+    if data:
+        golden_inputs, resolved = _golden_rows(model_bytes, data["calib_x"], resolved, GOLDEN_ROWS)
+    elif golden is not None:
+        golden_inputs = _load_npy(golden)
+    spec = BundleSpec(name=name or default_name(model.stem), version=version, release=release, expires=expires,
+                      hardware=hardware or [], labels=resolved.labels, preprocess=resolved.preprocess,
+                      postprocess=resolved.postprocess, thresholds=resolved.thresholds,
+                      encrypt_key=None if encrypt_key is None else load_model_key(encrypt_key), golden=golden_inputs)
+    bundle = pack_bundle(model_bytes, load_signing_key(key), spec)
     write_bundle(out, bundle)
-    typer.echo(f"{name}@{version} -> {out} ({len(bundle)} bytes)")
+    typer.echo(f"{spec.name}@{version} -> {out} ({len(bundle)} bytes)")
+
+
+def _golden_rows(model: bytes, calib_x: Any, resolved: ResolvedPipeline,
+                 rows: int) -> tuple[Any, ResolvedPipeline]:
+    """The first ``rows`` calibration rows through the input step, and the pipeline with the softmax decided
+    from the model's scores on the calibration rows (where the output spec leaves it open)."""
+    from edgefleet.build.evaluate import predict
+    from edgefleet.build.inputs import ACTIVATION_SAMPLES
+    from edgefleet.build.io_pipeline import check_rows, model_input, needs_activation, with_activation
+    from edgefleet.bundle.pack import model_schema
+
+    step = resolved.step
+    x = model_input(step, check_rows(calib_x[:ACTIVATION_SAMPLES], step, model_schema(model)[0][0].shape,
+                                     "calib_x"))
+    if needs_activation(resolved):
+        resolved = with_activation(resolved, predict(model, x, postprocess=resolved.postprocess))
+    return x[:rows], resolved
 
 
 @bundle_app.command("inspect")

@@ -46,6 +46,8 @@ class OutputStep(ABC):
     kind: ClassVar[str]
     classifies: ClassVar[bool] = True
     """Whether the result is class scores (argmax is the prediction, the maximum the confidence)."""
+    KEYS: ClassVar[frozenset[str]] = frozenset({"kind", "version", "output"})
+    """The spec keys this step reads (a pipeline file with any other key is refused)."""
 
     @classmethod
     @abstractmethod
@@ -91,6 +93,7 @@ class ClassScores(OutputStep):
     """One output of class scores [n, K]: probabilities as they are, or logits through a softmax."""
 
     kind: ClassVar[str] = "scores"
+    KEYS: ClassVar[frozenset[str]] = frozenset({"kind", "version", "output", "activation"})
     output: str = ""
     activation: str = "none"
 
@@ -129,6 +132,7 @@ class LabelProbabilities(OutputStep):
     """An ONNX-ML classifier's probabilities output: a tensor [n, K] or a ZipMap (a list of {class: p})."""
 
     kind: ClassVar[str] = "label_probabilities"
+    KEYS: ClassVar[frozenset[str]] = frozenset({"kind", "version", "label", "probabilities", "zipmap", "classes"})
     probabilities: str
     label: str = ""
     zipmap: bool = False

@@ -19,14 +19,8 @@ import pytest
 from edgefleet.agent.agent import Agent
 from edgefleet.agent.config import AgentConfig
 from edgefleet.agent.fetch import InMemoryFetcher
-from edgefleet.agent.sensors.images import (
-    ImageDirectorySource,
-    LatestFrame,
-    LiveFrameSource,
-    RecordedFrameSource,
-    SyntheticCamera,
-    opencv,
-)
+from edgefleet.agent.sensors.camera import LatestFrame, LiveFrameSource, RecordedFrameSource, SyntheticCamera, opencv
+from edgefleet.agent.sensors.images import ImageDirectorySource
 from edgefleet.agent.sources import Reading, open_source
 from edgefleet.bundle.pack import BundleSpec, pack_bundle
 from edgefleet.bundle.signing import SigningKey
@@ -241,7 +235,8 @@ def test_bad_image_source_specs_are_one_line_errors(tmp_path: Path) -> None:
     (tmp_path / "empty").mkdir()
     for spec in (f"images:{tmp_path / 'missing'}", f"images:{tmp_path / 'empty'}", f"images:{tmp_path}?fps=3",
                  "video:/no/such/clip.mp4", "camera:/dev/video0", "camera:front", "camera:synthetic?width=0",
-                 "camera:synthetic?colour=red", f"images:{tmp_path}?rate=-1"):
+                 "camera:synthetic?colour=red", f"images:{tmp_path}?rate=-1", f"images:{tmp_path}?rate=0",
+                 "camera:synthetic?width=inf", "camera:synthetic?frames=2.5"):
         with pytest.raises(ConfigError):
             open_source(spec)
 

@@ -84,7 +84,7 @@ class Updater:
         self._stop = threading.Event()
         self._cancel = threading.Event()
         self._guard = threading.Lock()  # the pending targets and the download in progress change together
-        self._fetching: str | None = None
+        self._fetching: dict[str, Any] | None = None  # the target being downloaded, as it is kept
         self._requests = 0  # requests recorded so far; a round notes how many it started after
         self._round_after: int | None = None
         self._unsaved: dict[str, Any] = {}
@@ -138,9 +138,9 @@ class Updater:
         else:
             self._state.put(SHADOW_KEY, _target_json(shadow))
 
-    def _wanted(self, sha256: str) -> bool:
-        """Whether the pending update or shadow candidate is ``sha256``."""
-        return any((t := self._state.get(key)) and t.get("sha256") == sha256 for key in (PENDING_KEY, SHADOW_KEY))
+    def _wanted(self, target: dict[str, Any]) -> bool:
+        """Whether the pending update or shadow candidate is still ``target`` (the same bundle from the same URL)."""
+        return any(self._state.get(key) == target for key in (PENDING_KEY, SHADOW_KEY))
 
     def remember_failed(self, sha256: str) -> None:
         failed = [s for s in self._state.get(FAILED_KEY, []) if s != sha256][-15:]
@@ -308,8 +308,8 @@ class Updater:
         part = downloads / f"{target.sha256}.part"
         with self._guard:
             self._cancel.clear()
-            self._fetching = target.sha256
-            if self._round_after not in (None, self._requests) and not self._wanted(target.sha256):
+            self._fetching = _target_json(target)
+            if self._round_after not in (None, self._requests) and not self._wanted(self._fetching):
                 self._cancel.set()  # superseded by a request since this round began
         try:
             active = self._state.slot("active")

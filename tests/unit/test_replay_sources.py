@@ -1,6 +1,7 @@
 """``npz:`` replays the test rows of the very data file given to ``edgefleet build --data``, shaped by the model
 it feeds: a time series as one sample stream whose windows line up with the rows, images and vectors one row per
-inference; the model sees exactly the file's rows again. The demo's recordings files keep streaming as before."""
+inference; the agent's pipeline makes of them exactly the model input the build made of the rows
+(``build.io_pipeline.model_input``). The demo's recordings files keep streaming as before."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ import pytest
 from edgefleet.agent.inference import InferencePipeline
 from edgefleet.agent.model import LoadedModel, load_model
 from edgefleet.agent.sources import ReplaySource, open_source
+from edgefleet.build.io_pipeline import model_input
 from edgefleet.bundle.pack import BundleSpec, pack_bundle
 from edgefleet.bundle.signing import SigningKey
 from edgefleet.core.update import TrustState, decide
@@ -73,7 +75,7 @@ def test_a_series_data_file_gives_one_window_per_row_with_the_rows_labels(tmp_pa
     assert pipeline.skipped == source.skipped == 0
 
 
-def test_series_windows_equal_the_rows_even_when_the_pipeline_scales(tmp_path: Path) -> None:
+def test_series_windows_are_what_the_build_made_of_the_rows_when_the_pipeline_scales(tmp_path: Path) -> None:
     rec = synthetic.recordings(per_class=2, length=synthetic.WINDOW)
     spec = {**synthetic.preprocess_spec(hop=synthetic.WINDOW), "mean": [1, 2, 3, 4, 5, 6], "std": [2, 2, 3, 3, 4, 4]}
     step = input_step(spec)
@@ -83,7 +85,8 @@ def test_series_windows_equal_the_rows_even_when_the_pipeline_scales(tmp_path: P
     windower = StreamWindower(step.window)
     windows = [w for block in source.blocks() for w in windower.push_block(block.values, block.labels)]
     assert [w.label for w in windows] == rec.test_y.tolist()
-    np.testing.assert_allclose(np.concatenate([w.x for w in windows]), rec.test_x, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(np.concatenate([w.x for w in windows]), model_input(step, rec.test_x),
+                               rtol=1e-6, atol=1e-6)
 
 
 def test_the_series_rate_is_the_bundles_then_the_files_and_rate_wins(tmp_path: Path) -> None:
@@ -146,14 +149,16 @@ def test_an_image_data_file_replays_rows_as_frames_the_model_sees_unchanged(tmp_
     assert pipeline.stats.correct == int((y == predictions(model, rows)).sum())
 
 
-def test_image_rows_come_back_through_colour_order_scaling_and_normalization(tmp_path: Path) -> None:
-    rows = np.random.default_rng(2).normal(size=(5, 3, 4, 4)).astype(np.float32)
+def test_image_frames_give_what_the_build_made_of_the_rows_through_colour_order_and_scaling(
+        tmp_path: Path) -> None:
+    rows = np.random.default_rng(2).integers(0, 256, size=(5, 3, 4, 4)).astype(np.float32)  # raw, NCHW
     step = input_step({"kind": "image", "height": 4, "width": 4, "channels": 3, "color": "bgr", "scale": 1 / 255,
                        "mean": [0.4, 0.5, 0.6], "std": [0.2, 0.3, 0.25]})
     source = open_source(f"npz:{data_file(tmp_path / 'd.npz', rows, np.zeros(5, dtype=np.int64))}?{INF}")
     source.bind(step)
     frames = np.concatenate([b.values for b in source.blocks()])
-    np.testing.assert_allclose(step.apply(frames), rows, rtol=1e-5, atol=1e-5)
+    assert frames.shape == (5, 4, 4, 3)
+    np.testing.assert_array_equal(step.apply(frames), model_input(step, rows))
 
 
 def test_a_vector_data_file_replays_one_row_per_inference_at_rate(tmp_path: Path) -> None:
@@ -175,8 +180,8 @@ def test_a_vector_data_file_replays_one_row_per_inference_at_rate(tmp_path: Path
     standardized = input_step({"kind": "vector", "features": 5, "mean": [1, 2, 3, 4, 5], "std": [1, 2, 3, 4, 5]})
     source = open_source(f"npz:{path}?{INF}")
     source.bind(standardized)
-    np.testing.assert_allclose(standardized.apply(np.concatenate([b.values for b in source.blocks()])), rows,
-                               rtol=1e-5, atol=1e-6)
+    np.testing.assert_array_equal(standardized.apply(np.concatenate([b.values for b in source.blocks()])),
+                                  model_input(standardized, rows))
 
 
 def test_a_build_data_file_plays_once_and_a_recordings_file_loops(tmp_path: Path) -> None:

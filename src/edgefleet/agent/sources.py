@@ -240,8 +240,8 @@ class ReplaySource(SensorSource):
     A series model (and, before any bind, recordings [n, channels, length]) gets one continuous sample stream:
     row after row, each sample labelled with its row's label, at the model's sample rate (``rate_hz`` when the
     model does not say, or always when ``fixed_rate``). An image, vector or tensor model gets one row per reading
-    at ``row_rate_hz``. ``speed`` multiplies either rate. ``model_inputs``: the rows are model inputs (a build
-    data file), turned back into readings through the bound step (see ``agent.sensors.replay_file``).
+    at ``row_rate_hz`` (image rows in the model's layout become frames: see ``agent.sensors.replay_file``).
+    ``speed`` multiplies either rate.
 
     When the model changes mid-replay, the new stream starts at the next row, so that its windows line up with
     the rows again.
@@ -249,8 +249,7 @@ class ReplaySource(SensorSource):
 
     def __init__(self, recordings: np.ndarray, labels: np.ndarray, rate_hz: float, *, speed: float = 1.0,
                  loop: bool = True, row_rate_hz: float = DEFAULT_ROW_RATE_HZ, fixed_rate: bool = False,
-                 model_inputs: bool = False, clock: Callable[[], float] = time.monotonic,
-                 sleep: Callable[[float], None] = time.sleep) -> None:
+                 clock: Callable[[], float] = time.monotonic, sleep: Callable[[float], None] = time.sleep) -> None:
         super().__init__()
         rows = np.asarray(recordings)
         if rows.ndim < 2 or len(rows) != len(labels) or len(rows) == 0:
@@ -260,7 +259,7 @@ class ReplaySource(SensorSource):
         self._rows = rows
         self._labels = np.asarray(labels, dtype=np.int64)
         self._rate, self._row_rate, self._speed = rate_hz, row_rate_hz, speed
-        self._fixed_rate, self._model_inputs = fixed_rate, model_inputs
+        self._fixed_rate = fixed_rate
         self._loop = loop
         self._clock = clock
         self._sleep = sleep
@@ -291,15 +290,15 @@ class ReplaySource(SensorSource):
         if step is not None and not self._fixed_rate and step.window.sample_rate_hz > 0:
             rate = step.window.sample_rate_hz
         length = self._rows.shape[2]
-        samples = series_samples(self._rows, step if self._model_inputs else None)
+        samples = series_samples(self._rows)
         return _Plan(samples, np.repeat(self._labels, length), rate * self._speed, length, length)
 
     def _rows_plan(self, step: InputStep | None) -> _Plan:
         rows = self._rows
-        if step is not None and self._model_inputs:
-            from edgefleet.agent.sensors.replay_file import readings_from_model_rows
+        if step is not None:
+            from edgefleet.agent.sensors.replay_file import readings_from_rows
 
-            rows = readings_from_model_rows(step, rows)
+            rows = readings_from_rows(step, rows)
         return _Plan(rows, self._labels, self._row_rate * self._speed, 1, ROWS_PER_BLOCK)
 
     def _raw(self) -> Iterator[Reading | None]:

@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from edgefleet.errors import ConfigError, ModelError
+from edgefleet.errors import ConfigError
 
 
 def build(
@@ -48,12 +48,13 @@ def build(
     from rich.console import Console
 
     from edgefleet.build.inputs import from_dataset, from_factory, from_onnx
-    from edgefleet.build.io_pipeline import golden_tolerance, options_from_flags
-    from edgefleet.build.pipeline import BuildSearch
+    from edgefleet.build.io_pipeline import options_from_flags
+    from edgefleet.build.pipeline import BuildOutcome
+    from edgefleet.build.product import build_bundle
     from edgefleet.build.recipe import load_recipe
     from edgefleet.build.report import plot as draw
     from edgefleet.build.report import print_table, report_json, write_json
-    from edgefleet.bundle.pack import BundleSpec, pack_bundle, write_bundle
+    from edgefleet.bundle.pack import write_bundle
     from edgefleet.bundle.signing import load_signing_key
     from edgefleet.core.profiles import BUILTIN_PROFILES, parse_profiles, resolve
 
@@ -81,34 +82,22 @@ def build(
         if data is None:
             raise ConfigError("an ONNX model needs --data DATA.npz with calib_x, test_x and test_y")
         inputs = from_onnx(Path(model), data, options)
-    name = name or inputs.name
 
-    outcome = BuildSearch(inputs.model, inputs.data, the_recipe, profiles,
-                          progress=lambda msg: console.print(f"[dim]{msg}[/dim]", highlight=False)).run()
-    print_table(outcome)
-    if report is not None:
-        write_json(report, report_json(outcome, name=name, version=version))
-        plot = plot or report.with_suffix(".png")
-    if plot is not None:
-        draw(outcome, plot)
-    chosen = outcome.chosen
-    if chosen is None or chosen.model is None or chosen.analysis is None:
-        raise ModelError(f"no bundle written: {outcome.reason}")
-    metrics = {"accuracy": float(chosen.accuracy or 0.0), "float_accuracy": float(outcome.baseline.accuracy or 0.0),
-               "accuracy_drop_pp": float(chosen.drop_pp or 0.0), "size_bytes": float(chosen.size_bytes),
-               "macs": float(chosen.analysis.macs), "params": float(chosen.analysis.params),
-               "arena_bytes": float(chosen.analysis.arena.arena_bytes),
-               "energy_uj_estimate": chosen.analysis.energy.total_uj}
-    metrics.update({f"latency_b{b}_ms": s.median_ms for b, s in chosen.latency.items()})
-    fitting = [v.profile for v in chosen.verdicts if v.fits]
-    tolerance = golden_tolerance(chosen.pass_name)
-    bundle = pack_bundle(chosen.model, signing_key, BundleSpec(
-        name=name, version=version, release=release, labels=inputs.labels, preprocess=inputs.preprocess,
-        postprocess=inputs.postprocess, thresholds=inputs.thresholds, metrics=metrics, profiles=fitting,
-        golden=inputs.golden, golden_atol=tolerance, golden_rtol=tolerance))
-    write_bundle(out, bundle)
-    typer.echo(f"{name}@{version} ({chosen.label}) -> {out} ({len(bundle)} bytes); "
-               f"fits: {', '.join(fitting) or 'none'}")
+    drawing = plot or (report.with_suffix(".png") if report is not None else None)
+
+    def reported(outcome: BuildOutcome) -> None:  # also when nothing passes the gate
+        print_table(outcome)
+        if report is not None:
+            write_json(report, report_json(outcome, name=name or inputs.name, version=version))
+        if drawing is not None:
+            draw(outcome, drawing)
+
+    built = build_bundle(inputs, the_recipe, profiles, signing_key, name=name, version=version, release=release,
+                         progress=lambda msg: console.print(f"[dim]{msg}[/dim]", highlight=False),
+                         on_outcome=reported)
+    write_bundle(out, built.bundle)
+    typer.echo(f"{built.ref} ({built.chosen.label}) -> {out} ({len(built.bundle)} bytes); "
+               f"fits: {', '.join(built.profiles) or 'none'}")
 
 
 def check_name_version(name: str | None, version: str) -> None:

@@ -1,0 +1,90 @@
+"""From build inputs to a signed bundle: the build search under the accuracy gate, the chosen model's metrics,
+its golden samples and input/output pipeline, packed and signed. ``edgefleet build`` and ``edgefleet demo`` both
+build through :func:`build_bundle`, so what the demo ships is what a user's build ships.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from edgefleet.build.inputs import BuildInputs
+from edgefleet.build.io_pipeline import golden_tolerance
+from edgefleet.build.pipeline import BuildOutcome, BuildSearch, Candidate, Progress
+from edgefleet.build.recipe import Recipe
+from edgefleet.bundle.pack import BundleSpec, pack_bundle
+from edgefleet.bundle.signing import SigningKey
+from edgefleet.core.profiles import DeviceProfile
+from edgefleet.errors import ModelError
+
+
+@dataclass(frozen=True)
+class BuiltBundle:
+    """The search's outcome, the signed bundle and what its manifest says about the shipped model."""
+
+    outcome: BuildOutcome
+    bundle: bytes
+    name: str
+    version: str
+    metrics: dict[str, float]
+    profiles: list[str] = field(default_factory=list)
+    """The device profiles the shipped model fits."""
+    labels: list[str] = field(default_factory=list)
+    preprocess: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def ref(self) -> str:
+        """``NAME@VERSION``, as the server and the telemetry name the model."""
+        return f"{self.name}@{self.version}"
+
+    @property
+    def chosen(self) -> Candidate:
+        """The shipped candidate."""
+        assert self.outcome.chosen is not None
+        return self.outcome.chosen
+
+    @property
+    def accuracy(self) -> float:
+        """Build-time accuracy of the shipped model on the test rows."""
+        return self.metrics["accuracy"]
+
+
+def build_bundle(inputs: BuildInputs, recipe: Recipe, profiles: list[DeviceProfile], key: SigningKey, *,
+                 name: str | None = None, version: str = "1.0.0", release: int = 1,
+                 progress: Progress | None = None,
+                 on_outcome: Callable[[BuildOutcome], None] | None = None) -> BuiltBundle:
+    """Run the build search on ``inputs`` and sign the chosen model as a bundle (``name`` defaults to the inputs').
+
+    ``on_outcome`` sees the outcome before the gate's verdict is applied (the CLI prints and reports it, also
+    when nothing passes); ModelError with the reason when no candidate passes the gate.
+    """
+    outcome = BuildSearch(inputs.model, inputs.data, recipe, profiles, progress=progress).run()
+    if on_outcome is not None:
+        on_outcome(outcome)
+    chosen = outcome.chosen
+    if chosen is None or chosen.model is None or chosen.analysis is None:
+        raise ModelError(f"no bundle written: {outcome.reason}")
+    name = name or inputs.name
+    metrics = bundle_metrics(outcome, chosen)
+    fitting = [v.profile for v in chosen.verdicts if v.fits]
+    tolerance = golden_tolerance(chosen.pass_name)
+    bundle = pack_bundle(chosen.model, key, BundleSpec(
+        name=name, version=version, release=release, labels=inputs.labels, preprocess=inputs.preprocess,
+        postprocess=inputs.postprocess, thresholds=inputs.thresholds, metrics=metrics, profiles=fitting,
+        golden=inputs.golden, golden_atol=tolerance, golden_rtol=tolerance))
+    return BuiltBundle(outcome=outcome, bundle=bundle, name=name, version=version, metrics=metrics,
+                       profiles=fitting, labels=list(inputs.labels), preprocess=dict(inputs.preprocess))
+
+
+def bundle_metrics(outcome: BuildOutcome, chosen: Candidate) -> dict[str, float]:
+    """The manifest's metrics of the chosen candidate: accuracy (and the float baseline's), drop, size, MACs,
+    parameters, arena, estimated energy and the median latency per timed batch size."""
+    assert chosen.analysis is not None
+    metrics = {"accuracy": float(chosen.accuracy or 0.0), "float_accuracy": float(outcome.baseline.accuracy or 0.0),
+               "accuracy_drop_pp": float(chosen.drop_pp or 0.0), "size_bytes": float(chosen.size_bytes),
+               "macs": float(chosen.analysis.macs), "params": float(chosen.analysis.params),
+               "arena_bytes": float(chosen.analysis.arena.arena_bytes),
+               "energy_uj_estimate": chosen.analysis.energy.total_uj}
+    metrics.update({f"latency_b{b}_ms": s.median_ms for b, s in chosen.latency.items()})
+    return metrics

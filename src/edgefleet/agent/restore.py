@@ -107,7 +107,7 @@ class Restorer:
         if loaded is None:
             return None, False
         model, verified = loaded
-        self._state.put(SLOT_ERROR + "active", None)
+        self._clear_error("active")
         remember_version(self._state, verified.info.name, verified.info.release, verified.info.version)
         if verified.expired:
             log.warning("active model %s has expired; it keeps running until an update replaces it", model.ref)
@@ -137,8 +137,14 @@ class Restorer:
             self._record("shadow", refused, None)
             return None
         if loaded is not None:
-            self._state.put(SLOT_ERROR + "shadow", None)
+            self._clear_error("shadow")
         return loaded[0] if loaded is not None else None
+
+    def _clear_error(self, slot_name: str) -> None:
+        """Forget an earlier start's refusal of the slot; nothing is written when there is none (a start on a
+        full disk must not fail here)."""
+        if self._state.get(SLOT_ERROR + slot_name) is not None:
+            self._state.put(SLOT_ERROR + slot_name, None)
 
     def _record(self, slot_name: str, refused: SlotRefused, fallback: LoadedModel | None) -> None:
         instead = f"; running {fallback.ref} instead" if fallback is not None else "; running nothing"

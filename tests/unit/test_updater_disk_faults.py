@@ -171,6 +171,7 @@ def test_the_outbox_on_a_full_database_refuses_and_counts_then_says_so(
     infer(agent)  # telemetry while the disk is full: the loop runs on, batches that fit are queued
     state._db.execute("PRAGMA max_page_count = 1073741823")  # room again
     agent.event("note", {})
+    assert events(state, "alert")  # the event refused while the disk was full, queued now
     refused = events(state, "outbox_refused")
     assert refused and int(str(refused[-1]["refused"])) >= 2 and refused[-1]["total"] == state.outbox_refused
     assert state.counter("outbox_refused") == state.outbox_refused  # counted durably once it could write

@@ -188,7 +188,9 @@ class AgentState:
             with self._lock:
                 self._refused_unsaved += 1
                 self.last_refusal = str(exc)
-            log.warning("outbox refused a message on %s: %s", topic, exc)
+                first = self._refused_unsaved == 1
+            if first:  # one line per episode: the rest are counted
+                log.warning("outbox refuses messages (counted until it can write again): %s", exc)
             return None
         return seq
 

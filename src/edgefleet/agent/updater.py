@@ -85,6 +85,7 @@ class Updater:
         self._cancel = threading.Event()
         self._guard = threading.Lock()  # the pending targets and the download in progress change together
         self._fetching: dict[str, Any] | None = None  # the target being downloaded, as it is kept
+        self._given_up: dict[str, dict[str, Any]] = {}  # refused here; kept pending only by a failed write
         self._requests = 0  # requests recorded so far; a round notes how many it started after
         self._round_after: int | None = None
         self._unsaved: dict[str, Any] = {}
@@ -117,6 +118,7 @@ class Updater:
         self._wake.set()
 
     def _request(self, target: Target | None, shadow: Target | None) -> None:
+        self._given_up.clear()  # asked again: a target refused before is tried again (unless it failed to run)
         active = self._state.slot("active")
         if target is None or (active is not None and active.sha256 == target.sha256):
             self._state.put(PENDING_KEY, None)
@@ -155,8 +157,8 @@ class Updater:
             self._wake.clear()
             if self._stop.is_set():
                 return
-            if self._unsaved:
-                self._save()
+            if self._unsaved and self._save():
+                self._report()
             try:
                 delay = self._round(backoff)
             except OSError as exc:  # the database cannot even be read: wait and look again
@@ -183,9 +185,15 @@ class Updater:
 
     def _attempt(self, key: str, attempted: dict[str, Any] | None, backoff: Backoff) -> float | None:
         if not attempted:
+            if self._state.slot("candidate") is not None:  # left by a refusal the database could not record
+                self._state.drop_candidate()
             if self._state.get(STEP_KEY, "idle") != "idle":  # stopped mid-step, or idle was not written then
                 self._step("idle")
             return None
+        if self._given_up.get(key) == attempted:  # refused already: clear it once the database can write
+            if not self._forget(key, attempted):
+                return backoff.next_delay()
+            return 0.0 if (self._state.get(PENDING_KEY) or self._state.get(SHADOW_KEY)) else None
         target = ModelTarget.from_wire(attempted)
         try:
             if key == PENDING_KEY:
@@ -270,6 +278,18 @@ class Updater:
         self._set_shadow(model)
         self._done(SHADOW_KEY)
         self._step("idle", shadowing=target.ref)
+
+    def _forget(self, key: str, target: dict[str, Any]) -> bool:
+        """Drop a refused target's candidate slot and pending entry; whether the database could write it."""
+        try:
+            candidate = self._state.slot("candidate")
+            if key == PENDING_KEY and candidate is not None and candidate.sha256 == target["sha256"]:
+                self._state.drop_candidate()
+            self._state.put(key, None)
+        except OSError as exc:
+            log.warning("cannot forget the refused %s yet: %s", target.get("version"), exc)
+            return False
+        return True
 
     def _done(self, key: str) -> None:
         """Clear a pending target once its outcome is durable (a database that cannot write: the next round)."""
@@ -356,6 +376,7 @@ class Updater:
     def _refuse(self, target: Target, reason: str, message: str, key: str) -> None:
         """Give ``target`` up: drop its candidate slot and files (each step on its own: the disk may be full)."""
         log.warning("refused %s (%s): %s", target.ref, reason, message)
+        self._given_up[key] = _target_json(target)
         downloads = self._state.data_dir / "downloads"
 
         def unused_bundle() -> None:
@@ -363,11 +384,8 @@ class Updater:
                    for name in ("active", "previous", "shadow")):
                 self._state.bundle_path(target.sha256).unlink(missing_ok=True)
 
-        cleanups: list[Callable[[], None]] = [lambda: self._state.put(key, None), unused_bundle,
-                                              (downloads / f"{target.sha256}.part").unlink]
-        if key == PENDING_KEY:
-            cleanups.insert(0, self._state.drop_candidate)
-        for cleanup in cleanups:
+        self._forget(key, _target_json(target))
+        for cleanup in (unused_bundle, (downloads / f"{target.sha256}.part").unlink):
             try:
                 cleanup()
             except FileNotFoundError:
@@ -385,20 +403,25 @@ class Updater:
         self._save()
         name = next((k for k in ("refused", "activated", "shadowing", "cancelled") if k in detail), step)
         self._event(name, {**detail, "error": error} if error else dict(detail))
+        self._report()
+        _fault_pause(step)
+
+    def _report(self) -> None:
         try:
             self._changed()
         except OSError as exc:
             log.warning("cannot report the update state: %s", exc)
-        _fault_pause(step)
 
-    def _save(self) -> None:
+    def _save(self) -> bool:
+        """Write the update state not written yet; whether it is written now."""
         with self._saving:
             try:
                 self._state.put_all(self._unsaved)
             except OSError as exc:
                 log.warning("update state not written (will retry): %s", exc)
-                return
+                return False
             self._unsaved.clear()
+            return True
 
 
 def _target_json(target: Target) -> dict[str, Any]:

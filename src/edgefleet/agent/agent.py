@@ -358,8 +358,6 @@ class Agent:
                         source.bind(model.pipeline.inputs)
                     pipeline = (InferencePipeline(model, shadow=shadow, escalator=tiered, source=source)
                                 if model else None)
-                    if source.waits_for_model:  # a replay restarts at its next row: this block was cut for the
-                        continue                # previous model
                 if pipeline is not None:
                     outcomes = pipeline.push_block(block)
                     if pipeline.alerts:  # -- sensing/edge filtering: alert events, already rate-limited per reason

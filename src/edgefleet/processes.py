@@ -17,10 +17,12 @@ from edgefleet.errors import EdgefleetError
 class ManagedProcess:
     """One ``python -m edgefleet ...`` (or any) child with its output in a log file."""
 
-    def __init__(self, args: Sequence[str], log_path: Path, *, env: dict[str, str] | None = None) -> None:
+    def __init__(self, args: Sequence[str], log_path: Path, *, env: dict[str, str] | None = None,
+                 cwd: Path | None = None) -> None:
         self.args = list(args)
         self.log_path = log_path
         self._env = env
+        self._cwd = cwd
         self.proc: subprocess.Popen[bytes] | None = None
 
     @classmethod
@@ -31,7 +33,7 @@ class ManagedProcess:
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         with self.log_path.open("ab") as log:
             self.proc = subprocess.Popen(self.args, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                         env={**os.environ, **(self._env or {})})
+                                         env={**os.environ, **(self._env or {})}, cwd=self._cwd)
         return self
 
     @property

@@ -133,7 +133,7 @@ class UserPath:
         """Start a long-running command (server, agent) in the background."""
         env = {**os.environ, **self.env}
         process = ManagedProcess([sys.executable, "-m", "edgefleet", *args], self.root / "logs" / f"{log}.log",
-                                 env=env)
+                                 env=env, cwd=self.root)
         return self.group.start(process)
 
     def start_server(self) -> None:

@@ -17,6 +17,7 @@ import os
 import sqlite3
 import threading
 import time
+from collections import deque
 from typing import TYPE_CHECKING, Any
 
 from edgefleet import __version__
@@ -42,6 +43,8 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 KEYRING_KEY = "keyring"
 STATEMENTS_KEY = "statements_applied"
+HELD_EVENTS = 32
+"""Events kept in memory while the outbox cannot write (the oldest go first)."""
 RUNNING_KEY = "running"
 """What the agent runs (``name@version``, null for nothing), as it last reported it."""
 EXPIRED_KEY = "active_expired"
@@ -59,6 +62,7 @@ class Agent:
         self.device = config.device_id
         self._stop = threading.Event()
         self._outbox_wake = threading.Event()
+        self._held_events: deque[tuple[str, dict[str, Any], float]] = deque(maxlen=HELD_EVENTS)
         self._skipped_reported = 0
         self._consecutive_failures = 0
         self.link = MqttLink(config.mqtt, f"ef-agent-{self.device}", clean_session=False,
@@ -219,14 +223,18 @@ class Agent:
             self.event("broker_address", {"url": kept})
 
     # uplink -----------------------------------------------------------------------------------
-    def event(self, name: str, detail: dict[str, Any]) -> None:
-        """Queue an ``Event`` message (its schema: :class:`edgefleet.transport.schemas.Event`). An outbox that
-        cannot write refuses it (counted); the first event queued after that says how many were refused."""
+    def event(self, name: str, detail: dict[str, Any], *, ts: float | None = None) -> None:
+        """Queue an ``Event`` message (its schema: :class:`edgefleet.transport.schemas.Event`). An event the
+        outbox refuses (it cannot write) is held in memory (the last :data:`HELD_EVENTS`) and queued once it
+        accepts again, followed by an ``outbox_refused`` event that counts the refusals."""
         kind = "alert" if name == "alert" else "agent" if name == "outbox_refused" else "update"
+        at = time.time() if ts is None else ts
         if self.state.enqueue(topics.events(self.device), "events", lambda seq: encode(
-                {"device": self.device, "seq": seq, "ts": time.time(), "kind": kind, "name": name,
-                 "detail": event_detail(detail)})) is not None:
-            self._queued()
+                {"device": self.device, "seq": seq, "ts": at, "kind": kind, "name": name,
+                 "detail": event_detail(detail)})) is None:
+            self._held_events.append((name, detail, at))
+            return
+        self._queued()
 
     def report(self) -> None:
         """Publish the ``ReportedState`` (schema: :class:`edgefleet.transport.schemas.ReportedState`).
@@ -301,9 +309,15 @@ class Agent:
             self._queued()
 
     def _queued(self) -> None:
-        """A message is in the outbox: wake its sender; after refusals (the outbox could not write), say so."""
+        """A message is in the outbox: wake its sender. After refusals (the outbox could not write), queue the
+        events held meanwhile and say how many messages were refused."""
         self._outbox_wake.set()
         if refused := self.state.take_refusals_recovered():
+            held = []
+            while self._held_events:
+                held.append(self._held_events.popleft())
+            for name, detail, at in held:
+                self.event(name, detail, ts=at)
             self.event("outbox_refused", {"refused": refused, "total": self.state.outbox_refused,
                                           "error": (self.state.last_refusal or "")[:200]})
 

@@ -59,9 +59,10 @@ def telemetry_router(store: Store) -> APIRouter:
         totals = store.device_totals(device_id, since)
         if totals is None:
             raise HTTPException(404, f"unknown device {device_id!r}")
+        refs = sorted({*totals.models, *totals.shadow})  # a model that only ran as a shadow is listed too
         models = [ModelTelemetry(model=ref, **stats.to_json(), latency_ms=latency(stats),
                                  as_shadow=Cohort(**totals.shadow[ref].to_json()) if ref in totals.shadow else None)
-                  for ref, stats in sorted(totals.models.items())]
+                  for ref, stats in ((r, totals.models.get(r) or CohortStats()) for r in refs)]
         return DeviceTelemetry(device=device_id, batches=totals.batches, gaps=totals.gaps, models=models)
 
     return router

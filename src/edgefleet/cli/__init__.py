@@ -75,13 +75,17 @@ def server(data_dir: Annotated[Path, typer.Option(help="state, artifacts and the
 
 @app.command("demo")
 def demo(workdir: Annotated[Path | None, typer.Option(help="keep everything here (default: a temp dir)")] = None,
+         scenario: Annotated[str, typer.Option(help="watch (BasicMotions time series) or camera (digit frames)")]
+         = "watch",
          devices: Annotated[int, typer.Option(min=1, max=20, help="number of agent processes")] = 5,
-         duration: Annotated[float, typer.Option(min=5, help="seconds each agent streams")] = 20.0,
+         duration: Annotated[float, typer.Option(min=5, help="seconds each agent replays its share of the test rows")]
+         = 20.0,
          epochs: Annotated[int, typer.Option(min=1, help="training epochs")] = 60) -> None:
-    """Train, quantize, sign, serve and roll out a BasicMotions model to local agents, then summarize."""
+    """Build a dataset's default model as `edgefleet build --dataset` does, serve it, roll it out in waves to local
+    agents that replay the test rows, then summarize on-device against build-time accuracy."""
     from edgefleet.demo import DemoSettings, run_demo
 
-    run_demo(DemoSettings(workdir=workdir, devices=devices, duration_s=duration, epochs=epochs))
+    run_demo(DemoSettings(workdir=workdir, scenario=scenario, devices=devices, duration_s=duration, epochs=epochs))
 
 
 def setup_logging() -> None:

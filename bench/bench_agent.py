@@ -124,8 +124,8 @@ def resnet1d(channels: int, classes: int) -> Any:
 
 
 def build_models(rec: Any) -> list[BenchModel]:
+    from bench.windowed_cnn import build_basicmotions_model, normalize
     from edgefleet.build.evaluate import measure
-    from edgefleet.build.skeleton import build_basicmotions_model, normalize
     from edgefleet.build.train import export_classifier, train_classifier
     from edgefleet.data.windows import sliding_windows
 

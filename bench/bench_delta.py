@@ -23,8 +23,8 @@ import torch
 from torch import nn
 
 from bench.common import markdown_table, publish
+from bench.windowed_cnn import normalize
 from edgefleet.build.quantize import quantize_int8
-from edgefleet.build.skeleton import normalize
 from edgefleet.build.train import export_onnx, train_cnn1d
 from edgefleet.bundle.delta import accept_delta, apply, diff
 from edgefleet.bundle.pack import BundleSpec, pack_bundle

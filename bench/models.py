@@ -92,7 +92,7 @@ def _calib(x: np.ndarray, n: int = 256, seed: int = 0) -> np.ndarray:
 
 def basicmotions_cnn1d(epochs: int = 60) -> BenchModel:
     """The demo's model: 40-sample windows of BasicMotions (hop 5 for test windows), 1D-CNN."""
-    from edgefleet.build.skeleton import TRAIN_HOP, normalize
+    from bench.windowed_cnn import TRAIN_HOP, normalize
     from edgefleet.build.train import export_onnx, train_cnn1d
     from edgefleet.data.basicmotions import load_basicmotions
     from edgefleet.data.windows import channel_stats, sliding_windows

@@ -9,4 +9,5 @@
                   energy.py: the per-operation energy estimate
     latency.py    ONNX Runtime timing on this host; evaluate.py: accuracy
     report.py     terminal table, REPORT.json, Pareto plot
+    product.py    build_bundle: inputs -> search -> the chosen model signed as a bundle (edgefleet build and demo)
 """

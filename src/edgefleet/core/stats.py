@@ -189,16 +189,48 @@ def quantile(buckets: Sequence[Bucket], q: float, judge: Judge) -> Estimate | No
 
 def quantile_change(candidate: Sequence[Bucket], baseline: Sequence[Bucket], q: float,
                     judge: Judge) -> Estimate | None:
-    """Relative change of the q-quantile, candidate over baseline minus one; the interval combines the two
-    quantile intervals (each at half the error), so it holds at the judge's confidence."""
+    """Relative change of the q-quantile, candidate over baseline minus one, with an interval from inverting a
+    two-sample quantile test: the ratio is above r when more than a share 1 - q of the candidate lies above r
+    times the baseline's q-quantile, beyond what chance allows for both samples (the candidate's share is
+    binomial, the baseline quantile's error is q(1 - q) / n in probability). Bucket edges keep it
+    conservative: for the lower end only candidate buckets wholly above count and the baseline quantile is its
+    bucket's upper edge; for the upper end the reverse."""
     n_c, n_b = sum(c for _, _, c in candidate), sum(c for _, _, c in baseline)
-    z = judge.z(effective_n(n_c, n_b), parts=2)
-    c, b = quantile_bounds(candidate, q, z), quantile_bounds(baseline, q, z)
-    if c is None or b is None or b.value <= 0:
+    b = quantile_bounds(baseline, q, 0.0)
+    c = quantile_bounds(candidate, q, 0.0)
+    if c is None or b is None or not b.value > 0:
         return None
-    low = c.low / b.high - 1.0 if b.high > 0 else -1.0
-    high = c.high / b.low - 1.0 if b.low > 0 else math.inf
+    b_lo, b_hi = _bucket_of_rank(baseline, max(1, math.ceil(q * n_b)))
+    z = judge.z(effective_n(n_c, n_b))
+    tail = 1.0 - q
+    base_var = q * (1.0 - q) / n_b
+
+    def stat(above: int) -> float:
+        share = above / n_c
+        se = math.sqrt(max(share * (1.0 - share) / n_c + base_var, 1e-12))
+        return (share - tail) / se
+
+    low, high = -1.0, math.inf
+    counts = [count for _, _, count in candidate]
+    at_or_above = [sum(counts[i:]) for i in range(len(counts))]
+    for i, (lo_edge, _, _) in enumerate(candidate):  # the largest r with evidence the ratio is above it
+        if b_hi > 0 and math.isfinite(b_hi) and stat(at_or_above[i]) >= z:
+            low = max(low, lo_edge / b_hi - 1.0)
+    for i, (_, hi_edge, _) in enumerate(candidate):  # the smallest r with evidence the ratio is below it
+        above = at_or_above[i + 1] if i + 1 < len(counts) else 0
+        if b_lo > 0 and stat(above) <= -z:
+            high = hi_edge / b_lo - 1.0
+            break
     return Estimate(c.value / b.value - 1.0, low, high, n_c, n_b)
+
+
+def _bucket_of_rank(buckets: Sequence[Bucket], rank: int) -> tuple[float, float]:
+    seen = 0
+    for lo_edge, hi_edge, count in buckets:
+        seen += count
+        if seen >= rank:
+            return lo_edge, hi_edge
+    return buckets[-1][0], buckets[-1][1]
 
 
 def _finite(value: float) -> float | None:

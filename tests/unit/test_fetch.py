@@ -143,3 +143,12 @@ def test_the_token_goes_only_to_the_servers_own_origin(url: str, token: bool) ->
 def test_urls_other_than_http_are_refused() -> None:
     with pytest.raises(TransportError, match="only http"):
         ArtifactFetcher("http://server:8000", "secret").resolve("file:///etc/passwd")
+
+
+def test_a_download_of_unknown_length_ends_with_the_peer_and_is_capped(tmp_path: Path) -> None:
+    """A delta whose size the desired state does not give: the bundle's size is only its cap."""
+    fetcher = InMemoryFetcher({URL: DATA}, chunk_bytes=1000)
+    done = fetcher.fetch(URL, tmp_path / "d.part", len(DATA) * 4, exact=False)
+    assert done.size == len(DATA) and done.sha256 == hashlib.sha256(DATA).hexdigest()
+    with pytest.raises(TransportError, match="larger than the announced"):
+        EndlessPeer().fetch(URL, tmp_path / "e.part", 5500, exact=False)

@@ -108,9 +108,13 @@ class Fetcher(ABC):
         """Free space (for unprivileged writers) on the disk holding ``directory``."""
         return shutil.disk_usage(directory).free
 
-    def fetch(self, url: str, part_file: Path, size: int, *,
+    def fetch(self, url: str, part_file: Path, size: int, *, exact: bool = True,
               cancel: threading.Event | None = None) -> Download:
-        """Download ``url`` (``size`` bytes announced) into ``part_file``, resuming what it holds."""
+        """Download ``url`` (``size`` bytes announced) into ``part_file``, resuming what it holds.
+
+        ``exact=False``: the length is not known and ``size`` is only the most accepted (a delta whose size the
+        desired state does not give); such a download starts over rather than resume.
+        """
         limits = self.limits
         if size < 1:
             raise BundleError(f"{url} announces {size} bytes", reason="malformed")
@@ -119,10 +123,10 @@ class Fetcher(ABC):
                               reason="too_large")
         part_file.parent.mkdir(parents=True, exist_ok=True)
         have = part_file.stat().st_size if part_file.exists() else 0
-        if have > size:
+        if have > size or (have and not exact):
             part_file.unlink()
             have = 0
-        if have == size:  # complete already (killed before it was used): nothing to ask the peer for
+        if have == size and exact:  # complete already (killed before it was used): nothing to ask the peer for
             return Download(part_file, size, _hash_file(part_file, hashlib.sha256()).hexdigest())
         self._check_space(part_file.parent, size - have, url)
         if cancel is not None and cancel.is_set():
@@ -134,9 +138,9 @@ class Fetcher(ABC):
         except ResumeRefused:
             part_file.unlink(missing_ok=True)  # the next attempt starts over
             raise
-        if written != size:
+        if written != size and (exact or not written):
             raise TransportError(f"download of {url} ended at {written} of {size} bytes")
-        return Download(part_file, size, digest.hexdigest())
+        return Download(part_file, written, digest.hexdigest())
 
     def _transfer(self, url: str, part_file: Path, have: int, size: int, started: float, timeout: float,
                   cancel: threading.Event | None) -> tuple[int, hashlib._Hash]:

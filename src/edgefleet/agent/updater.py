@@ -349,7 +349,7 @@ class Updater:
 
         try:
             delta = self._fetcher.fetch(target.delta_url or "", part, target.delta_size or target.size,
-                                        cancel=self._cancel)
+                                        exact=target.delta_size is not None, cancel=self._cancel)
             payload = delta.path.read_bytes()
             rebuilt = apply_delta(self._state.bundle_path(active.sha256).read_bytes(), payload)
             if hashlib.sha256(rebuilt).hexdigest() == target.sha256:

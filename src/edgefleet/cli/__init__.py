@@ -78,7 +78,7 @@ def demo(workdir: Annotated[Path | None, typer.Option(help="keep everything here
          scenario: Annotated[str, typer.Option(help="watch (BasicMotions time series) or camera (digit frames)")]
          = "watch",
          devices: Annotated[int, typer.Option(min=1, max=20, help="number of agent processes")] = 5,
-         duration: Annotated[float, typer.Option(min=5, help="seconds each agent replays its share of the test rows")]
+         duration: Annotated[float, typer.Option(min=5, help="seconds a device's replay of its test rows may take")]
          = 20.0,
          epochs: Annotated[int, typer.Option(min=1, help="training epochs")] = 60) -> None:
     """Build a dataset's default model as `edgefleet build --dataset` does, serve it, roll it out in waves to local

@@ -201,6 +201,8 @@ class Updater:
             else:
                 self.install_shadow(target)
         except DownloadCancelled as exc:  # a newer desired state: on to it at once
+            if self._stop.is_set():  # the agent stops: the download resumes at its next start
+                return None
             log.info("%s", exc)
             self._step("idle", cancelled=target.ref)
             return 0.0

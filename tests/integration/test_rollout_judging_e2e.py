@@ -139,10 +139,27 @@ def test_an_identical_shadow_measures_no_latency_change_passes_and_is_promoted(f
     wait_until(lambda: all(_active(fleet, d) == "clf@2.0.0" for d in DEVICES), 60, "the candidate everywhere")
 
 
-def test_bad_modes_and_unjudgeable_gates_are_one_line(fleet: LocalFleet) -> None:
-    assert fleet.api is not None
-    fleet.api.push_model(fleet.bundle("1.0.0", 1))
-    fleet.provision("dev-0", tags={"site": "lab"})
+def test_ab_halves_are_listed_and_stable_and_bad_input_is_one_line(fleet: LocalFleet) -> None:
+    api = fleet.api
+    assert api is not None
+    api.push_model(fleet.bundle("1.0.0", 1))
+    api.push_model(fleet.bundle("2.0.0", 2))
+    devices = [f"dev-{i}" for i in range(6)]
+    for device in devices:
+        fleet.provision(device, tags={"site": "lab"})
+    halves = []
+    for _ in range(2):  # no agents: the rollout waits for installs; abort it and draw again
+        created = fleet.cli("rollout", "create", "clf@2.0.0", "--mode", "ab", "--select", "site=lab", "--json")
+        assert created.returncode == 0, created.stderr
+        rollout = json.loads(created.stdout)
+        assert sorted(rollout["treatment_devices"] + rollout["control_devices"]) == devices
+        human = fleet.cli("rollout", "status", rollout["id"]).stdout
+        assert f"control (3): {', '.join(rollout['control_devices'])}" in human
+        assert f"treatment (3): {', '.join(rollout['treatment_devices'])}" in human and "[active]" in human
+        halves.append(set(rollout["control_devices"]))
+        assert fleet.cli("rollout", "abort", rollout["id"]).returncode == 0
+    assert halves[0] == halves[1]  # the split is the devices', not the rollout's
+
     bad = fleet.cli("rollout", "create", "clf@1.0.0", "--mode", "AB")
     assert bad.returncode != 0 and len(bad.stderr.strip().splitlines()) == 1 and "--mode" in bad.stderr
     refused = fleet.cli("rollout", "create", "clf@1.0.0", "--mode", "shadow", "--gate", "confidence_drop > 5%")

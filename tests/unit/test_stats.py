@@ -9,7 +9,8 @@ import math
 import numpy as np
 import pytest
 
-from edgefleet.core.gates import evaluate, parse_gate
+from edgefleet.core.cohorts import CohortStats
+from edgefleet.core.gates import evaluate, judge_cohorts, parse_gate
 from edgefleet.core.stats import (
     Estimate,
     Judge,
@@ -99,6 +100,14 @@ def test_a_gate_trips_on_evidence_passes_on_the_estimate_and_waits_in_between() 
     both = {"accuracy_drop": Estimate(0.08, 0.01, 0.15, 40, 40), "error_rate": 0.5}
     assert evaluate(parse_gate("accuracy_drop > 5% OR error_rate > 10%"), both).outcome == "fail"
     assert evaluate(parse_gate("accuracy_drop > 5% OR error_rate > 90%"), both).outcome == "inconclusive"
+
+
+def test_one_judging_call_serves_a_monitor_on_one_cohort() -> None:
+    gate = parse_gate("accuracy < 90%")
+    assert judge_cohorts(gate, CohortStats(devices=3, windows=500, labelled=500, correct=350)).outcome == "fail"
+    assert judge_cohorts(gate, CohortStats(devices=3, windows=500, labelled=500, correct=480)).outcome == "pass"
+    assert judge_cohorts(gate, CohortStats(devices=1, windows=12, labelled=12, correct=10)).outcome == "inconclusive"
+    assert judge_cohorts(gate, CohortStats()).outcome == "unknown"
 
 
 def test_pass_wording_says_what_was_decided() -> None:

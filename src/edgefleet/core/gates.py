@@ -3,7 +3,8 @@
 A gate describes when a candidate model is *worse*: a true expression trips the gate (the rollout pauses
 or aborts); a false one lets the wave pass. Logic is three-valued (Kleene): a metric without data is
 *unknown*, ``TRUE OR unknown`` is TRUE (a clear failure acts at once), ``FALSE OR unknown`` is unknown,
-and an unknown gate cannot pass yet. Percent literals are fractions (``5%`` == ``0.05``).
+and an unknown gate cannot pass yet; a metric with data but no evidence either way is *inconclusive* (same
+rules; unknown wins over inconclusive). Percent literals are fractions (``5%`` == ``0.05``).
 
 Grammar::
 
@@ -13,7 +14,9 @@ Grammar::
     compare := operand ( ">" | ">=" | "<" | "<=" | "==" | "!=" ) operand
     operand := METRIC | NUMBER [ "%" ]
 
-Metrics compare a candidate cohort with a baseline cohort (see :func:`metrics`). Pure: no I/O.
+Metrics compare a candidate cohort with a baseline cohort, or describe one cohort, each an estimate with an
+interval (:mod:`edgefleet.core.cohorts`, :mod:`edgefleet.core.stats`); :func:`evaluate` trips a gate only on
+evidence. Rollouts and monitors share this one implementation (:func:`judge_cohorts`). Pure: no I/O.
 """
 
 from __future__ import annotations
@@ -38,6 +41,7 @@ __all__ = [
     "Judge",
     "estimates",
     "evaluate",
+    "judge_cohorts",
     "metrics",
     "parse_gate",
 ]
@@ -258,6 +262,15 @@ def evaluate(gate: Gate, values: Mapping[str, Value], *, confidence: float | Non
     points = {m: None if e is None else e.value for m, e in used.items()}
     intervals = {m: e for m, e in used.items() if e is not None and not e.is_exact}
     return GateResult(outcome, points, text, missing, intervals)
+
+
+def judge_cohorts(gate: Gate, candidate: CohortStats, baseline: CohortStats | None = None,
+                  judge: Judge = Judge(sequential=True)) -> GateResult:
+    """One call for rollouts and monitors alike: the metrics of ``candidate`` (against ``baseline``; without one,
+    only the one-cohort metrics such as ``accuracy``, ``error_rate`` and ``latency_p95_ms``) judged by
+    ``gate``. The default judge is sequential: right for a gate looked at again and again, as a monitor is."""
+    values = estimates(candidate, baseline or CohortStats(), judge)
+    return evaluate(gate, values, confidence=judge.confidence)
 
 
 def _eval(node: Node, values: Mapping[str, Estimate | None], bad_side: bool) -> tuple[_Truth, str]:

@@ -266,7 +266,7 @@ def _evidence(plan: RolloutPlan, values: Mapping[str, Estimate | None], results:
               final_look: bool) -> dict[str, Any]:
     """What a decision rests on: what was compared, each metric (point and interval), each gate's verdict."""
     who = {"canary": "the targets' current models", "ab": "the control half",
-           "shadow": "the active model timed beside it"}[plan.mode]
+           "shadow": "the active model on the same devices (its latency timed beside the shadow)"}[plan.mode]
     compared = (f"{plan.candidate}{' as shadow' if plan.mode == 'shadow' else ''} on {candidate.devices} "
                 f"device(s), {candidate.windows} window(s), against {who} on {baseline.devices} device(s), "
                 f"{baseline.windows} window(s); {plan.confidence:.0%} confidence, "

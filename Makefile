@@ -41,6 +41,7 @@ test: $(VENV)/.installed-dev+train+data+camera services
 lint: $(VENV)/.installed-dev+train+data+camera
 	$(BIN)/ruff check src tests bench
 	$(BIN)/mypy
+	$(BIN)/lint-imports --no-logo
 
 bench: $(VENV)/.installed-dev+train+data+camera services
 	@for b in $(BENCHES); do $(MAKE) --no-print-directory bench-$$b || exit 1; done

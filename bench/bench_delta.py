@@ -26,10 +26,10 @@ from bench.common import markdown_table, publish
 from bench.windowed_cnn import normalize
 from edgefleet.build.quantize import quantize_int8
 from edgefleet.build.train import export_onnx, train_cnn1d
-from edgefleet.bundle.delta import accept_delta, apply, diff
+from edgefleet.bundle.delta import apply, diff
 from edgefleet.bundle.pack import BundleSpec, pack_bundle
 from edgefleet.bundle.signing import SigningKey
-from edgefleet.core.update import TrustState
+from edgefleet.core.update import TrustState, accept_delta
 from edgefleet.data.basicmotions import load_basicmotions
 from edgefleet.data.windows import channel_stats, sliding_windows
 from edgefleet.runtime.runner import OnnxRuntimeRunner

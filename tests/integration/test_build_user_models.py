@@ -21,10 +21,10 @@ from onnx import TensorProto, helper, numpy_helper
 from edgefleet.agent.healthcheck import check
 from edgefleet.build.io_pipeline import model_input
 from edgefleet.bundle.container import MODEL, read_container
+from edgefleet.bundle.manifest import Manifest, golden_samples
 from edgefleet.bundle.pack import peek_manifest
 from edgefleet.bundle.signing import write_keypair
 from edgefleet.cli import main
-from edgefleet.core.manifest import Manifest, golden_samples
 from edgefleet.runtime.runner import OnnxRuntimeRunner
 from edgefleet.runtime.spec import ModelPipeline
 

@@ -13,9 +13,9 @@ from pathlib import Path
 import pytest
 from sqlalchemy import inspect, text
 
+from edgefleet.bundle.manifest import Manifest
 from edgefleet.bundle.pack import BundleSpec, pack_bundle, peek_manifest
 from edgefleet.bundle.signing import SigningKey
-from edgefleet.core.manifest import Manifest
 from edgefleet.core.rollout import Decision
 from edgefleet.core.telemetry import bucket_middle_ms
 from edgefleet.errors import StoreError

@@ -28,10 +28,10 @@ from edgefleet.agent.model import LoadedModel
 from edgefleet.agent.state import AgentState
 from edgefleet.agent.updater import Updater
 from edgefleet.bundle.container import MAGIC, MANIFEST, MODEL, SIGNATURES, read_container, write_container
+from edgefleet.bundle.manifest import Manifest, MemberDigest, TensorSpec, canonical_json
 from edgefleet.bundle.pack import BundleSpec, pack_bundle
 from edgefleet.bundle.signing import SigningKey
 from edgefleet.core.keys import Keyring, revocation_statement
-from edgefleet.core.manifest import Manifest, MemberDigest, TensorSpec, canonical_json
 from edgefleet.core.update import TrustState, decide
 from edgefleet.errors import BundleError
 from edgefleet.testing.synthetic import CHANNELS, CLASSES, LABELS, WINDOW, channel_mean_model, preprocess_spec

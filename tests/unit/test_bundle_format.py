@@ -12,10 +12,10 @@ import pytest
 
 from edgefleet.bundle.container import MANIFEST, MODEL, MODEL_ENC, SIGNATURES, read_container, write_container
 from edgefleet.bundle.encrypt import ModelKey
+from edgefleet.bundle.manifest import MAX_GOLDEN_SAMPLES, check_golden, golden_samples
 from edgefleet.bundle.pack import BundleSpec, pack_bundle, peek_manifest
 from edgefleet.bundle.safe_onnx import check_onnx, sniff_model
 from edgefleet.bundle.signing import SigningKey
-from edgefleet.core.manifest import MAX_GOLDEN_SAMPLES, check_golden, golden_samples
 from edgefleet.core.update import TrustState, decide
 from edgefleet.errors import BundleError, ConfigError, ModelError
 from edgefleet.runtime.runner import OnnxRuntimeRunner

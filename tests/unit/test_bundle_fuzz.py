@@ -21,13 +21,13 @@ from typer.testing import CliRunner
 
 from edgefleet.bundle import copydiff
 from edgefleet.bundle.container import MANIFEST, MODEL, SIGNATURES, read_container, write_container
-from edgefleet.bundle.delta import Base, DeltaFile, accept_delta, apply, diff
+from edgefleet.bundle.delta import Base, DeltaFile, apply, diff
+from edgefleet.bundle.manifest import Manifest, MemberDigest
 from edgefleet.bundle.pack import BundleSpec, pack_bundle
 from edgefleet.bundle.signing import SigningKey
 from edgefleet.cli import app
 from edgefleet.core.keys import Keyring, rotation_statement, verify_rollback_order
-from edgefleet.core.manifest import Manifest, MemberDigest
-from edgefleet.core.update import TrustState, decide
+from edgefleet.core.update import TrustState, accept_delta, decide
 from edgefleet.errors import BundleError
 from edgefleet.testing.synthetic import channel_mean_model
 

@@ -14,13 +14,13 @@ from onnx import TensorProto, helper, numpy_helper
 
 from edgefleet.bundle import copydiff
 from edgefleet.bundle.container import MANIFEST, read_container, write_container
-from edgefleet.bundle.delta import MAGIC, Base, DeltaFile, accept_delta, apply, diff
+from edgefleet.bundle.delta import MAGIC, Base, DeltaFile, apply, diff
 from edgefleet.bundle.encrypt import ModelKey
+from edgefleet.bundle.manifest import canonical_json
 from edgefleet.bundle.pack import BundleSpec, pack_bundle
 from edgefleet.bundle.protowire import graph_elements, write_varint, zigzag
 from edgefleet.bundle.signing import SigningKey
-from edgefleet.core.manifest import canonical_json
-from edgefleet.core.update import TrustState
+from edgefleet.core.update import TrustState, accept_delta
 from edgefleet.errors import BundleError
 
 KEY = SigningKey.generate()

@@ -10,9 +10,9 @@ import pytest
 from onnx import TensorProto, helper
 
 from edgefleet.bundle.describe import default_postprocess, default_preprocess
+from edgefleet.bundle.manifest import TensorSpec
 from edgefleet.bundle.pack import BundleSpec, model_schema, pack_bundle, peek_manifest
 from edgefleet.bundle.signing import SigningKey
-from edgefleet.core.manifest import TensorSpec
 from edgefleet.errors import BundleError, ConfigError
 from edgefleet.runtime.inputs import ImageInput, SeriesInput, TensorInput, VectorInput, input_step, resize_frames
 from edgefleet.runtime.outputs import ClassScores, LabelProbabilities, output_step, softmax

@@ -22,7 +22,7 @@ from edgefleet.errors import EdgefleetError, ModelError
 from edgefleet.storage import atomic_write
 
 if TYPE_CHECKING:
-    from edgefleet.core.manifest import Manifest
+    from edgefleet.bundle.manifest import Manifest
 
 DEFAULT_COMMAND: tuple[str, ...] = (sys.executable, "-m", "edgefleet.agent.healthcheck")
 LATENCY_BUDGET_KEY = "max_latency_ms"
@@ -63,7 +63,7 @@ def run_health_check(model: bytes, manifest: Manifest, work_dir: Path, *, timeou
 def check(model_path: Path, manifest_path: Path, runs: int = 20) -> float:
     """Load and run the model through its manifest's pipeline: the pipeline fits the model, golden samples within
     tolerance, finite scores for a neutral input; the median latency in ms."""
-    from edgefleet.core.manifest import Manifest, check_golden
+    from edgefleet.bundle.manifest import Manifest, check_golden
     from edgefleet.runtime.runner import OnnxRuntimeRunner
     from edgefleet.runtime.spec import ModelPipeline
 

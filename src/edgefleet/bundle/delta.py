@@ -8,7 +8,7 @@ same kind, name and length (a retrained weight), whose byte-wise difference then
 Everything else (the framing, small elements, elements that changed shape) stays as literal *skeleton*
 bytes. ``apply(A, delta)`` splices A's elements back, so the rebuilt model is byte-identical to B's
 without re-serializing any protobuf, and refuses it unless it hashes to the SHA-256 in B's manifest and
-the rebuilt bundle to B's file digest. The device then runs ``decide`` on it (:func:`accept_delta`).
+the rebuilt bundle to B's file digest. The device then runs ``decide`` on it (``core.update.accept_delta``).
 
 Delta file::
 
@@ -32,16 +32,14 @@ import struct
 import zlib
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 
 from edgefleet.bundle import copydiff
 from edgefleet.bundle.container import MAGIC as BUNDLE_MAGIC
 from edgefleet.bundle.container import MANIFEST, MODEL, MODEL_ENC, SIGNATURES, Limits, read_container, write_container
+from edgefleet.bundle.manifest import Manifest
 from edgefleet.bundle.protowire import element_name, graph_elements, read_varint, unzigzag, write_varint, zigzag
-from edgefleet.core.manifest import Manifest
-from edgefleet.core.update import AcceptedBundle, TrustState, decide
 from edgefleet.errors import BundleError
 
 MAGIC = b"EFDELTA\x00"
@@ -205,11 +203,6 @@ def apply(a: bytes, delta: bytes, *, limits: Limits = Limits()) -> bytes:
     if len(bundle) != parsed.target_bundle_size or _id(bundle) != parsed.target_bundle_id:
         raise BundleError("rebuilt bundle does not match the target's digest", reason="hash_mismatch")
     return bundle
-
-
-def accept_delta(a: bytes, delta: bytes, state: TrustState, **decide_options: Any) -> AcceptedBundle:
-    """The device's path for a delta: rebuild B from the active bundle ``a``, then ``decide`` on it."""
-    return decide(apply(a, delta, limits=state.limits), state, **decide_options)
 
 
 def _build(base: Base, b_members: dict[str, bytes], b: bytes) -> bytes:

@@ -14,7 +14,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from edgefleet.core.manifest import TensorSpec
+from edgefleet.bundle.manifest import TensorSpec
 from edgefleet.errors import BundleError
 from edgefleet.runtime.inputs import ONNX_TO_DTYPE
 

@@ -20,9 +20,7 @@ from pydantic import ValidationError
 
 from edgefleet.bundle.container import MANIFEST, MODEL, MODEL_ENC, SIGNATURES, read_container, write_container
 from edgefleet.bundle.encrypt import ModelKey, encrypt_model, release_aad
-from edgefleet.bundle.safe_onnx import check_onnx
-from edgefleet.bundle.signing import SigningKey
-from edgefleet.core.manifest import (
+from edgefleet.bundle.manifest import (
     MAX_GOLDEN_SAMPLES,
     Encryption,
     GoldenSample,
@@ -32,6 +30,8 @@ from edgefleet.core.manifest import (
     TensorSpec,
     numpy_dtype,
 )
+from edgefleet.bundle.safe_onnx import check_onnx
+from edgefleet.bundle.signing import SigningKey
 from edgefleet.errors import BundleError, ConfigError, ModelError
 from edgefleet.storage import atomic_write
 

@@ -102,7 +102,7 @@ def build(
 
 def check_name_version(name: str | None, version: str) -> None:
     """Refuse a bundle name or version the manifest would refuse, before any work."""
-    from edgefleet.core.manifest import NAME, SEMVER
+    from edgefleet.bundle.manifest import NAME, SEMVER
 
     if name is not None and not NAME.match(name):
         raise ConfigError(f"--name {name!r}: lowercase letters, digits, '.', '_' or '-', at most 64, starting with "

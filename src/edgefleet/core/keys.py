@@ -30,8 +30,8 @@ from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from typing import Any, Literal
 
+from edgefleet.bundle.manifest import NAME, canonical_json
 from edgefleet.bundle.signing import PublicKey, SigningKey, verify_any
-from edgefleet.core.manifest import NAME, canonical_json
 from edgefleet.errors import BundleError, ConfigError
 
 MAX_STATEMENT_BYTES = 64 * 1024

@@ -33,11 +33,12 @@ from datetime import UTC, datetime
 from typing import Any
 
 from edgefleet.bundle.container import MANIFEST, MODEL, MODEL_ENC, SIGNATURES, Limits, model_member, read_container
+from edgefleet.bundle.delta import apply as apply_delta
 from edgefleet.bundle.encrypt import ModelKey, decrypt_model, release_aad
+from edgefleet.bundle.manifest import SEMVER, Manifest
 from edgefleet.bundle.safe_onnx import check_onnx, sniff_model
 from edgefleet.bundle.signing import PublicKey, verify_any
 from edgefleet.core.keys import Keyring, parse_time, verify_rollback_order
-from edgefleet.core.manifest import SEMVER, Manifest
 from edgefleet.errors import BundleError
 
 ModelCheck = Callable[[bytes], None]
@@ -112,6 +113,12 @@ def decide(bundle: bytes, state: TrustState, *, now: datetime | None = None, all
     if model_check is not None:
         model_check(model)
     return AcceptedBundle(manifest, model, key_id, digest, expired=expired)
+
+
+def accept_delta(a: bytes, delta: bytes, state: TrustState, **decide_options: Any) -> AcceptedBundle:
+    """The device's path for a delta: rebuild B from the active bundle ``a`` (:func:`bundle.delta.apply`), then
+    :func:`decide` on it."""
+    return decide(apply_delta(a, delta, limits=state.limits), state, **decide_options)
 
 
 def effective_time(state: TrustState, now: datetime | None = None) -> datetime:

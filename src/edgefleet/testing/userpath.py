@@ -221,7 +221,7 @@ def bundle_accuracy(bundle: Path, data: dict[str, np.ndarray]) -> float:
     """The accuracy of the bundle's own model on the data file's test rows, run through the bundle's pipeline
     the way the agent runs it (series rows as whole windows)."""
     from edgefleet.bundle.container import MANIFEST, MODEL, read_container
-    from edgefleet.core.manifest import Manifest
+    from edgefleet.bundle.manifest import Manifest
     from edgefleet.runtime.inputs import ImageInput, SeriesInput
     from edgefleet.runtime.runner import OnnxRuntimeRunner
     from edgefleet.runtime.spec import ModelPipeline

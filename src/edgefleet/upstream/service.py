@@ -28,8 +28,8 @@ import uvicorn
 from fastapi import FastAPI, HTTPException
 from pydantic import BaseModel, ConfigDict, Field
 
+from edgefleet.bundle.manifest import Manifest
 from edgefleet.bundle.signing import load_public_key
-from edgefleet.core.manifest import Manifest
 from edgefleet.core.update import TrustState, decide
 from edgefleet.errors import ConfigError, ModelError, TransportError
 from edgefleet.runtime.outputs import Scorer, output_step

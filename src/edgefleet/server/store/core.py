@@ -15,7 +15,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from sqlalchemy.orm.exc import StaleDataError
 from sqlalchemy.pool import StaticPool
 
-from edgefleet.core.manifest import Manifest
+from edgefleet.bundle.manifest import Manifest
 from edgefleet.errors import ConfigError, StoreError
 from edgefleet.server.schema import Device, ModelVersion
 from edgefleet.server.store.migrations import migrate

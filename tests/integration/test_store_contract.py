@@ -3,6 +3,7 @@ migrations, models, devices, idempotent telemetry, aggregates, retention, rollou
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import functools
 import threading
@@ -18,8 +19,8 @@ from edgefleet.bundle.pack import BundleSpec, pack_bundle, peek_manifest
 from edgefleet.bundle.signing import SigningKey
 from edgefleet.core.rollout import Decision
 from edgefleet.core.telemetry import bucket_middle_ms
-from edgefleet.errors import StoreError
-from edgefleet.server.schema import Device, RolloutRow
+from edgefleet.errors import BundleError, StoreError
+from edgefleet.server.schema import Device, RolloutRow, TrustRecord
 from edgefleet.server.store import Advance, Store
 from edgefleet.server.store.migrations import LATEST, current_version
 from edgefleet.testing import synthetic
@@ -295,6 +296,52 @@ class StoreContract:
         assert len(steps) == sum(o is not None for o in outcomes) == row.state["n"]
         assert d2.desired_rev == 1 + row.state["n"]
         for s in (setup, *replicas):
+            s.close()
+
+    # trust log -------------------------------------------------------------------------------
+    def test_the_trust_log_keeps_order_once_per_bytes_and_republishes_every_device(self, store: Store) -> None:
+        store.add_device(device("d1"))
+        store.add_device(device("d2"))
+        assert "trust_log" in inspect(store.engine).get_table_names()
+        assert store.pin_keys([("k1", "pub-1")]) == 1 and store.pin_keys([("k1", "pub-1")]) == 0
+        seen: list[list[str]] = []
+
+        def check(log: list[TrustRecord]) -> bool:
+            seen.append([r.kind for r in log])
+            return True
+
+        assert store.add_trust_record("rotate", "k2", b'{"a": 1}', check=check, signer="k1", fan_out=True)
+        assert seen == [["pin"]]  # the check sees the log as it is, in the same transaction
+        assert {d.id: d.desired_rev for d in store.desired_unpublished()} == {"d1": 1, "d2": 1}
+        assert not store.add_trust_record("rotate", "k2", b'{"a": 1}', check=check)  # the same bytes: once
+        assert not store.add_trust_record("revoke", "k1", b'{"b": 2}', check=lambda _log: False)  # a no-op
+
+        def refuse(_log: list[TrustRecord]) -> bool:
+            raise BundleError("bad", reason="bad_signature")
+
+        with pytest.raises(BundleError):
+            store.add_trust_record("revoke", "k1", b'{"c": 3}', check=refuse, fan_out=True)
+        assert {d.id: d.desired_rev for d in store.desired_unpublished()} == {"d1": 1, "d2": 1}  # nothing moved
+        assert store.add_trust_record("rollback", "clf", b'{"o": 1}', check=check, release=1)
+        log = store.trust_log()
+        assert [(r.kind, r.subject, r.release) for r in log] == [("pin", "k1", None), ("rotate", "k2", None),
+                                                                  ("rollback", "clf", 1)]
+        assert base64.b64decode(log[1].body) == b'{"a": 1}' and log[1].signer == "k1"
+        store.remove_trust_record(b'{"o": 1}')
+        assert [r.kind for r in store.trust_log()] == ["pin", "rotate"]
+
+    def test_replicas_adding_the_same_statement_at_once_store_it_once(self, url: str) -> None:
+        replicas = [Store(url) for _ in range(3)]
+        results: list[bool] = []
+        threads = [threading.Thread(target=lambda s=s: results.append(  # type: ignore[misc]
+            s.add_trust_record("revoke", "k9", b'{"same": true}', check=lambda _log: True))) for s in replicas]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+        assert sorted(results) == [False, False, True]
+        assert [r.subject for r in replicas[0].trust_log()] == ["k9"]
+        for s in replicas:
             s.close()
 
 

@@ -159,3 +159,23 @@ class DecisionRow(Base):
     reason: Mapped[str] = mapped_column(Text)
     actor: Mapped[str] = mapped_column(String(64))
     detail: Mapped[dict[str, Any]] = mapped_column(JSON)
+
+class TrustRecord(Base):
+    """One entry of the server's trust log (since schema version 3), replayed in ``id`` order.
+
+    ``pin``: a key the server was started with (``--trusted-key``); ``rotate`` and ``revoke``: a verified key
+    statement, sent to every device in its desired state; ``rollback``: a verified rollback order, put into the
+    desired state of the devices told to run that release. ``subject`` is the key id (pin, the new key of a
+    rotation, the revoked key) or the model name (rollback).
+    """
+
+    __tablename__ = "trust_log"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    kind: Mapped[str] = mapped_column(String(16))
+    subject: Mapped[str] = mapped_column(String(140))
+    release: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    sha256: Mapped[str] = mapped_column(String(64), unique=True)
+    body: Mapped[str] = mapped_column(Text)
+    signer: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    created: Mapped[float] = mapped_column(Float)

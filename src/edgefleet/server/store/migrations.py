@@ -6,7 +6,8 @@ the store, needs no migration scripts directory at run time, and takes a Postgre
 replicas starting together migrate once. A fresh database is created at the newest version directly.
 
 Versions: 1 = the walking skeleton (models, devices, telemetry, events); 2 = rollouts, waves, decisions,
-telemetry roll-ups, and the devices' broker password hash, shadow and desired-revision columns.
+telemetry roll-ups, and the devices' broker password hash, shadow and desired-revision columns; 3 = the trust
+log (pinned keys, key statements, rollback orders).
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from sqlalchemy.engine import Engine
 
 from edgefleet.server.schema import Base, SchemaVersion
 
-LATEST = 2
+LATEST = 3
 _LOCK_KEY = 0x45460005  # pg_advisory_lock key: "EF" and issue 5
 
 
@@ -32,7 +33,11 @@ def _v2(conn: Connection) -> None:
     Base.metadata.create_all(conn)  # the new tables only: existing ones are left alone
 
 
-STEPS: dict[int, Callable[[Connection], None]] = {2: _v2}
+def _v3(conn: Connection) -> None:
+    Base.metadata.create_all(conn)  # the trust log; existing tables are left alone
+
+
+STEPS: dict[int, Callable[[Connection], None]] = {2: _v2, 3: _v3}
 
 
 def current_version(conn: Connection) -> int:

@@ -8,6 +8,8 @@ PYTEST_ARGS ?=
 
 BENCHES := $(patsubst bench/bench_%.py,%,$(wildcard bench/bench_*.py))
 comma  := ,
+# Every extra `make demo`, `make test`, `make lint` and `make bench` use (the base install is only the device's).
+EXTRAS := server+build+train+data+camera+coap+dev
 
 .PHONY: demo test bench lint services venv clean $(addprefix bench-,$(BENCHES))
 
@@ -21,32 +23,34 @@ $(VENV)/.installed-%: pyproject.toml | $(BIN)/python
 	  | { grep -v "^WARNING: Location" || true; }
 	touch $@
 
-venv: $(VENV)/.installed-train+data
+venv: $(VENV)/.installed-$(EXTRAS)
 
-demo: $(VENV)/.installed-train+data
+demo: $(VENV)/.installed-$(EXTRAS)
 	$(BIN)/edgefleet demo
 
-# Debian's Mosquitto for the integration tests; the tests start it themselves on free loopback ports.
+# Debian's Mosquitto and libcoap's coap-client (coap-client-notls) for the integration tests; the tests start the broker themselves on
+# free loopback ports.
 services:
 	@{ command -v mosquitto >/dev/null 2>&1 || [ -x /usr/sbin/mosquitto ]; } && command -v mosquitto_pub >/dev/null 2>&1 \
-	  && [ -x /usr/lib/postgresql/15/bin/postgres ] || { \
+	  && command -v coap-client-notls >/dev/null 2>&1 && [ -x /usr/lib/postgresql/15/bin/postgres ] || { \
 	  $(SUDO) apt-get update -qq && \
-	  DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq mosquitto mosquitto-clients postgresql-15 >/dev/null; }
+	  DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq mosquitto mosquitto-clients postgresql-15 \
+	    libcoap3-bin >/dev/null; }
 	@# the package may start a system broker on 1883; the tests never use it, and it must not hold the port
 	@-$(SUDO) service mosquitto stop >/dev/null 2>&1 || true
 
-test: $(VENV)/.installed-dev+train+data+camera services
+test: $(VENV)/.installed-$(EXTRAS) services
 	$(BIN)/pytest -q $(PYTEST_ARGS)
 
-lint: $(VENV)/.installed-dev+train+data+camera
+lint: $(VENV)/.installed-$(EXTRAS)
 	$(BIN)/ruff check src tests bench
 	$(BIN)/mypy
 	$(BIN)/lint-imports --no-logo
 
-bench: $(VENV)/.installed-dev+train+data+camera services
+bench: $(VENV)/.installed-$(EXTRAS) services
 	@for b in $(BENCHES); do $(MAKE) --no-print-directory bench-$$b || exit 1; done
 
-bench-%: $(VENV)/.installed-dev+train+data+camera services
+bench-%: $(VENV)/.installed-$(EXTRAS) services
 	$(BIN)/python -m bench.bench_$*
 
 clean:

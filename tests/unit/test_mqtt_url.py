@@ -7,7 +7,7 @@ import socket
 import pytest
 
 from edgefleet.errors import ConfigError
-from edgefleet.transport.mqtt_url import MqttEndpoint, parse_mqtt_url
+from edgefleet.transport.mqtt_url import MqttEndpoint, MqttTls, parse_mqtt_url
 from edgefleet.transport.ports import free_port
 
 
@@ -22,6 +22,8 @@ from edgefleet.transport.ports import free_port
         ("mqtt://only-user@host", MqttEndpoint("host", 1883, "only-user", None)),
         ("mqtt://[::1]:1883", MqttEndpoint("::1", 1883)),
         ("  mqtt://host:65535 ", MqttEndpoint("host", 65535)),
+        ("mqtts://host", MqttEndpoint("host", 8883, tls=MqttTls())),
+        ("mqtts://dev-1@10.0.0.2:9883", MqttEndpoint("10.0.0.2", 9883, "dev-1", tls=MqttTls())),
     ],
 )
 def test_parses_valid_urls(url: str, expected: MqttEndpoint) -> None:
@@ -32,7 +34,7 @@ def test_parses_valid_urls(url: str, expected: MqttEndpoint) -> None:
     "url",
     [
         "http://host:1883",
-        "mqtts://host:8883",
+        "ws://host:8883",
         "host:1883",
         "mqtt://",
         "mqtt://:1883",
@@ -77,3 +79,13 @@ def test_wait_for_port_gives_up_with_a_transport_error() -> None:
 
     with pytest.raises(TransportError, match="did not accept"):
         wait_for_port("127.0.0.1", free_port(), timeout_s=0.2)
+
+
+def test_a_tls_endpoint_keeps_its_scheme_but_not_its_files_or_credentials_in_its_address() -> None:
+    """What a device is told to dial says mqtts:// (TLS) and nothing else: no password, no local file paths."""
+    from pathlib import Path
+
+    endpoint = MqttEndpoint("h", 8883, "u", "p", tls=MqttTls(Path("/ca.pem"), Path("/c.pem"), Path("/c.key")))
+    assert endpoint.url == "mqtts://h:8883"
+    assert endpoint.address == MqttEndpoint("h", 8883, tls=MqttTls())
+    assert "password=***" in repr(endpoint)

@@ -3,6 +3,12 @@
 The broker address the server last told the device to dial (its desired state's ``mqtt_url``) is kept in the
 data directory (:data:`BROKER_URL_FILE`) and wins over the credentials' ``mqtt_url``: a moved broker needs no
 file edited on the device. The credentials' user name and password are used whatever the address.
+
+With TLS (a server started with ``--tls``) the credentials also carry the fleet CA (``ca_cert``) and the
+device's certificate and key (``client_cert``, ``client_key``), as PEM text or as paths (``*_file``, relative to
+the credentials file). :func:`load_config` keeps them as files in ``DATA_DIR/tls`` (key 0600): the device
+trusts only the fleet CA for the broker (``mqtts://``), the control plane and the upstream (``https://``),
+and presents its certificate to each.
 """
 
 from __future__ import annotations
@@ -10,16 +16,20 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Any
 
 from edgefleet.agent.fetch import DownloadLimits
 from edgefleet.bundle.signing import PublicKey
 from edgefleet.errors import ConfigError
 from edgefleet.storage import atomic_write
-from edgefleet.transport.mqtt_url import MqttEndpoint, parse_mqtt_url
+from edgefleet.transport.mqtt_url import MqttEndpoint, MqttTls, parse_mqtt_url
 
 BROKER_URL_FILE = "broker.url"
+TLS_DIR = "tls"
+TLS_FIELDS = (("ca_cert", "ca.pem"), ("client_cert", "client.pem"), ("client_key", "client.key"))
+"""Credentials fields (PEM text, or ``FIELD_file``: a path) and the files they are kept in under DATA_DIR/tls."""
 DEFAULT_TELEMETRY_INTERVAL_S = 300.0
 """Seconds between telemetry batches: a device's uplink is metered; every 5 minutes keeps the demo stream's
 uplink under 1% of its raw sensor bytes (see BENCHMARKS.md). Demos and tests pass a short one explicitly."""
@@ -61,6 +71,8 @@ class AgentConfig:
     escalation_queue_max: int = 1000
     downloads: DownloadLimits = field(default_factory=DownloadLimits)
     """Bundle size cap, free-space reserve, deadline and minimum rate of update downloads."""
+    tls: MqttTls | None = None
+    """The fleet CA to trust and the device's certificate to present (credentials of a TLS server), else None."""
 
 
 def download_limits(environ: Mapping[str, str]) -> DownloadLimits:
@@ -95,8 +107,11 @@ def load_config(credentials: Path, data_dir: Path, *, device_id: str | None = No
         file_device = str(raw["device_id"])
         if device_id is not None and device_id != file_device:
             raise ConfigError(f"--device-id {device_id} does not match the credentials' {file_device}")
+        tls = tls_files(raw, credentials.parent, data_dir)
         endpoint = stored_broker(data_dir) or parse_mqtt_url(str(raw["mqtt_url"]))
         mqtt = MqttEndpoint(endpoint.host, endpoint.port, raw.get("mqtt_username"), raw.get("mqtt_password"))
+        if endpoint.tls is not None:
+            mqtt = replace(mqtt, tls=tls or endpoint.tls)
         keys = [PublicKey.from_text(str(text)) for text in dict(raw["trusted_keys"]).values()]
         token = str(raw["token"])
         url = server_url or str(raw["server_url"])
@@ -108,8 +123,37 @@ def load_config(credentials: Path, data_dir: Path, *, device_id: str | None = No
         raise ConfigError("telemetry interval must be positive")
     return AgentConfig(device_id=file_device, server_url=url, mqtt=mqtt, token=token,
                        trusted_keys={k.key_id: k for k in keys}, data_dir=data_dir,
-                       telemetry_interval_s=telemetry_interval_s,
+                       telemetry_interval_s=telemetry_interval_s, tls=tls,
                        downloads=download_limits(os.environ if environ is None else environ))
+
+
+def tls_files(raw: dict[str, Any], base: Path, data_dir: Path) -> MqttTls | None:
+    """The credentials' CA and client certificate as files in DATA_DIR/tls (rewritten when they changed); None
+    when the credentials carry no CA. ConfigError for a path that cannot be read."""
+    paths: dict[str, Path] = {}
+    for name, filename in TLS_FIELDS:
+        text = raw.get(name)
+        if text is None and raw.get(f"{name}_file"):
+            path = base / str(raw[f"{name}_file"])
+            try:
+                text = path.read_text(encoding="utf-8")
+            except OSError as exc:
+                raise ConfigError(f"cannot read {name}_file {path}: {exc.strerror}") from exc
+        if text is None:
+            continue
+        target = data_dir / TLS_DIR / filename
+        try:
+            current = target.read_text(encoding="utf-8")
+        except OSError:
+            current = None
+        if current != str(text):
+            target.parent.mkdir(parents=True, exist_ok=True)
+            atomic_write(target, str(text).encode(), mode=0o600)
+        paths[name] = target
+    if "ca_cert" not in paths:
+        return None
+    return MqttTls(paths["ca_cert"], paths.get("client_cert"), paths.get("client_key") if "client_cert" in paths
+                   else None)
 
 
 def stored_broker(data_dir: Path) -> MqttEndpoint | None:
@@ -123,10 +167,9 @@ def stored_broker(data_dir: Path) -> MqttEndpoint | None:
 def remember_broker(data_dir: Path, url: str, current: MqttEndpoint) -> str | None:
     """Keep ``url`` (a desired state's broker address) for the next start; the address kept, or None when it is
     the one in use or already kept. ConfigError for a malformed address."""
-    endpoint = parse_mqtt_url(url)
-    address = MqttEndpoint(endpoint.host, endpoint.port).url
+    address = parse_mqtt_url(url).address.url
     kept = stored_broker(data_dir)
-    if address == (kept.url if kept else current.url):
+    if address == (kept.url if kept else current.address.url):
         return None
     atomic_write(data_dir / BROKER_URL_FILE, (address + "\n").encode())
     return address

@@ -40,7 +40,8 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 from edgefleet.agent.lean import allow_openssl
-from edgefleet.errors import BundleError, TransportError
+from edgefleet.errors import BundleError, ConfigError, TransportError
+from edgefleet.transport.mqtt_url import MqttTls, tls_context
 
 MIB = 1024 * 1024
 _DISK_RECHECK_BYTES = 4 * MIB
@@ -208,10 +209,13 @@ def same_origin(url: str, base: str) -> bool:
 class ArtifactFetcher(Fetcher):
     """Fetches artifacts over HTTP(S) from the control plane, with the device's bearer token for that origin."""
 
-    def __init__(self, server_url: str, token: str, *, limits: DownloadLimits | None = None) -> None:
+    def __init__(self, server_url: str, token: str, *, limits: DownloadLimits | None = None,
+                 tls: MqttTls | None = None) -> None:
         super().__init__(limits)
         self.server_url = server_url.rstrip("/")
         self._token = token
+        self._tls = tls
+        """With TLS credentials: https is verified against the fleet CA only, and the device's certificate shown."""
 
     def resolve(self, url: str) -> tuple[str, dict[str, str]]:
         """The absolute URL of ``url`` (a path is the server's) and the headers to send with it."""
@@ -233,7 +237,11 @@ class ArtifactFetcher(Fetcher):
         if offset:
             headers["Range"] = f"bytes={offset}-"
         try:
-            with httpx.stream("GET", full, headers=headers, timeout=timeout_s) as response:
+            try:
+                verify = tls_context(self._tls) if self._tls is not None else True
+            except ConfigError as exc:
+                raise TransportError(f"download of {url} refused: {exc}") from exc
+            with httpx.stream("GET", full, headers=headers, timeout=timeout_s, verify=verify) as response:
                 if response.status_code == 416:  # our partial file is not a prefix of this artifact
                     raise ResumeRefused(f"server refused to resume {url}; will start over")
                 if response.status_code not in (200, 206):

@@ -14,6 +14,7 @@ import socket
 import subprocess
 import sys
 import time
+from dataclasses import dataclass, replace
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -23,7 +24,7 @@ import yaml
 import edgefleet
 from edgefleet.errors import ConfigError, TransportError
 from edgefleet.storage import atomic_write
-from edgefleet.transport.mqtt_url import MqttEndpoint
+from edgefleet.transport.mqtt_url import MqttEndpoint, MqttTls
 from edgefleet.transport.ports import free_port, wait_for_mqtt
 
 CONFIG_NAME = "broker.yaml"
@@ -79,17 +80,38 @@ def _bindable(host: str, port: int) -> bool:
     return True
 
 
-def broker_config(host: str, port: int, password_file: Path | None = None) -> dict[str, Any]:
+@dataclass(frozen=True)
+class BrokerTls:
+    """The embedded broker's TLS listener: the fleet CA that client certificates must chain to, the broker's
+    own certificate, the CRL, and (``client``) the certificate the server itself connects with."""
+
+    ca_file: Path
+    cert_file: Path
+    key_file: Path
+    crl_file: Path
+    client: MqttTls | None = None
+
+
+def broker_config(host: str, port: int, password_file: Path | None = None,
+                  tls: BrokerTls | None = None) -> dict[str, Any]:
     """amqtt configuration: one TCP listener, no $SYS topics, no packet logging.
 
     With ``password_file`` every client must log in with a user from it, and each device is kept to its own
     topics (:mod:`edgefleet.server.broker_auth`); without it, access is anonymous (tests of the broker alone).
+    With ``tls`` (and a password file) the listener speaks TLS only and every client must present a fleet
+    certificate, whose Common Name is its user name (:class:`~edgefleet.server.broker_auth.CertificateAuth`).
     """
     plugins: dict[str, Any] = {"amqtt.plugins.authentication.AnonymousAuthPlugin": {"allow_anonymous": True}}
+    listener: dict[str, Any] = {"type": "tcp", "bind": f"{host}:{port}"}
     if password_file is not None:
-        plugins = {"edgefleet.server.broker_auth.PasswordFileAuth": {"password_file": str(password_file)},
-                   "edgefleet.server.broker_auth.DeviceTopicAcl": {"password_file": str(password_file)}}
-    return {"listeners": {"default": {"type": "tcp", "bind": f"{host}:{port}"}}, "plugins": plugins}
+        auth: dict[str, Any] = {"edgefleet.server.broker_auth.PasswordFileAuth": {"password_file": str(password_file)}}
+        if tls is not None:
+            auth = {"edgefleet.server.broker_auth.CertificateAuth": {"password_file": str(password_file),
+                                                                    "crl_file": str(tls.crl_file)}}
+        plugins = {**auth, "edgefleet.server.broker_auth.DeviceTopicAcl": {"password_file": str(password_file)}}
+    if tls is not None:
+        listener.update(ssl=True, cafile=str(tls.ca_file), certfile=str(tls.cert_file), keyfile=str(tls.key_file))
+    return {"listeners": {"default": listener}, "plugins": plugins}
 
 
 def ready_path(config_path: Path) -> Path:
@@ -101,9 +123,11 @@ class EmbeddedBroker:
     """An amqtt broker in a child process, bound to one loopback address."""
 
     def __init__(self, data_dir: Path, host: str = "127.0.0.1", port: int | None = None,
-                 password_file: Path | None = None, login: tuple[str, str] | None = None) -> None:
+                 password_file: Path | None = None, login: tuple[str, str] | None = None,
+                 tls: BrokerTls | None = None) -> None:
         self.data_dir = Path(data_dir)
         self.password_file = password_file
+        self.tls = tls
         self._login = login
         self.host = host
         self._port = port
@@ -136,7 +160,8 @@ class EmbeddedBroker:
         self.data_dir.mkdir(parents=True, exist_ok=True)
         port = self._port if self._port is not None else free_port(self.host)
         config_path = self.data_dir / CONFIG_NAME
-        config_path.write_text(yaml.safe_dump(broker_config(self.host, port, self.password_file)), encoding="utf-8")
+        config = broker_config(self.host, port, self.password_file, self.tls)
+        config_path.write_text(yaml.safe_dump(config), encoding="utf-8")
         ready_path(config_path).unlink(missing_ok=True)
         with self.log_path.open("ab") as log:
             self._process = subprocess.Popen(
@@ -146,8 +171,10 @@ class EmbeddedBroker:
                 stderr=subprocess.STDOUT,
                 env=_child_env(),
             )
-        endpoint = MqttEndpoint(self.host, port)
+        endpoint = MqttEndpoint(self.host, port, tls=MqttTls(self.tls.ca_file) if self.tls else None)
         probe = MqttEndpoint(self.host, port, *self._login) if self._login else endpoint
+        if self.tls is not None:
+            probe = replace(probe, tls=self.tls.client or endpoint.tls)
         try:
             self._wait_ready(probe, ready_path(config_path), timeout_s)
         except BaseException:

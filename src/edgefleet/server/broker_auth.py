@@ -10,6 +10,12 @@ Revocation also takes effect on a connection opened before it: on reload Mosquit
 client against the new password file and disconnects the ones no longer in it; in the embedded broker
 :class:`DeviceTopicAcl` refuses such a user every publish and delivery, and the broker process closes its
 connection (:mod:`edgefleet.server.broker_process`). Either way the client's reconnect is refused.
+
+With TLS and device certificates (mutual TLS, :mod:`edgefleet.server.pki`) the certificate's Common Name is the
+user name: Mosquitto's ``use_identity_as_username``, the embedded broker's :class:`CertificateAuth`. Mosquitto
+then reads no password file, so revocation there is the CRL (``crl.pem``, written here, re-read on SIGHUP) for
+new connections and, for an open one, a ``topic deny #`` block for the revoked user in the ACL file (ACLs are
+checked on every publish and delivery, and re-read on SIGHUP).
 """
 
 from __future__ import annotations
@@ -22,7 +28,7 @@ import os
 import secrets
 import signal
 import threading
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -38,6 +44,7 @@ SERVER_USER = "edgefleet-server"
 PASSWD_FILE = "passwd"
 ACL_FILE = "acl"
 PID_FILE = "mosquitto.pid"
+CRL_FILE = "crl.pem"
 _ITERATIONS = 101
 DEVICE_PUBLISH = ("reported", "telemetry", "events")
 DEVICE_SUBSCRIBE = ("desired",)
@@ -81,9 +88,11 @@ def allowed(username: str | None, topic: str, action: str, server_user: str = SE
     return channel in DEVICE_SUBSCRIBE
 
 
-def acl_text(server_user: str = SERVER_USER) -> str:
-    """Mosquitto's ACL file for the same rules as :func:`allowed`."""
+def acl_text(server_user: str = SERVER_USER, revoked: Iterable[str] = ()) -> str:
+    """Mosquitto's ACL file for the same rules as :func:`allowed`; each ``revoked`` user may do nothing."""
     lines = [f"user {server_user}", "topic readwrite #", ""]
+    for user in sorted(set(revoked) - {server_user}):
+        lines += [f"user {user}", "topic deny #", ""]
     lines += [f"pattern read ef/v1/%u/{c}" for c in DEVICE_SUBSCRIBE]
     lines += [f"pattern write ef/v1/%u/{c}" for c in DEVICE_PUBLISH]
     return "\n".join(lines) + "\n"
@@ -101,6 +110,8 @@ class BrokerAccess:
     server_password: str
     server_user: str = SERVER_USER
     pid_file: Path | None = None
+    crl: Callable[[], bytes] | None = None
+    """With device certificates: the fleet CA's signed revocation list, written to :data:`CRL_FILE`."""
     _last: str = field(default="", repr=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
     _server_hash: str = field(default="", repr=False)
@@ -113,20 +124,28 @@ class BrokerAccess:
     def acl_path(self) -> Path:
         return self.directory / ACL_FILE
 
+    @property
+    def crl_path(self) -> Path:
+        return self.directory / CRL_FILE
+
     def sync(self, devices: Iterable[tuple[str, str | None, bool]]) -> bool:
         """``devices``: (id, password hash, revoked). Rewrite the files if they changed; True if they did."""
         with self._lock:
             if not self._server_hash or not verify_password(self.server_password, self._server_hash):
                 self._server_hash = hash_password(self.server_password)
             entries = [(self.server_user, self._server_hash)]
-            entries += [(d, h) for d, h, revoked in devices if h and not revoked and d != self.server_user]
+            rows = list(devices)
+            entries += [(d, h) for d, h, revoked in rows if h and not revoked and d != self.server_user]
             text = passwd_text(entries)
-            if text == self._last and self.passwd_path.exists():
+            acl = acl_text(self.server_user, (d for d, _h, revoked in rows if revoked))
+            if text + acl == self._last and self.passwd_path.exists():
                 return False
             self.directory.mkdir(parents=True, exist_ok=True)
-            atomic_write(self.acl_path, acl_text(self.server_user).encode(), mode=0o600)
+            if self.crl is not None:
+                atomic_write(self.crl_path, self.crl())
+            atomic_write(self.acl_path, acl.encode(), mode=0o600)
             atomic_write(self.passwd_path, text.encode(), mode=0o600)
-            self._last = text
+            self._last = text + acl
             self._reload()
             return True
 
@@ -234,3 +253,51 @@ class DeviceTopicAcl(BaseTopicPlugin):  # type: ignore[misc]
         server_user = self._get_config_option("server_user", SERVER_USER)
         return allowed(session.username, topic, str(action.value), server_user)
 
+
+
+class CertificateAuth(BaseAuthPlugin):  # type: ignore[misc]
+    """Mutual TLS for the embedded broker: a client must present a certificate of the fleet CA (the TLS listener
+    verified it: signature, validity dates), not listed in ``crl_file``, whose Common Name is a user of the
+    password file (a device not revoked, or the server). That name becomes the session's user name, as
+    Mosquitto's ``use_identity_as_username`` does; a password, if sent, is ignored."""
+
+    @dataclass
+    class Config:
+        password_file: str = ""
+        crl_file: str = ""
+
+    def __init__(self, context: BaseContext) -> None:
+        super().__init__(context)
+        self._file = password_file(self._get_config_option("password_file", ""))
+        self._crl = Path(self._get_config_option("crl_file", ""))
+        self._crl_stamp: tuple[int, int, int] | None = None
+        self._revoked: frozenset[int] = frozenset()
+
+    async def authenticate(self, *, session: Session) -> bool | None:
+        from edgefleet.server.pki import certificate_identity
+
+        ssl_object = session.ssl_object
+        der = ssl_object.getpeercert(binary_form=True) if ssl_object is not None else None
+        if not der:
+            log.info("MQTT login refused for %r: no client certificate", session.username)
+            return False
+        import ssl
+
+        name, serial = certificate_identity(ssl.DER_cert_to_PEM_cert(der))
+        if serial in self._revoked_serials() or name not in self._file.users():
+            log.info("MQTT login refused for certificate %r (serial %x): revoked or unknown", name, serial)
+            return False
+        session.username = name
+        return True
+
+    def _revoked_serials(self) -> frozenset[int]:
+        from edgefleet.server.pki import revoked_serials
+
+        try:
+            stat = self._crl.stat()
+            stamp: tuple[int, int, int] | None = (stat.st_mtime_ns, stat.st_size, stat.st_ino)
+        except OSError:
+            stamp = None
+        if stamp != self._crl_stamp:
+            self._revoked, self._crl_stamp = revoked_serials(self._crl), stamp
+        return self._revoked

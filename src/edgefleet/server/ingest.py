@@ -32,7 +32,7 @@ from edgefleet.server.acks import Ack, DeferredAcks
 from edgefleet.server.store import Store
 from edgefleet.transport import topics
 from edgefleet.transport.messages import Event, ReportedState, TelemetryBatch, parse
-from edgefleet.transport.mqtt_url import MqttEndpoint
+from edgefleet.transport.mqtt_url import MqttEndpoint, tls_context
 
 log = logging.getLogger(__name__)
 SHARE_GROUP = "edgefleet"
@@ -114,7 +114,8 @@ class Ingest:
         if self.mqtt5:
             self._deferred = DeferredAcks(client, self._on_qos1)
         client.set_config({"reconnect_retries": -1, "reconnect_delay": 1})
-        await client.connect(self.endpoint.host, self.endpoint.port, keepalive=30,
+        tls = tls_context(self.endpoint.tls) if self.endpoint.tls is not None else False
+        await client.connect(self.endpoint.host, self.endpoint.port, keepalive=30, ssl=tls,
                              version=MQTTv50 if self.mqtt5 else MQTTv311)
         writer = asyncio.create_task(self._writer())
         await self._stopping.wait()

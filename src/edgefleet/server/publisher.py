@@ -16,7 +16,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 from edgefleet.errors import TransportError
 from edgefleet.transport import topics
 from edgefleet.transport.messages import DesiredState
-from edgefleet.transport.mqtt_url import MqttEndpoint, parse_mqtt_url
+from edgefleet.transport.mqtt_url import MqttEndpoint, parse_mqtt_url, tls_context
 
 _WINDOW = 1000
 
@@ -32,6 +32,8 @@ class DesiredPublisher:
         self._client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=client_id, clean_session=True)
         if endpoint.username is not None:
             self._client.username_pw_set(endpoint.username, endpoint.password)
+        if endpoint.tls is not None:
+            self._client.tls_set_context(tls_context(endpoint.tls))
         self._client.max_inflight_messages_set(_WINDOW)
         self._client.max_queued_messages_set(0)
         self._client.reconnect_delay_set(min_delay=1, max_delay=10)
@@ -88,5 +90,4 @@ class DesiredPublisher:
 
 def _address(url: str) -> str:
     """The broker's address only: each device logs in with its own credentials, never with these."""
-    endpoint = parse_mqtt_url(url)
-    return MqttEndpoint(endpoint.host, endpoint.port).url
+    return parse_mqtt_url(url).address.url

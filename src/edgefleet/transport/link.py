@@ -13,7 +13,7 @@ import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
 
 from edgefleet.errors import TransportError
-from edgefleet.transport.mqtt_url import MqttEndpoint
+from edgefleet.transport.mqtt_url import MqttEndpoint, tls_context
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +64,8 @@ class MqttLink:
         self._client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=client_id, clean_session=clean_session)
         if endpoint.username is not None:
             self._client.username_pw_set(endpoint.username, endpoint.password)
+        if endpoint.tls is not None:  # mqtts://: verify the broker, present the device's certificate
+            self._client.tls_set_context(tls_context(endpoint.tls))
         self._client.reconnect_delay_set(min_delay=1, max_delay=30)
         self._client.max_queued_messages_set(0)
         self._client.on_connect = self._handle_connect

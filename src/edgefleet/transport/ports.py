@@ -11,7 +11,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.reasoncodes import ReasonCode
 
 from edgefleet.errors import TransportError
-from edgefleet.transport.mqtt_url import MqttEndpoint
+from edgefleet.transport.mqtt_url import MqttEndpoint, tls_context
 
 _POLL_S = 0.05
 
@@ -67,6 +67,8 @@ def _try_connect(endpoint: MqttEndpoint, timeout_s: float) -> str:
     client.on_connect = on_connect
     if endpoint.username is not None:
         client.username_pw_set(endpoint.username, endpoint.password)
+    if endpoint.tls is not None:
+        client.tls_set_context(tls_context(endpoint.tls))
     deadline = time.monotonic() + timeout_s
     try:
         client.connect(endpoint.host, endpoint.port, keepalive=10)

@@ -9,7 +9,9 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
+from edgefleet.cli.extras import missing_extra, require
 from edgefleet.errors import EdgefleetError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
@@ -68,6 +70,7 @@ def server(data_dir: Annotated[Path, typer.Option(help="state, artifacts and the
 
     Every option after --trusted-key also reads the environment variable shown; a flag wins over it.
     """
+    require("server")
     from edgefleet.server.main import ServerSettings, run_server
 
     settings = ServerSettings(data_dir=data_dir, host=host, port=port, mqtt_url=mqtt_url, db_url=db_url,
@@ -91,9 +94,28 @@ def demo(workdir: Annotated[Path | None, typer.Option(help="keep everything here
          epochs: Annotated[int, typer.Option(min=1, help="training epochs")] = 60) -> None:
     """Build a dataset's default model as `edgefleet build --dataset` does, serve it, roll it out in waves to local
     agents that replay the test rows, then summarize on-device against build-time accuracy."""
+    require("demo", "server", "build", "train", "data", *(("camera",) if scenario == "camera" else ()))
     from edgefleet.demo import DemoSettings, run_demo
 
     run_demo(DemoSettings(workdir=workdir, scenario=scenario, devices=devices, duration_s=duration, epochs=epochs))
+
+
+@app.command("coap-gateway")
+def coap_gateway(mqtt_url: Annotated[str, typer.Option(
+                     envvar="EDGEFLEET_MQTT_URL",
+                     help="the broker the devices' MQTT credentials are for (the server's: mqtt_url in its "
+                          "server.json)")],
+                 port: Annotated[int, typer.Option(min=1, max=65535, help="UDP port")] = 5683,
+                 host: Annotated[str, typer.Option(help="address to bind")] = "127.0.0.1",
+                 info_file: Annotated[Path | None, typer.Option(help="write {\"coap_url\": ...} here once listening")]
+                 = None) -> None:
+    """Serve constrained devices over CoAP: GET /d/DEVICE/desired, POST /d/DEVICE/telemetry|events|reported, with
+    ?password=THE_DEVICE'S_MQTT_PASSWORD; the broker checks that login and its topic rules as for MQTT."""
+    require("coap-gateway")
+    from edgefleet.server.coap import GatewaySettings, run_gateway
+
+    setup_logging()
+    run_gateway(GatewaySettings(mqtt_url=mqtt_url, host=host, port=port, info_file=info_file))
 
 
 def setup_logging() -> None:
@@ -126,6 +148,17 @@ def main() -> None:
     """Console entry point: run the command, turning edgefleet errors into one line and an exit code."""
     try:
         app(prog_name="edgefleet")  # usage errors: typer prints them and exits 2
+    except ModuleNotFoundError as exc:  # an optional extra's package, reached by a command: one line naming it
+        missing = missing_extra(exc, _command(sys.argv[1:]))
+        if missing is None:
+            raise
+        console.print(f"[red]edgefleet: error:[/red] {escape(str(missing))}", highlight=False, soft_wrap=True)
+        sys.exit(missing.exit_code)
     except EdgefleetError as exc:
-        console.print(f"[red]edgefleet: error:[/red] {exc}", highlight=False, soft_wrap=True)
+        console.print(f"[red]edgefleet: error:[/red] {escape(str(exc))}", highlight=False, soft_wrap=True)
         sys.exit(exc.exit_code)
+
+
+def _command(argv: list[str]) -> str:
+    """The top-level command named on the command line (the first word that is not an option)."""
+    return next((arg for arg in argv if not arg.startswith("-")), "")

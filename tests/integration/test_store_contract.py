@@ -102,6 +102,8 @@ class StoreContract:
         assert migrated.migrated_from == 1
         columns = {c["name"] for c in inspect(migrated.engine).get_columns("devices")}
         assert {"desired_shadow_id", "desired_rev", "published_rev", "mqtt_password_hash"} <= columns
+        assert "public_key" in columns  # version 4: encrypted models
+        assert "model_key_sealed" in {c["name"] for c in inspect(migrated.engine).get_columns("model_versions")}
         again = migrated.get_device("old")
         assert again is not None and again.desired_rev == 0
         migrated.close()
@@ -140,6 +142,26 @@ class StoreContract:
         store.set_revoked("d2")
         assert store.device_by_token("t-d2".ljust(64, "0")).revoked  # type: ignore[union-attr]
         assert store.record_reported("d1", {"active": "clf@1.0.0"}) and not store.record_reported("x", {})
+
+    def test_a_model_key_is_kept_sealed_and_a_reported_public_key_republishes_the_desired_state(
+            self, store: Store) -> None:
+        """Encrypted models (E7): the model row keeps only the sealed key; a device's new public key is stored
+        and, when it has a model desired, makes its desired state unpublished (it goes out with a key wrapped
+        for it); a revoked device's key is not taken."""
+        sealed = store.add_model(manifest(), "a" * 64, 10, "k", model_key_sealed="sealed-text")
+        assert store.model_by_sha("a" * 64).model_key_sealed == "sealed-text"  # type: ignore[union-attr]
+        for name in ("d1", "d2", "idle"):
+            store.add_device(device(name))
+        store.set_desired(["d1", "d2"], sealed.id)
+        store.mark_published_many([("d1", 1), ("d2", 1)])
+        store.set_revoked("d2")
+        for name in ("d1", "d2", "idle"):
+            assert store.record_reported(name, {"public_key": f"key-{name}"})
+        keys = {d.id: d.public_key for d in store.list_devices()}
+        assert keys == {"d1": "key-d1", "d2": None, "idle": "key-idle"}
+        assert [(d.id, d.public_key) for d in store.desired_unpublished()] == [("d1", "key-d1")]
+        store.mark_published("d1", 2)
+        assert store.record_reported("d1", {"public_key": "key-d1"}) and store.desired_unpublished() == []
 
     # telemetry -------------------------------------------------------------------------------
     def test_telemetry_is_stored_once_per_device_and_seq(self, store: Store) -> None:

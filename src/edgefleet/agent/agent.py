@@ -28,7 +28,7 @@ from edgefleet.agent.inference import InferencePipeline
 from edgefleet.agent.model import LoadedModel
 from edgefleet.agent.restore import Restorer, SlotRefused
 from edgefleet.agent.sources import SensorSource
-from edgefleet.agent.state import AgentState
+from edgefleet.agent.state import AgentState, device_public_key
 from edgefleet.agent.updater import ERROR_KEY, STEP_KEY, HealthPolicy, Updater
 from edgefleet.agent.verify import TrustSpec, trust_state
 from edgefleet.errors import BundleError, EdgefleetError, TransportError
@@ -60,6 +60,7 @@ class Agent:
         config.data_dir.mkdir(parents=True, exist_ok=True)
         self.state = AgentState(config.data_dir, outbox_max_bytes=config.outbox_max_bytes)
         self.device = config.device_id
+        self.public_key = self._device_key()
         self._stop = threading.Event()
         self._outbox_wake = threading.Event()
         self._held_events: deque[tuple[str, dict[str, Any], float]] = deque(maxlen=HELD_EVENTS)
@@ -67,8 +68,7 @@ class Agent:
         self._consecutive_failures = 0
         self.link = MqttLink(config.mqtt, f"ef-agent-{self.device}", clean_session=False,
                              subscriptions=[(topics.desired(self.device), 1)], on_message=self._on_message)
-        fetcher = fetcher or ArtifactFetcher(config.server_url, config.token, limits=config.downloads,
-                                             tls=config.tls)
+        fetcher = fetcher or ArtifactFetcher(config.server_url, config.token, limits=config.downloads)
         self.updater = Updater(self.state, fetcher, self.trust, self._activate, self.event, self.report,
                                set_shadow=self._set_shadow,
                                health=HealthPolicy(config.health_timeout_s, config.latency_budget_ms))
@@ -109,6 +109,15 @@ class Agent:
 
     def request_stop(self) -> None:
         self._stop.set()
+
+    def _device_key(self) -> str | None:
+        """This device's public key (the key pair is made at the first start; encrypted models are wrapped for
+        it); None when it cannot be written (the device then takes clear models only, and says why)."""
+        try:
+            return device_public_key(self.config.data_dir)
+        except (OSError, ValueError) as exc:
+            log.error("no device key pair, encrypted models cannot be installed: %s", exc)
+            return None
 
     # trust and models -------------------------------------------------------------------------
     def keyring(self) -> Keyring:
@@ -252,7 +261,8 @@ class Agent:
                            "shadow": shadow.ref if shadow else None,
                            "running": running, "active_expired": expired,
                            "update_state": self.state.get(STEP_KEY, "idle"),
-                           "last_error": self.state.get(ERROR_KEY), "ts": time.time()})
+                           "last_error": self.state.get(ERROR_KEY), "public_key": self.public_key,
+                           "ts": time.time()})
         self.link.publish(topics.reported(self.device), reported, qos=1, retain=True)
 
     def _record_running(self) -> tuple[str | None, bool]:

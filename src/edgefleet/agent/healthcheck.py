@@ -1,5 +1,7 @@
 """The candidate's health check, run in a child process so that a crashing or hanging model cannot take the
-agent down. ``python -m edgefleet.agent.healthcheck MODEL MANIFEST`` prints one JSON line and exits 0.
+agent down. ``python -m edgefleet.agent.healthcheck`` reads the manifest JSON (one line) and then the model bytes
+on its stdin, prints one JSON line and exits 0. The model goes through the pipe, never through a file: a
+decrypted model (:mod:`edgefleet.bundle.encrypt`) never touches the disk, and no model does.
 
 The parent (:func:`run_health_check`) turns a crash (signal or non-zero exit), a hang (time limit), NaN/Inf
 outputs, outputs off the golden samples beyond tolerance, or latency over budget into a ModelError.
@@ -19,7 +21,6 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from edgefleet.errors import EdgefleetError, ModelError
-from edgefleet.storage import atomic_write
 
 if TYPE_CHECKING:
     from edgefleet.bundle.manifest import Manifest
@@ -28,22 +29,16 @@ DEFAULT_COMMAND: tuple[str, ...] = (sys.executable, "-m", "edgefleet.agent.healt
 LATENCY_BUDGET_KEY = "max_latency_ms"
 
 
-def run_health_check(model: bytes, manifest: Manifest, work_dir: Path, *, timeout_s: float = 30.0,
+def run_health_check(model: bytes, manifest: Manifest, *, timeout_s: float = 30.0,
                      latency_budget_ms: float | None = None,
                      command: Sequence[str] = DEFAULT_COMMAND) -> float:
-    """Check the candidate in a child process; return its median latency in ms or raise ModelError."""
-    work_dir.mkdir(parents=True, exist_ok=True)
-    model_path, manifest_path = work_dir / "candidate.onnx", work_dir / "candidate.manifest.json"
-    atomic_write(model_path, model, mode=0o600)
-    atomic_write(manifest_path, manifest.model_dump_json().encode(), mode=0o600)
+    """Check the candidate in a child process (the model through its stdin); return its median latency in ms or
+    raise ModelError. OSError when the child cannot be started."""
+    request = manifest.model_dump_json().encode() + b"\n" + model
     try:
-        result = subprocess.run([*command, str(model_path), str(manifest_path)], capture_output=True,
-                                timeout=timeout_s, stdin=subprocess.DEVNULL)
+        result = subprocess.run(list(command), input=request, capture_output=True, timeout=timeout_s)
     except subprocess.TimeoutExpired as exc:
         raise ModelError(f"health check: the model hung (no answer within {timeout_s:.0f} s)") from exc
-    finally:
-        model_path.unlink(missing_ok=True)
-        manifest_path.unlink(missing_ok=True)
     if result.returncode < 0:
         raise ModelError(f"health check: the model crashed the runtime (signal {-result.returncode})")
     try:
@@ -61,14 +56,19 @@ def run_health_check(model: bytes, manifest: Manifest, work_dir: Path, *, timeou
 
 
 def check(model_path: Path, manifest_path: Path, runs: int = 20) -> float:
+    """:func:`check_model` on a model and a manifest in files (for tools and tests)."""
+    return check_model(model_path.read_bytes(), manifest_path.read_bytes(), runs)
+
+
+def check_model(model: bytes, manifest_json: bytes, runs: int = 20) -> float:
     """Load and run the model through its manifest's pipeline: the pipeline fits the model, golden samples within
     tolerance, finite scores for a neutral input; the median latency in ms."""
     from edgefleet.bundle.manifest import Manifest, check_golden
     from edgefleet.runtime.runner import OnnxRuntimeRunner
     from edgefleet.runtime.spec import ModelPipeline
 
-    manifest = Manifest.model_validate_json(manifest_path.read_bytes())
-    runner = OnnxRuntimeRunner(model_path.read_bytes())
+    manifest = Manifest.model_validate_json(manifest_json)
+    runner = OnnxRuntimeRunner(model)
     pipeline = ModelPipeline.from_manifest(manifest.preprocess, manifest.postprocess)
     pipeline.check(manifest.inputs, manifest.outputs, manifest.labels)
     score = pipeline.outputs.scorer(runner)
@@ -91,12 +91,13 @@ def check(model_path: Path, manifest_path: Path, runs: int = 20) -> float:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
-    if len(args) != 2:
-        print(json.dumps({"ok": False, "error": "usage: healthcheck MODEL MANIFEST"}))
+    if args:
+        print(json.dumps({"ok": False, "error": "usage: healthcheck < MANIFEST-LINE MODEL-BYTES"}))
         return 2
     os.environ.setdefault("OMP_NUM_THREADS", "1")
+    manifest_json, _, model = sys.stdin.buffer.read().partition(b"\n")
     try:
-        latency = check(Path(args[0]), Path(args[1]))
+        latency = check_model(model, manifest_json)
     except (EdgefleetError, OSError, ValueError) as exc:
         print(json.dumps({"ok": False, "error": str(exc)}))
         return 0

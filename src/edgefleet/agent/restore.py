@@ -29,8 +29,8 @@ from typing import Any
 
 from edgefleet.agent.accepted import raise_floor, remember_version
 from edgefleet.agent.model import LoadedModel, make_model
-from edgefleet.agent.state import AgentState, Slot
-from edgefleet.agent.verify import TrustSpec, Verified, verify_stored
+from edgefleet.agent.state import DEVICE_KEY_FILE, AgentState, Slot
+from edgefleet.agent.verify import StoredKey, TrustSpec, Verified, verify_stored
 from edgefleet.errors import EdgefleetError
 
 log = logging.getLogger(__name__)
@@ -83,7 +83,11 @@ class Restorer:
             return None
         try:
             data = self._state.bundle_path(slot.sha256).read_bytes()
-            verified = self._verify(data, self._spec(), allow_expired=allow_expired)
+            options: dict[str, Any] = {"allow_expired": allow_expired}
+            wrapped = self._state.wrapped_key(slot.sha256)
+            if wrapped is not None:  # an encrypted model: the child unwraps its key and decrypts it in memory
+                options["stored_key"] = StoredKey(wrapped, str(self._state.data_dir / DEVICE_KEY_FILE))
+            verified = self._verify(data, self._spec(), **options)
             model = make_model(verified.info, verified.sha256, verified.model)
         except FileNotFoundError as exc:
             raise SlotRefused(slot, "missing_bundle", f"its bundle file is gone ({exc.filename})") from exc

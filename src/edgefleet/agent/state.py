@@ -11,6 +11,7 @@ raises for it: :meth:`AgentState.enqueue` refuses the message and counts it (``o
 
 from __future__ import annotations
 
+import base64
 import errno
 import json
 import logging
@@ -35,6 +36,11 @@ CREATE TABLE IF NOT EXISTS outbox (id INTEGER PRIMARY KEY AUTOINCREMENT, topic T
                                    payload BLOB NOT NULL, created REAL NOT NULL);
 """
 SLOTS = ("active", "previous", "candidate", "shadow")
+DEVICE_KEY_FILE = "device.key"
+"""The device's X25519 private key (base64, mode 0600): made at the first start, it never leaves the device."""
+DEVICE_PUB_FILE = "device.pub"
+WRAPPED_KEY = "wrapped_key:"
+"""Key-value prefix: ``wrapped_key:<bundle sha256>`` is an encrypted bundle's model key, wrapped for this device."""
 DEFAULT_OUTBOX_BYTES = 64 * 1024 * 1024
 _SQLITE_FULL = 13
 log = logging.getLogger(__name__)
@@ -136,6 +142,23 @@ class AgentState:
         finally:
             os.close(dir_fd)
         return path
+
+    # wrapped model keys ------------------------------------------------------------------------
+    def keep_wrapped_key(self, sha256: str, wrapped: str) -> None:
+        """Keep an encrypted bundle's wrapped model key beside its slot (wrapped: only this device opens it)."""
+        self.put(WRAPPED_KEY + sha256, wrapped)
+
+    def wrapped_key(self, sha256: str) -> str | None:
+        value = self.get(WRAPPED_KEY + sha256)
+        return value if isinstance(value, str) else None
+
+    def forget_wrapped_keys(self, keep: set[str]) -> None:
+        """Drop the wrapped keys of bundles the agent no longer holds."""
+        with self._lock, self._translated():
+            keys = [row[0] for row in self._db.execute("SELECT key FROM kv WHERE key LIKE ?", (WRAPPED_KEY + "%",))]
+        doomed = [(key,) for key in keys if key.removeprefix(WRAPPED_KEY) not in keep]
+        if doomed:
+            self._write([("DELETE FROM kv WHERE key = ?", key) for key in doomed])
 
     # key-value --------------------------------------------------------------------------------
     def get(self, key: str, default: Any = None) -> Any:
@@ -269,6 +292,29 @@ class AgentState:
                 raise
             code = errno.ENOSPC if getattr(exc, "sqlite_errorcode", 0) & 0xFF == _SQLITE_FULL else errno.EIO
             raise OSError(code, f"agent state {self.data_dir / 'agent.db'}: {exc}") from exc
+
+
+def device_public_key(data_dir: Path) -> str:
+    """The device's X25519 public key (base64): the key pair is made here at the first start (the private key
+    in ``DATA_DIR/device.key``, mode 0600); later starts only read the public key (no ``cryptography`` loaded)."""
+    private_path, public_path = data_dir / DEVICE_KEY_FILE, data_dir / DEVICE_PUB_FILE
+    if private_path.is_file() and public_path.is_file():
+        return public_path.read_text().strip()
+    from edgefleet.bundle import keywrap
+
+    if private_path.is_file():  # stopped between the two writes
+        public = keywrap.public_from_private(device_private_key(data_dir))
+    else:
+        private, public = keywrap.generate_device_key()
+        atomic_write(private_path, (keywrap.key_text(private) + "\n").encode(), mode=0o600)
+    text = keywrap.key_text(public)
+    atomic_write(public_path, (text + "\n").encode())
+    return text
+
+
+def device_private_key(data_dir: Path) -> bytes:
+    """The raw private key of :func:`device_public_key`'s pair; OSError or ValueError when it is unreadable."""
+    return base64.b64decode((data_dir / DEVICE_KEY_FILE).read_text().strip(), validate=True)
 
 
 def describe(state: AgentState) -> dict[str, Any]:

@@ -11,6 +11,11 @@ with reason ``disk_full`` or ``io_error``: the candidate and its files are remov
 running, the step returns to ``idle`` with the error (written as soon as the database can write again), and the
 next desired state tries again. Partial downloads and bundles that neither a slot nor a pending target holds are
 removed when the updater starts and after every attempt.
+
+An encrypted model (:mod:`edgefleet.bundle.encrypt`) comes with its model key wrapped for this device
+(``wrapped_key`` in the target, :mod:`edgefleet.bundle.keywrap`): it is unwrapped with the device's private key
+and the model decrypted in memory only; the health check gets the plaintext through a pipe. The wrapped key is
+kept with the slot (``wrapped_key:<sha256>`` in the state) so that the model can be restored at the next start.
 """
 
 from __future__ import annotations
@@ -31,13 +36,14 @@ from typing import TYPE_CHECKING, Any
 from edgefleet.agent.fetch import Download, DownloadCancelled, Fetcher
 from edgefleet.agent.healthcheck import DEFAULT_COMMAND, run_health_check
 from edgefleet.agent.model import LoadedModel, load_model
-from edgefleet.agent.state import SLOTS, AgentState, Slot
+from edgefleet.agent.state import SLOTS, AgentState, Slot, device_private_key
 from edgefleet.errors import BundleError, EdgefleetError, TransportError
 from edgefleet.storage import atomic_write
 from edgefleet.transport.messages import ModelTarget
 from edgefleet.transport.retry import Backoff
 
 if TYPE_CHECKING:  # loaded when an update is verified, not before: the idle agent stays small
+    from edgefleet.bundle.encrypt import ModelKey
     from edgefleet.core.update import AcceptedBundle, TrustState
     from edgefleet.transport.messages import ModelRef
 
@@ -227,7 +233,11 @@ class Updater:
         doomed = [path for path in _files(self._state.bundles_dir)
                   if path.name.startswith(".") or path.name.removesuffix(".bundle") not in keep]
         doomed += [path for path in _files(data_dir / "downloads") if path.name.split(".")[0] not in keep]
-        doomed += _files(data_dir / "health")  # a check killed before it cleaned up (none runs now)
+        doomed += _files(data_dir / "health")  # left by agents that checked models through files
+        try:
+            self._state.forget_wrapped_keys(keep)
+        except OSError as exc:
+            log.warning("cannot drop unused model keys: %s", exc)
         for path in doomed:
             try:
                 path.unlink(missing_ok=True)
@@ -316,11 +326,27 @@ class Updater:
             raise BundleError("rollback order is not base64", reason="malformed") from exc
         from edgefleet.core.update import decide
 
-        accepted = decide(data, self._trust(), rollback_order=order,
+        trust = self._trust()
+        wrapped = target.wrapped_key or self._state.wrapped_key(target.sha256)
+        accepted = decide(data, trust, rollback_order=order, decryption_key=self._model_key(wrapped, trust, target),
                           allow_rollback=previous is not None and previous.sha256 == target.sha256)
+        if accepted.manifest.encryption is not None and wrapped is not None:
+            self._state.keep_wrapped_key(accepted.sha256, wrapped)
         if download is not None:
             self._state.adopt_bundle(accepted.sha256, download.path)
         return accepted
+
+    def _model_key(self, wrapped: str | None, trust: TrustState, target: Target) -> ModelKey | None:
+        """The model key the server wrapped for this device and bundle (None: none was sent)."""
+        if wrapped is None:
+            return None
+        from edgefleet.bundle.keywrap import unwrap_for_device
+
+        try:
+            private = device_private_key(self._state.data_dir)
+        except (OSError, ValueError) as exc:
+            raise BundleError(f"this device's key cannot be read: {exc}", reason="decrypt_failed") from exc
+        return unwrap_for_device(wrapped, private, trust.device_id or "", target.sha256)
 
     def _download(self, target: Target) -> Download:
         """The delta against the active bundle when one is offered and applies cleanly; else the whole bundle.
@@ -369,8 +395,7 @@ class Updater:
     def _checked(self, accepted: AcceptedBundle, target: Target) -> LoadedModel:
         """The candidate's health check; OSError when its files cannot be written or its process not started."""
         self._step("health_checking", target=target.ref)
-        latency = run_health_check(accepted.model, accepted.manifest, self._state.data_dir / "health",
-                                   timeout_s=self._health.timeout_s,
+        latency = run_health_check(accepted.model, accepted.manifest, timeout_s=self._health.timeout_s,
                                    latency_budget_ms=self._health.latency_budget_ms, command=self._health.command)
         log.info("%s passed its health check (%.3f ms per window)", target.ref, latency)
         return load_model(accepted)

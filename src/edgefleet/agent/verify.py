@@ -11,6 +11,11 @@ When those modules are loaded in this process anyway (tests, tools), it runs ``d
 
 An update that arrives later is verified in the agent process (by the updater), as before.
 
+An encrypted model is restored with the wrapped model key kept with its slot (:class:`StoredKey`): the child
+unwraps it with the device's private key, decrypts the model and hands the plaintext back through its stdout
+pipe (after the model bytes, the JSON line says how many there are); the agent checks it against the signed
+plaintext SHA-256. The plaintext never touches the disk.
+
 Time: the spec carries the device's clock reading and its time floor (the newest signed time it has verified,
 see :mod:`edgefleet.agent.timefloor`), so the child judges expiry at the same moment the agent would.
 ``allow_expired`` re-checks the model the device already runs (the start-up policy in
@@ -33,6 +38,7 @@ from edgefleet.bundle.signing import PublicKey
 from edgefleet.errors import BundleError, EdgefleetError
 
 if TYPE_CHECKING:
+    from edgefleet.bundle.encrypt import ModelKey
     from edgefleet.core.update import TrustState
 
 COMMAND: tuple[str, ...] = (sys.executable, "-m", "edgefleet.agent.verify")
@@ -90,6 +96,28 @@ def trust_state(spec: TrustSpec, *, accepted_before: bool = False) -> TrustState
 
 
 @dataclass(frozen=True)
+class StoredKey:
+    """An encrypted bundle's model key as the device keeps it: wrapped for it, and its private key's file."""
+
+    wrapped: str
+    device_key_file: str
+
+    def model_key(self, device_id: str | None, bundle_sha256: str) -> ModelKey:
+        """The unwrapped key (loads ``cryptography``); BundleError(reason="decrypt_failed") when it fails."""
+        import base64
+        import binascii
+        from pathlib import Path
+
+        from edgefleet.bundle.keywrap import unwrap_for_device
+
+        try:
+            private = base64.b64decode(Path(self.device_key_file).read_text().strip(), validate=True)
+        except (OSError, binascii.Error, ValueError) as exc:
+            raise BundleError(f"this device's key cannot be read: {exc}", reason="decrypt_failed") from exc
+        return unwrap_for_device(self.wrapped, private, device_id or "", bundle_sha256)
+
+
+@dataclass(frozen=True)
 class Verified:
     """A stored bundle accepted again: its manifest fields, SHA-256 and model bytes; whether it has expired (only
     with ``allow_expired``) and its signed creation time (ISO)."""
@@ -102,31 +130,40 @@ class Verified:
 
 
 def verify_stored(data: bytes, spec: TrustSpec, *, in_process: bool | None = None, timeout_s: float = 120.0,
-                  command: Sequence[str] = COMMAND, allow_expired: bool = False) -> Verified:
+                  command: Sequence[str] = COMMAND, allow_expired: bool = False,
+                  stored_key: StoredKey | None = None) -> Verified:
     """Accept a bundle the device accepted before (rollback allowed) or raise BundleError (with its reason).
 
     ``in_process``: None runs the check here only if ``edgefleet.core.update`` is already imported.
     ``allow_expired``: an expired bundle passes (every other check still applies), with ``expired`` set.
+    ``stored_key``: an encrypted bundle's wrapped model key; ``model`` is then the decrypted model (in memory).
     """
     if in_process is None:
         in_process = "edgefleet.core.update" in sys.modules
     if in_process:
         from edgefleet.core.update import decide
 
+        digest = hashlib.sha256(data).hexdigest()
+        key = stored_key.model_key(spec.device_id, digest) if stored_key is not None else None
         accepted = decide(data, trust_state(spec, accepted_before=True), allow_rollback=True,
-                          allow_expired=allow_expired)
+                          allow_expired=allow_expired, decryption_key=key)
         return Verified(ModelInfo.from_bytes(accepted.manifest.canonical_bytes()), accepted.sha256, accepted.model,
                         expired=accepted.expired, created=accepted.manifest.created)
-    request = json.dumps({**spec.to_json(), "allow_expired": allow_expired}).encode() + b"\n" + data
+    key_fields = {} if stored_key is None else {"wrapped_key": stored_key.wrapped,
+                                                "device_key_file": stored_key.device_key_file}
+    request = json.dumps({**spec.to_json(), "allow_expired": allow_expired, **key_fields}).encode() + b"\n" + data
     try:
         result = subprocess.run(list(command), input=request, capture_output=True, timeout=timeout_s, check=False)
     except subprocess.TimeoutExpired as exc:
         raise BundleError(f"verification gave no answer within {timeout_s:.0f} s", reason="verify_failed") from exc
     except OSError as exc:
         raise BundleError(f"cannot start the verification: {exc}", reason="verify_failed") from exc
+    head, _, last = result.stdout.rstrip(b"\n").rpartition(b"\n")
     try:
-        report = json.loads(result.stdout.decode().strip().splitlines()[-1])
-    except (ValueError, IndexError) as exc:
+        report = json.loads(last)
+        if not isinstance(report, dict):
+            raise ValueError("not an object")
+    except (ValueError, UnicodeDecodeError) as exc:
         tail = result.stderr.decode(errors="replace").strip().splitlines()[-1:] or ["no output"]
         raise BundleError(f"verification exited {result.returncode}: {tail[0][:200]}",
                           reason="verify_failed") from exc
@@ -136,10 +173,24 @@ def verify_stored(data: bytes, spec: TrustSpec, *, in_process: bool | None = Non
     if report.get("sha256") != digest:
         raise BundleError("the verified bundle is not the one loaded", reason="hash_mismatch")
     members = read_container(data, Limits())
-    if MODEL not in members:
-        raise BundleError("an encrypted model cannot be restored without its key", reason="decrypt_failed")
-    return Verified(ModelInfo.from_bytes(members[MANIFEST]), digest, members[MODEL],
+    model = members[MODEL] if MODEL in members else _decrypted(head, report, members[MANIFEST])
+    return Verified(ModelInfo.from_bytes(members[MANIFEST]), digest, model,
                     expired=report.get("expired") is True, created=created_time(members[MANIFEST]))
+
+
+def _decrypted(head: bytes, report: Mapping[str, Any], manifest: bytes) -> bytes:
+    """The decrypted model the child sent before its report, checked against the signed plaintext SHA-256."""
+    size = report.get("model_bytes")
+    if not isinstance(size, int) or size <= 0 or size > len(head):
+        raise BundleError("an encrypted model cannot be restored without its key", reason="decrypt_failed")
+    model = head[len(head) - size:]
+    try:
+        expected = json.loads(manifest)["encryption"]["plaintext_sha256"]
+    except (ValueError, KeyError, TypeError) as exc:
+        raise BundleError("the manifest does not describe the encrypted model", reason="malformed") from exc
+    if hashlib.sha256(model).hexdigest() != expected:
+        raise BundleError("decrypted model does not match its signed SHA-256", reason="hash_mismatch")
+    return model
 
 
 def created_time(manifest: bytes) -> str | None:
@@ -162,16 +213,29 @@ def main() -> int:
     try:
         request = json.loads(head)
         spec = TrustSpec.from_json(request)
-        verified = verify_stored(data, spec, in_process=True, allow_expired=request.get("allow_expired") is True)
+        stored_key = (StoredKey(str(request["wrapped_key"]), str(request["device_key_file"]))
+                      if request.get("wrapped_key") else None)
+        verified = verify_stored(data, spec, in_process=True, allow_expired=request.get("allow_expired") is True,
+                                 stored_key=stored_key)
     except EdgefleetError as exc:
-        print(json.dumps({"ok": False, "reason": getattr(exc, "reason", None) or type(exc).__name__,
-                          "error": str(exc)}))
+        _answer({"ok": False, "reason": getattr(exc, "reason", None) or type(exc).__name__, "error": str(exc)})
         return 0
     except (ValueError, KeyError, TypeError) as exc:
-        print(json.dumps({"ok": False, "reason": "malformed", "error": f"bad request: {exc}"}))
+        _answer({"ok": False, "reason": "malformed", "error": f"bad request: {exc}"})
         return 0
-    print(json.dumps({"ok": True, "sha256": verified.sha256, "model": verified.info.ref, "expired": verified.expired}))
+    report = {"ok": True, "sha256": verified.sha256, "model": verified.info.ref, "expired": verified.expired}
+    if stored_key is not None:  # the plaintext goes back through the pipe, never through a file
+        _answer({**report, "model_bytes": len(verified.model)}, verified.model)
+    else:
+        _answer(report)
     return 0
+
+
+def _answer(report: Mapping[str, Any], model: bytes = b"") -> None:
+    """The child's answer on stdout: the decrypted model bytes (if any), then one JSON line."""
+    out = sys.stdout.buffer
+    out.write(model + (b"\n" if model else b"") + json.dumps(report).encode() + b"\n")
+    out.flush()
 
 
 if __name__ == "__main__":

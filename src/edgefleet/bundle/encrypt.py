@@ -87,10 +87,10 @@ def encrypt_model(plaintext: bytes, key: ModelKey, aad: bytes) -> bytes:
 def decrypt_model(blob: bytes, key: ModelKey | None, aad: bytes) -> bytes:
     """The plaintext model, or BundleError(reason="decrypt_failed") for a missing or wrong key."""
     if key is None:
-        raise BundleError("the model is encrypted and this device holds no model key", reason="decrypt_failed")
+        raise BundleError("the model is encrypted and no model key was given for it", reason="decrypt_failed")
     if len(blob) < NONCE_BYTES + TAG_BYTES:
         raise BundleError("encrypted model member is too short", reason="decrypt_failed")
     try:
         return AESGCM(key.raw).decrypt(blob[:NONCE_BYTES], blob[NONCE_BYTES:], aad)
     except InvalidTag as exc:
-        raise BundleError("the model does not decrypt with this device's model key", reason="decrypt_failed") from exc
+        raise BundleError("the model does not decrypt with the model key given", reason="decrypt_failed") from exc

@@ -73,7 +73,7 @@ def keys_revoke(key_id: Annotated[str, typer.Argument(help="id of the key to rev
 
 @keys_app.command("model-key")
 def keys_model_key(out: Annotated[Path, typer.Option(help="file to write (mode 0600)")]) -> None:
-    """Create an AES-256 key for `bundle pack --encrypt-key`; devices need the same file to decrypt."""
+    """Create an AES-256 key for `bundle pack --encrypt-key`; push the bundle with `model push --model-key`."""
     from edgefleet.bundle.encrypt import write_model_key
 
     key = write_model_key(out)

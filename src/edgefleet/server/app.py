@@ -21,23 +21,25 @@ from fastapi.responses import FileResponse, JSONResponse
 from pydantic import BaseModel, Field
 
 from edgefleet import __version__
+from edgefleet.bundle.encrypt import ModelKey
 from edgefleet.bundle.signing import PublicKey
 from edgefleet.core.update import TrustState, decide
 from edgefleet.errors import BundleError, EdgefleetError, StoreError
 from edgefleet.server.artifacts import ArtifactStore
 from edgefleet.server.broker_auth import BrokerAccess, hash_password
-from edgefleet.server.certificates_api import certificates_router, device_certificate
 from edgefleet.server.limits import Limits, RequestLimits
 from edgefleet.server.metrics import CONTENT_TYPE, Metrics
+from edgefleet.server.model_keys import ModelKeys
 from edgefleet.server.orchestrator import Orchestrator, model_ref
-from edgefleet.server.pki import FleetCA
 from edgefleet.server.rollout_api import rollout_router
 from edgefleet.server.schema import Device, ModelVersion
 from edgefleet.server.store import Store
 from edgefleet.server.telemetry_api import telemetry_router
 from edgefleet.transport import topics
 
-__all__ = ["ServerContext", "create_app", "model_ref"]
+__all__ = ["MODEL_KEY_HEADER", "ServerContext", "create_app", "model_ref"]
+MODEL_KEY_HEADER = "X-Edgefleet-Model-Key"
+"""An encrypted bundle's model key (base64) on ``POST /api/v1/models``; it is stored only sealed."""
 
 
 @dataclass
@@ -54,8 +56,8 @@ class ServerContext:
     metrics: Metrics
     access: BrokerAccess | None = None
     limits: Limits = field(default_factory=Limits)
-    pki: FleetCA | None = None
-    """With ``--tls``: the fleet CA that issues each device its certificate."""
+    model_keys: ModelKeys | None = None
+    """Seals the keys of encrypted models pushed with one (None: encrypted bundles are refused)."""
 
     def sync_broker(self) -> None:
         """Rewrite the broker's password file from the store (new or revoked devices)."""
@@ -121,13 +123,26 @@ def create_app(ctx: ServerContext) -> FastAPI:
     @app.post("/api/v1/models", dependencies=[Operator], status_code=201)
     async def push_model(request: Request) -> dict[str, Any]:
         data = await request.body()  # RequestLimits caps it while it streams in
-        try:
-            accepted = decide(data, TrustState(keys=ctx.trusted_keys))
+        header = request.headers.get(MODEL_KEY_HEADER)
+        key = ModelKey.from_text(header) if header else None  # ConfigError: 422 with one line
+        try:  # an encrypted model is opened with its key and checked like a clear one, in memory only
+            accepted = decide(data, TrustState(keys=ctx.trusted_keys), decryption_key=key)
         except BundleError as exc:
             raise HTTPException(422, f"bundle refused ({exc.reason}): {exc}") from exc
+        sealed = sealed_key(key, accepted.manifest.encryption is not None, accepted.sha256)
         digest = ctx.artifacts.put(data)
-        row = ctx.store.add_model(accepted.manifest, digest, len(data), accepted.key_id)
+        row = ctx.store.add_model(accepted.manifest, digest, len(data), accepted.key_id, model_key_sealed=sealed)
         return model_json(row)
+
+    def sealed_key(key: ModelKey | None, encrypted: bool, digest: str) -> str | None:
+        """An encrypted bundle's key sealed with the master key, to be stored (never the key in clear)."""
+        if key is None:
+            return None
+        if not encrypted:
+            raise HTTPException(422, "the bundle is not encrypted: a model key goes only with an encrypted bundle")
+        if ctx.model_keys is None:
+            raise HTTPException(422, "this server keeps no model keys (no master key): encrypted bundles refused")
+        return ctx.model_keys.seal(key, digest)
 
     @app.get("/api/v1/models", dependencies=[Operator])
     def list_models() -> list[dict[str, Any]]:
@@ -155,8 +170,7 @@ def create_app(ctx: ServerContext) -> FastAPI:
                                     mqtt_password_hash=hash_password(password), tags=body.tags,
                                     profile=body.profile, created=time.time(), revoked=False))
         ctx.sync_broker()
-        certificate = device_certificate(ctx.pki, body.id) if ctx.pki is not None else {}  # once it is new
-        return {**certificate, "device_id": body.id, "server_url": ctx.public_url, "mqtt_url": ctx.device_mqtt_url,
+        return {"device_id": body.id, "server_url": ctx.public_url, "mqtt_url": ctx.device_mqtt_url,
                 "mqtt_username": body.id, "mqtt_password": password, "token": token, "tags": body.tags,
                 "profile": body.profile, "trusted_keys": {k: v.to_text() for k, v in ctx.trusted_keys.items()}}
 
@@ -173,8 +187,6 @@ def create_app(ctx: ServerContext) -> FastAPI:
     def revoke_device(device_id: str) -> dict[str, Any]:
         known_device(device_id)
         ctx.store.set_revoked(device_id)
-        if ctx.pki is not None:
-            ctx.pki.revoke(device_id)  # the CRL (new connections) and an ACL deny (open ones), at the sync
         ctx.sync_broker()
         return device_json(known_device(device_id))
 
@@ -252,11 +264,10 @@ def create_app(ctx: ServerContext) -> FastAPI:
 
     app.include_router(rollout_router(ctx.orchestrator, ctx.store), dependencies=[Operator])
     app.include_router(telemetry_router(ctx.store), dependencies=[Operator])
-    if ctx.pki is not None:
-        app.include_router(certificates_router(ctx.pki, ctx.store, ctx.sync_broker), dependencies=[Operator])
     return app
 
 
 def model_json(m: ModelVersion) -> dict[str, Any]:
     return {"name": m.name, "version": m.version, "release": m.release, "sha256": m.sha256, "size": m.size,
-            "key_id": m.key_id, "created": m.created, "metrics": m.manifest.get("metrics", {})}
+            "key_id": m.key_id, "created": m.created, "metrics": m.manifest.get("metrics", {}),
+            "encrypted": m.model_key_sealed is not None}

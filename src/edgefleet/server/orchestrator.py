@@ -33,6 +33,7 @@ from edgefleet.core.rollout import (
     telemetry_since,
 )
 from edgefleet.errors import ConfigError, EdgefleetError, StoreError
+from edgefleet.server.model_keys import ModelKeys
 from edgefleet.server.schema import Device, ModelVersion, RolloutRow
 from edgefleet.server.store import Advance, Store
 from edgefleet.transport.messages import DesiredState, ModelRef
@@ -41,18 +42,27 @@ log = logging.getLogger(__name__)
 Publisher = Callable[[Sequence[DesiredState]], None]
 
 
-def model_ref(model: ModelVersion, base_sha256: str | None = None) -> ModelRef:
-    """Where a device fetches ``model``; with the bundle it runs now (``base_sha256``), a delta is offered too."""
+def model_ref(model: ModelVersion, base_sha256: str | None = None, wrapped_key: str | None = None) -> ModelRef:
+    """Where a device fetches ``model``; with the bundle it runs now (``base_sha256``), a delta is offered too,
+    except for an encrypted model, which is sent whole with its key wrapped for the device (``wrapped_key``)."""
     ref = ModelRef(name=model.name, version=model.version, release=model.release, sha256=model.sha256,
-                   size=model.size, url=f"/api/v1/artifacts/{model.sha256}")
-    if base_sha256 and base_sha256 != model.sha256:
+                   size=model.size, url=f"/api/v1/artifacts/{model.sha256}", wrapped_key=wrapped_key)
+    if base_sha256 and base_sha256 != model.sha256 and not model.manifest.get("encryption"):
         ref = ref.model_copy(update={"delta_url": f"/api/v1/artifacts/{model.sha256}/delta/{base_sha256}",
                                      "delta_base_sha256": base_sha256})
     return ref
 
 
-def desired_message(device: Device | Row[Any], models: Mapping[int, ModelVersion]) -> DesiredState:
-    """The desired state of a device; the shadow candidate is included once the message schema has the field."""
+def desired_message(device: Device | Row[Any], models: Mapping[int, ModelVersion],
+                    keys: ModelKeys | None = None) -> DesiredState:
+    """The desired state of a device; the shadow candidate is included once the message schema has the field.
+    An encrypted model's key is wrapped for the device's public key by ``keys`` (never for a revoked device)."""
+
+    def model_ref(model: ModelVersion, base: str | None = None) -> ModelRef:
+        wrapped = None if keys is None else keys.wrap_for(model, device.id, getattr(device, "public_key", None),
+                                                          revoked=bool(getattr(device, "revoked", False)))
+        return _model_ref(model, base, wrapped)
+
     active = models.get(device.desired_model_id) if device.desired_model_id else None
     reported = getattr(device, "reported", None) or {}
     running = reported.get("active_sha256") if isinstance(reported, dict) else None
@@ -63,6 +73,9 @@ def desired_message(device: Device | Row[Any], models: Mapping[int, ModelVersion
         shadow = models.get(device.desired_shadow_id) if device.desired_shadow_id else None
         fields["shadow"] = model_ref(shadow) if shadow else None
     return DesiredState(**fields)
+
+
+_model_ref = model_ref
 
 
 class Orchestrator:
@@ -86,6 +99,8 @@ class Orchestrator:
         self._last_maintenance = 0.0
         self._last_housekeeping = 0.0
         self.housekeeping: Callable[[], None] | None = None
+        self.model_keys: ModelKeys | None = None
+        """Wraps encrypted models' keys for each device in its desired state (None: no keys are sent)."""
 
     # lifecycle --------------------------------------------------------------------------------
     def start(self) -> None:
@@ -229,7 +244,7 @@ class Orchestrator:
                 return 0
             models = {m.id: m for m in self.store.list_models()}
             try:
-                self.publish([desired_message(d, models) for d in pending])
+                self.publish([desired_message(d, models, self.model_keys) for d in pending])
             except EdgefleetError as exc:
                 log.warning("%d desired state(s) not published yet: %s", len(pending), exc)
                 return 0

@@ -27,6 +27,8 @@ class ModelVersion(Base):
     key_id: Mapped[str] = mapped_column(String(32))
     manifest: Mapped[dict[str, Any]] = mapped_column(JSON)
     created: Mapped[float] = mapped_column(Float)
+    # since schema version 4: an encrypted model's key, sealed with the server's master key (never in clear)
+    model_key_sealed: Mapped[str | None] = mapped_column(Text, nullable=True)
 
 
 class Device(Base):
@@ -50,6 +52,8 @@ class Device(Base):
     desired_shadow_id: Mapped[int | None] = mapped_column(ForeignKey("model_versions.id"), nullable=True)
     desired_rev: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
     published_rev: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    # since schema version 4: the X25519 public key the device reported; model keys are wrapped for it
+    public_key: Mapped[str | None] = mapped_column(String(64), nullable=True)
 
 
 class TelemetryRow(Base):

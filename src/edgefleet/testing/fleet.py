@@ -10,6 +10,7 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from edgefleet.bundle.encrypt import ModelKey
 from edgefleet.bundle.pack import BundleSpec, pack_bundle
 from edgefleet.bundle.signing import PUBLIC_KEY_FILE, SigningKey, write_keypair
 from edgefleet.client import ControlPlane
@@ -78,12 +79,14 @@ class LocalFleet:
         wait_until(ready, timeout_s, "the server to start")
         return server, str(json.loads(info_file.read_text())["api_url"])
 
-    def bundle(self, version: str, release: int, model: bytes | None = None) -> bytes:
-        """A signed bundle of the synthetic classifier (or ``model``) with the synthetic preprocessing."""
+    def bundle(self, version: str, release: int, model: bytes | None = None,
+               encrypt_key: ModelKey | None = None) -> bytes:
+        """A signed bundle of the synthetic classifier (or ``model``) with the synthetic preprocessing; its model
+        encrypted with ``encrypt_key`` when given."""
         assert self.key is not None, "start_server first"
         return pack_bundle(model or synthetic.channel_mean_model(), self.key, BundleSpec(
             name="clf", version=version, release=release, labels=list(synthetic.LABELS),
-            preprocess=synthetic.preprocess_spec()))
+            preprocess=synthetic.preprocess_spec(), encrypt_key=encrypt_key))
 
     def provision(self, device: str, tags: dict[str, str] | None = None, profile: str | None = None) -> Path:
         assert self.api is not None, "start_server first"
@@ -106,14 +109,15 @@ class LocalFleet:
         return path
 
     def start_agent(self, device: str, *, shard: str = "0/1", speed: float = 20.0,
-                    duration_s: float | None = None, telemetry_interval_s: float = 0.5) -> ManagedProcess:
+                    duration_s: float | None = None, telemetry_interval_s: float = 0.5,
+                    env: dict[str, str] | None = None) -> ManagedProcess:
         args = ["agent", "--credentials", str(self.root / "devices" / f"{device}.json"),
                 "--data-dir", str(self.root / "agents" / device),
                 "--source", f"npz:{self.data_file()}?shard={shard}&speed={speed}",
                 "--telemetry-interval", str(telemetry_interval_s)]
         if duration_s is not None:
             args += ["--duration", str(duration_s)]
-        return self.group.start(ManagedProcess.edgefleet(args, self.root / "logs" / f"{device}.log"))
+        return self.group.start(ManagedProcess.edgefleet(args, self.root / "logs" / f"{device}.log", env=env))
 
     def close(self) -> None:
         self.group.stop_all()

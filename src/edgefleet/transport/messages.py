@@ -204,6 +204,7 @@ class ModelTarget:
     delta_base_sha256: str | None = None
     delta_size: int | None = None
     rollback_order: str | None = None
+    wrapped_key: str | None = None
 
     @property
     def ref(self) -> str:
@@ -218,7 +219,8 @@ class ModelTarget:
                    delta_url=_str(d, "delta_url", required=False),
                    delta_base_sha256=_str(d, "delta_base_sha256", required=False),
                    delta_size=_int(d, "delta_size", required=False, minimum=0),
-                   rollback_order=_str(d, "rollback_order", required=False))
+                   rollback_order=_str(d, "rollback_order", required=False),
+                   wrapped_key=_str(d, "wrapped_key", required=False))
 
     def to_wire(self) -> dict[str, Any]:
         return {k: getattr(self, k) for k in self.__dataclass_fields__}

@@ -35,6 +35,8 @@ class ModelRef(BaseModel):
     delta_base_sha256: str | None = None
     delta_size: int | None = Field(default=None, ge=0)
     rollback_order: str | None = Field(default=None, description="base64 signed order allowing a lower release")
+    wrapped_key: str | None = Field(default=None, max_length=200,
+                                    description="an encrypted model's key, wrapped for this device (bundle.keywrap)")
 
     @property
     def ref(self) -> str:
@@ -67,6 +69,8 @@ class ReportedState(_Message):
                                  "it keeps running until an update replaces it")
     update_state: str = "idle"
     last_error: str | None = None
+    public_key: str | None = Field(default=None, max_length=64,
+                                   description="the device's X25519 public key (base64): model keys are wrapped for it")
     ts: float = Field(default_factory=time.time)
 
 

@@ -74,9 +74,11 @@ class StoreBase:
             session.close()
 
     # models -----------------------------------------------------------------------------------
-    def add_model(self, manifest: Manifest, sha256: str, size: int, key_id: str) -> ModelVersion:
+    def add_model(self, manifest: Manifest, sha256: str, size: int, key_id: str, *,
+                  model_key_sealed: str | None = None) -> ModelVersion:
+        """Register a verified bundle; an encrypted one with its model key sealed by the master key."""
         row = ModelVersion(name=manifest.name, version=manifest.version, release=manifest.release,
-                           sha256=sha256, size=size, key_id=key_id,
+                           sha256=sha256, size=size, key_id=key_id, model_key_sealed=model_key_sealed,
                            manifest=manifest.model_dump(mode="json"), created=time.time())
         try:
             with self.session() as s:
@@ -145,11 +147,11 @@ class StoreBase:
 
     def desired_unpublished(self, limit: int = 100_000) -> list[Row[Any]]:
         """Devices whose desired state changed since it was last published: rows of id, desired_model_id,
-        desired_shadow_id, desired_rev, revoked and reported (the bundle it runs, for deltas); plain rows,
-        not ORM objects: this runs every tick."""
+        desired_shadow_id, desired_rev, revoked, reported (the bundle it runs, for deltas) and public_key (model
+        keys are wrapped for it); plain rows, not ORM objects: this runs every tick."""
         with self.session() as s:
             return list(s.execute(select(Device.id, Device.desired_model_id, Device.desired_shadow_id,
-                                         Device.desired_rev, Device.revoked, Device.reported)
+                                         Device.desired_rev, Device.revoked, Device.reported, Device.public_key)
                                   .where(Device.desired_rev > Device.published_rev).limit(limit)))
 
     def device_standing(self) -> dict[str, bool]:
@@ -197,6 +199,11 @@ class StoreBase:
                 return False
             device.reported = reported
             device.last_seen = time.time()
+            key = reported.get("public_key")
+            if isinstance(key, str) and key != device.public_key and not device.revoked:
+                device.public_key = key  # the device's own key pair (its MQTT identity publishes only its topics)
+                if device.desired_model_id is not None or device.desired_shadow_id is not None:
+                    device.desired_rev += 1  # published again, with model keys wrapped for the new key
             return True
 
 

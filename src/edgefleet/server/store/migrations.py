@@ -7,7 +7,8 @@ replicas starting together migrate once. A fresh database is created at the newe
 
 Versions: 1 = the walking skeleton (models, devices, telemetry, events); 2 = rollouts, waves, decisions,
 telemetry roll-ups, and the devices' broker password hash, shadow and desired-revision columns; 3 = the trust
-log (pinned keys, key statements, rollback orders).
+log (pinned keys, key statements, rollback orders); 4 = encrypted models: a model's sealed key and a device's
+public key.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from sqlalchemy.engine import Engine
 
 from edgefleet.server.schema import Base, SchemaVersion
 
-LATEST = 3
+LATEST = 4
 _LOCK_KEY = 0x45460005  # pg_advisory_lock key: "EF" and issue 5
 
 
@@ -37,7 +38,13 @@ def _v3(conn: Connection) -> None:
     Base.metadata.create_all(conn)  # the trust log; existing tables are left alone
 
 
-STEPS: dict[int, Callable[[Connection], None]] = {2: _v2, 3: _v3}
+def _v4(conn: Connection) -> None:
+    for table, name, ddl in (("model_versions", "model_key_sealed", "TEXT"), ("devices", "public_key", "VARCHAR(64)")):
+        if name not in {c["name"] for c in inspect(conn).get_columns(table)}:
+            conn.execute(text(f"ALTER TABLE {table} ADD COLUMN {name} {ddl}"))
+
+
+STEPS: dict[int, Callable[[Connection], None]] = {2: _v2, 3: _v3, 4: _v4}
 
 
 def current_version(conn: Connection) -> int:

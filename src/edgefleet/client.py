@@ -1,19 +1,37 @@
-"""A small client for the control plane's operator API."""
+"""A small client for the control plane's operator API.
+
+Over ``https://`` it verifies the server against the fleet CA (``ca``, else the ``EDGEFLEET_CA`` file, else the
+system's CAs): a ``--tls`` server's certificate is signed by its own CA (``DATA_DIR/pki/ca.pem``).
+"""
 
 from __future__ import annotations
 
+import os
+import ssl
+from pathlib import Path
 from typing import Any
 
 import httpx
 
-from edgefleet.errors import TransportError
+from edgefleet.errors import ConfigError, TransportError
+
+CA_ENV = "EDGEFLEET_CA"
+
+
+def verify_context(ca: Path | str | None = None) -> ssl.SSLContext:
+    """The TLS context for the API: trust ``ca`` (or ``$EDGEFLEET_CA``), else the system's CAs."""
+    path = ca or os.environ.get(CA_ENV) or None
+    try:
+        return ssl.create_default_context(cafile=str(path) if path else None)
+    except (OSError, ssl.SSLError) as exc:
+        raise ConfigError(f"cannot load the CA file {path}: {exc}") from exc
 
 
 class ControlPlane:
     """Operator calls over HTTP; every failure is a TransportError with the server's reason."""
 
-    def __init__(self, base_url: str, token: str, *, timeout_s: float = 30.0) -> None:
-        self._http = httpx.Client(base_url=base_url.rstrip("/"), timeout=timeout_s,
+    def __init__(self, base_url: str, token: str, *, timeout_s: float = 30.0, ca: Path | str | None = None) -> None:
+        self._http = httpx.Client(base_url=base_url.rstrip("/"), timeout=timeout_s, verify=verify_context(ca),
                                   headers={"Authorization": f"Bearer {token}"})
 
     def close(self) -> None:
@@ -44,6 +62,11 @@ class ControlPlane:
 
     def deploy(self, model: str, devices: list[str]) -> Any:
         return self._call("POST", "/api/v1/deployments", json={"model": model, "devices": devices})
+
+    def renew_certificate(self, device_id: str, *, revoke_previous: bool = False) -> Any:
+        """A new certificate for the device (``--tls`` servers); the previous one stays valid unless revoked."""
+        return self._call("POST", f"/api/v1/devices/{device_id}/certificate",
+                          json={"revoke_previous": revoke_previous})
 
     def revoke_device(self, device_id: str) -> Any:
         return self._call("POST", f"/api/v1/devices/{device_id}/revoke")

@@ -68,7 +68,8 @@ class Agent:
         self._consecutive_failures = 0
         self.link = MqttLink(config.mqtt, f"ef-agent-{self.device}", clean_session=False,
                              subscriptions=[(topics.desired(self.device), 1)], on_message=self._on_message)
-        fetcher = fetcher or ArtifactFetcher(config.server_url, config.token, limits=config.downloads)
+        fetcher = fetcher or ArtifactFetcher(config.server_url, config.token, limits=config.downloads,
+                                             tls=config.tls)
         self.updater = Updater(self.state, fetcher, self.trust, self._activate, self.event, self.report,
                                set_shadow=self._set_shadow,
                                health=HealthPolicy(config.health_timeout_s, config.latency_budget_ms))

@@ -1,6 +1,7 @@
 """``edgefleet device ...``, ``edgefleet model ...`` and ``edgefleet rollout ...``: the operator CLI over the
 REST API. The server and the operator token come from ``--server``/``--token`` or ``EDGEFLEET_SERVER`` /
-``EDGEFLEET_TOKEN``; ``--json`` prints the API's answer as JSON."""
+``EDGEFLEET_TOKEN``; ``--json`` prints the API's answer as JSON. Over https the server is verified against
+``--ca FILE`` (device commands) or ``EDGEFLEET_CA`` (every command): a ``--tls`` server's DATA_DIR/pki/ca.pem."""
 
 from __future__ import annotations
 
@@ -22,15 +23,17 @@ rollout_app = typer.Typer(no_args_is_help=True, help="Staged rollouts gated on m
 Server = Annotated[str, typer.Option("--server", envvar="EDGEFLEET_SERVER", help="control plane URL")]
 Token = Annotated[str, typer.Option("--token", envvar="EDGEFLEET_TOKEN", help="operator token")]
 Json = Annotated[bool, typer.Option("--json", help="print the API's JSON answer")]
+Ca = Annotated[Path | None, typer.Option("--ca", envvar="EDGEFLEET_CA", show_default=False,
+                                         help="CA file to verify an https server with (its DATA_DIR/pki/ca.pem)")]
 
 
 @contextmanager
-def _api(server: str, token: str) -> Iterator[Any]:
+def _api(server: str, token: str, ca: Path | None = None) -> Iterator[Any]:
     from edgefleet.client import ControlPlane
 
     if not server or not token:
         raise ConfigError("give the server and operator token: --server/--token or EDGEFLEET_SERVER/EDGEFLEET_TOKEN")
-    client = ControlPlane(server, token)
+    client = ControlPlane(server, token, ca=ca)
     try:
         yield client
     finally:
@@ -58,21 +61,50 @@ def device_add(device_id: Annotated[str, typer.Argument(help="device id")],
                server: Server = "", token: Token = "",
                tag: Annotated[list[str] | None, typer.Option(help="KEY=VALUE (repeatable)")] = None,
                profile: Annotated[str | None, typer.Option(help="device profile name")] = None,
-               as_json: Json = False) -> None:
-    """Provision a device and write its credentials file (mode 0600)."""
+               as_json: Json = False, ca: Ca = None) -> None:
+    """Provision a device and write its credentials file (mode 0600); from a --tls server it holds the device's
+    certificate and key and the fleet CA."""
     from edgefleet.storage import atomic_write
 
-    with _api(server, token) as api:
+    with _api(server, token, ca) as api:
         creds = api.add_device(device_id, _pairs(tag, "--tag"), profile)
     atomic_write(out, json.dumps(creds, indent=2).encode(), mode=0o600)
-    public = {k: v for k, v in creds.items() if k not in ("mqtt_password", "token")}
+    public = {k: v for k, v in creds.items() if k not in _SECRETS}
     _emit({**public, "credentials_file": str(out)}, as_json, f"device {device_id} provisioned: {out}")
 
 
+_SECRETS = ("mqtt_password", "token", "client_key", "client_cert", "ca_cert")
+
+
+@device_app.command("renew")
+def device_renew(device_id: Annotated[str, typer.Argument(help="device id")],
+                 credentials: Annotated[Path, typer.Option(help="the device's credentials file, updated in place")],
+                 revoke_previous: Annotated[bool, typer.Option(
+                     help="revoke the certificates issued before (a leaked key); else they stay valid until they "
+                          "expire")] = False,
+                 server: Server = "", token: Token = "", as_json: Json = False, ca: Ca = None) -> None:
+    """Issue the device a new certificate (--tls servers) and write it into its credentials file."""
+    from edgefleet.storage import atomic_write
+
+    try:
+        creds = json.loads(credentials.read_text())
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"cannot read the credentials {credentials}: {exc}") from exc
+    if not isinstance(creds, dict) or creds.get("device_id") != device_id:
+        raise ConfigError(f"{credentials} are not the credentials of device {device_id}")
+    with _api(server, token, ca) as api:
+        renewed = api.renew_certificate(device_id, revoke_previous=revoke_previous)
+    creds.update({k: v for k, v in renewed.items() if k != "device_id"})
+    atomic_write(credentials, json.dumps(creds, indent=2).encode(), mode=0o600)
+    public = {k: v for k, v in renewed.items() if k not in _SECRETS}
+    _emit({**public, "credentials_file": str(credentials)}, as_json,
+          f"device {device_id}: new certificate {renewed['cert_serial']} written to {credentials}")
+
+
 @device_app.command("list")
-def device_list(server: Server = "", token: Token = "", as_json: Json = False) -> None:
+def device_list(server: Server = "", token: Token = "", as_json: Json = False, ca: Ca = None) -> None:
     """Every device, its tags, what it should run and what it reported."""
-    with _api(server, token) as api:
+    with _api(server, token, ca) as api:
         devices = api.devices()
     lines = [f"{d['id']:<24} {'REVOKED' if d['revoked'] else (d.get('desired') or '-'):<20} "
              f"{((d.get('reported') or {}).get('active') or '-'):<20} "
@@ -81,17 +113,19 @@ def device_list(server: Server = "", token: Token = "", as_json: Json = False) -
 
 
 @device_app.command("show")
-def device_show(device_id: str, server: Server = "", token: Token = "", as_json: Json = False) -> None:
+def device_show(device_id: str, server: Server = "", token: Token = "", as_json: Json = False,
+                ca: Ca = None) -> None:
     """One device in detail."""
-    with _api(server, token) as api:
+    with _api(server, token, ca) as api:
         device = api.device(device_id)
     _emit(device, as_json, json.dumps(device, indent=2, sort_keys=True))
 
 
 @device_app.command("revoke")
-def device_revoke(device_id: str, server: Server = "", token: Token = "", as_json: Json = False) -> None:
-    """Revoke a device: its token and broker login stop working."""
-    with _api(server, token) as api:
+def device_revoke(device_id: str, server: Server = "", token: Token = "", as_json: Json = False,
+                  ca: Ca = None) -> None:
+    """Revoke a device: its token, broker login and certificates stop working (open connections too)."""
+    with _api(server, token, ca) as api:
         device = api.revoke_device(device_id)
     _emit(device, as_json, f"device {device_id} revoked")
 

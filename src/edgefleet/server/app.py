@@ -27,10 +27,12 @@ from edgefleet.core.update import TrustState, decide
 from edgefleet.errors import BundleError, EdgefleetError, StoreError
 from edgefleet.server.artifacts import ArtifactStore
 from edgefleet.server.broker_auth import BrokerAccess, hash_password
+from edgefleet.server.certificates_api import certificates_router, device_certificate
 from edgefleet.server.limits import Limits, RequestLimits
 from edgefleet.server.metrics import CONTENT_TYPE, Metrics
 from edgefleet.server.model_keys import ModelKeys
 from edgefleet.server.orchestrator import Orchestrator, model_ref
+from edgefleet.server.pki import FleetCA
 from edgefleet.server.rollout_api import rollout_router
 from edgefleet.server.schema import Device, ModelVersion
 from edgefleet.server.store import Store
@@ -58,6 +60,8 @@ class ServerContext:
     limits: Limits = field(default_factory=Limits)
     model_keys: ModelKeys | None = None
     """Seals the keys of encrypted models pushed with one (None: encrypted bundles are refused)."""
+    pki: FleetCA | None = None
+    """With ``--tls``: the fleet CA that issues each device its certificate."""
 
     def sync_broker(self) -> None:
         """Rewrite the broker's password file from the store (new or revoked devices)."""
@@ -170,7 +174,8 @@ def create_app(ctx: ServerContext) -> FastAPI:
                                     mqtt_password_hash=hash_password(password), tags=body.tags,
                                     profile=body.profile, created=time.time(), revoked=False))
         ctx.sync_broker()
-        return {"device_id": body.id, "server_url": ctx.public_url, "mqtt_url": ctx.device_mqtt_url,
+        certificate = device_certificate(ctx.pki, body.id) if ctx.pki is not None else {}  # once it is new
+        return {**certificate, "device_id": body.id, "server_url": ctx.public_url, "mqtt_url": ctx.device_mqtt_url,
                 "mqtt_username": body.id, "mqtt_password": password, "token": token, "tags": body.tags,
                 "profile": body.profile, "trusted_keys": {k: v.to_text() for k, v in ctx.trusted_keys.items()}}
 
@@ -187,6 +192,8 @@ def create_app(ctx: ServerContext) -> FastAPI:
     def revoke_device(device_id: str) -> dict[str, Any]:
         known_device(device_id)
         ctx.store.set_revoked(device_id)
+        if ctx.pki is not None:
+            ctx.pki.revoke(device_id)  # the CRL (new connections) and an ACL deny (open ones), at the sync
         ctx.sync_broker()
         return device_json(known_device(device_id))
 
@@ -264,6 +271,8 @@ def create_app(ctx: ServerContext) -> FastAPI:
 
     app.include_router(rollout_router(ctx.orchestrator, ctx.store), dependencies=[Operator])
     app.include_router(telemetry_router(ctx.store), dependencies=[Operator])
+    if ctx.pki is not None:
+        app.include_router(certificates_router(ctx.pki, ctx.store, ctx.sync_broker), dependencies=[Operator])
     return app
 
 

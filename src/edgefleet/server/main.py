@@ -3,11 +3,18 @@
 Addresses are stable: the embedded broker keeps its port across restarts (:func:`~edgefleet.server.broker.stable_port`),
 and every desired state carries the broker address devices are to dial (``--device-mqtt-url``), which an agent
 keeps and uses from its next start: moving the broker needs no file edited on a device.
+
+With ``--tls`` every link is TLS (:func:`tls_material`): the fleet CA (:mod:`edgefleet.server.pki`, created in
+``DATA_DIR/pki`` on the first start) signs the API's and the embedded broker's server certificate and the
+server's own MQTT client certificate; the API is HTTPS, the broker ``mqtts://`` with mutual TLS, and ``device
+add`` hands each device its certificate. A non-loopback ``--host`` without ``--tls`` is refused unless
+``--insecure``.
 """
 
 from __future__ import annotations
 
 import contextlib
+import ipaddress
 import json
 import logging
 import math
@@ -16,7 +23,7 @@ import re
 import secrets
 import socket
 from collections.abc import Callable, Generator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import uvicorn
@@ -25,17 +32,18 @@ from edgefleet.bundle.signing import PublicKey, load_public_key
 from edgefleet.errors import ConfigError
 from edgefleet.server.app import ServerContext, create_app
 from edgefleet.server.artifacts import ArtifactStore
-from edgefleet.server.broker import EmbeddedBroker, stable_port
+from edgefleet.server.broker import BrokerTls, EmbeddedBroker, stable_port
 from edgefleet.server.broker_auth import SERVER_USER, BrokerAccess
 from edgefleet.server.ingest import Ingest
 from edgefleet.server.limits import MIB, Limits
 from edgefleet.server.metrics import Metrics
 from edgefleet.server.model_keys import ModelKeys
 from edgefleet.server.orchestrator import Orchestrator, desired_message
+from edgefleet.server.pki import FleetCA
 from edgefleet.server.publisher import DesiredPublisher
 from edgefleet.server.store import Store, sqlite_url
 from edgefleet.storage import atomic_write
-from edgefleet.transport.mqtt_url import MqttEndpoint, parse_mqtt_url
+from edgefleet.transport.mqtt_url import MqttEndpoint, MqttTls, parse_mqtt_url
 from edgefleet.transport.ports import free_port
 
 log = logging.getLogger(__name__)
@@ -89,6 +97,12 @@ class ServerSettings:
     """Deepest nesting of a JSON request body."""
     max_uploads: int = 2
     """Bundle uploads served at once; more get 429."""
+    tls: bool = False
+    """HTTPS, MQTT over mutual TLS and device certificates from the fleet CA in DATA_DIR/pki."""
+    tls_names: list[str] = field(default_factory=list)
+    """More host names or addresses for the server certificate (besides --host, localhost and 127.0.0.1)."""
+    insecure: bool = False
+    """Allow plain HTTP and MQTT on a non-loopback address."""
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:
@@ -103,9 +117,14 @@ class ServerSettings:
                               "spaces")
         if not (math.isfinite(self.tick_s) and 0 < self.tick_s <= MAX_TICK_S):
             raise ConfigError(f"--tick must be more than 0 and at most {MAX_TICK_S:g} seconds, not {self.tick_s:g}")
+        if not self.tls and not self.insecure and not is_loopback(self.host):
+            raise ConfigError(f"--host {self.host} is not a loopback address: serve it with --tls, or pass --insecure "
+                              "to send tokens and passwords in clear text")
         if self.mqtt_url is not None:
             endpoint = parse_mqtt_url(self.mqtt_url)
-            if self.broker_auth_dir is not None and endpoint.password is None:
+            if self.tls and endpoint.tls is None:
+                raise ConfigError("--tls needs a TLS broker: give --mqtt-url as mqtts://HOST:PORT")
+            if self.broker_auth_dir is not None and endpoint.password is None and endpoint.tls is None:
                 raise ConfigError("--broker-auth-dir needs the server's own credentials in --mqtt-url "
                                   "(mqtt://USER:PASSWORD@HOST:PORT)")
         elif self.broker_auth_dir is not None:
@@ -139,6 +158,41 @@ class ServerSettings:
         return self.data_dir / "broker"
 
 
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` is a loopback address or ``localhost``."""
+    if host.strip("[]").lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+@dataclass(frozen=True)
+class TlsMaterial:
+    """What a ``--tls`` server serves with: its CA, the listeners' certificate, and its own MQTT client one."""
+
+    ca: FleetCA
+    server_cert: Path
+    server_key: Path
+    client: MqttTls
+
+
+def tls_material(settings: ServerSettings) -> TlsMaterial:
+    """Load (or create) the fleet CA and keep the server's certificates current in DATA_DIR/pki."""
+    ca = FleetCA(settings.data_dir / "pki")
+    names = {"127.0.0.1", "localhost", socket.gethostname(), *settings.tls_names}
+    if settings.host not in ("0.0.0.0", "::", ""):
+        names.add(settings.host.strip("[]"))
+    if settings.device_mqtt_url:
+        names.add(parse_mqtt_url(settings.device_mqtt_url).host)
+    directory = ca.directory
+    ca.write_identity(settings.host, directory / "server.pem", directory / "server.key", hosts=names)
+    ca.write_identity(SERVER_USER, directory / "client.pem", directory / "client.key")
+    return TlsMaterial(ca, directory / "server.pem", directory / "server.key",
+                       MqttTls(ca.ca_path, directory / "client.pem", directory / "client.key"))
+
+
 def operator_token(settings: ServerSettings) -> str:
     """The operator token: given, or read from / created in the data directory."""
     if settings.operator_token:
@@ -170,19 +224,26 @@ def run_server(settings: ServerSettings) -> None:
     port = settings.port or free_port(settings.host)
     broker: EmbeddedBroker | None = None
     access: BrokerAccess | None = None
+    tls = tls_material(settings) if settings.tls else None
+    crl = tls.ca.crl_pem if tls is not None else None
     if settings.mqtt_url:
         endpoint = parse_mqtt_url(settings.mqtt_url)
+        if tls is not None:
+            endpoint = replace(endpoint, tls=tls.client)
         if settings.broker_auth_dir is not None:
-            assert endpoint.password is not None  # ServerSettings checked it
-            access = BrokerAccess(settings.broker_auth_dir, endpoint.password, endpoint.username or SERVER_USER)
+            password = endpoint.password or _secret(settings.data_dir / "broker-server.secret")
+            access = BrokerAccess(settings.broker_auth_dir, password, endpoint.username or SERVER_USER, crl=crl)
     else:
         secret = _secret(settings.broker_dir / "server.secret")
-        access = BrokerAccess(settings.broker_dir / "auth", secret)
+        access = BrokerAccess(settings.broker_dir / "auth", secret, crl=crl)
         access.sync(_credentials(store))
+        broker_tls = None if tls is None else BrokerTls(tls.ca.ca_path, tls.server_cert, tls.server_key,
+                                                        access.crl_path, client=tls.client)
         broker = EmbeddedBroker(settings.broker_dir, host=settings.host, port=broker_port,
-                                password_file=access.passwd_path, login=(SERVER_USER, secret))
+                                password_file=access.passwd_path, login=(SERVER_USER, secret), tls=broker_tls)
         plain = broker.start()
-        endpoint = MqttEndpoint(plain.host, plain.port, SERVER_USER, secret)
+        endpoint = MqttEndpoint(plain.host, plain.port, SERVER_USER, secret,
+                                tls=tls.client if tls is not None else None)
     if access is not None:
         access.sync(_credentials(store))
     mqtt5 = settings.mqtt_url is not None and settings.mqtt5  # the embedded amqtt broker speaks 3.1.1 only
@@ -196,21 +257,22 @@ def run_server(settings: ServerSettings) -> None:
         ingest.start()
         publisher.start()
         republish_desired(store, publisher, model_keys)
-        public_url = f"http://{settings.host}:{port}"
+        public_url = f"{'https' if tls else 'http'}://{settings.host}:{port}"
         ctx = ServerContext(store=store, artifacts=ArtifactStore(settings.artifact_dir or
                                                                  settings.data_dir / "artifacts"),
                             trusted_keys=trusted, operator_token=token, public_url=public_url,
                             device_mqtt_url=device_mqtt_url, orchestrator=orchestrator, metrics=metrics,
-                            access=access, limits=settings.limits)
+                            access=access, limits=settings.limits, pki=tls.ca if tls is not None else None)
         orchestrator.housekeeping = ctx.sync_broker
         ctx.model_keys = model_keys
         metrics.ingest_counts = ingest.snapshot
         metrics.state = lambda: _state(store, orchestrator)
         orchestrator.start()
         info = json.dumps({"api_url": public_url, "mqtt_url": endpoint.url, "pid": os.getpid(),
-                           "replica": replica}).encode()
+                           "replica": replica, "ca_file": str(tls.ca.ca_path) if tls else None}).encode()
         config = uvicorn.Config(create_app(ctx), host=settings.host, port=port, log_level="warning",
-                                access_log=False)
+                                access_log=False, ssl_certfile=tls.server_cert if tls else None,
+                                ssl_keyfile=tls.server_key if tls else None)
         _Server(config, lambda: atomic_write(settings.data_dir / INFO_FILE, info)).run()
     finally:
         (settings.data_dir / INFO_FILE).unlink(missing_ok=True)

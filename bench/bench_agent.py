@@ -409,11 +409,28 @@ def main() -> None:
         rss = [measure_rss(m, bundles[m.name], key, npz, work) for m in models]
         breakdown = rss_breakdown(work / "demo.onnx")
         uplink = measure_uplink(models[1], bundles["demo"], key, rec)
+        local_action, trigger = measure_local_and_trigger(bundles["demo"], key, loop_readings, work)
     headline = next(r for r in uplink["intervals"] if r["interval_s"] == UPLINK_HEADLINE_S)
     result = {"loop_ratio": loops[0]["ratio"], "rss_ratio": rss[1]["ratio"], "uplink_ratio": headline["ratio"],
               "targets": TARGETS, "loop": loops, "rss": rss, "rss_breakdown_mib": breakdown, "uplink": uplink,
               "notes": notes(loops[0]["ratio"], rss[1], headline["ratio"])}
-    publish("agent", result, section(result))
+    result.update(local_action_p99_ms=local_action["p99_ms"], trigger_cpu_saved=trigger["cpu_saved"],
+                  local_action=local_action, trigger=trigger)
+    publish("agent", result, section(result) + "\n\n" + local_section(local_action, trigger))
+
+
+def measure_local_and_trigger(demo: bytes, key: SigningKey, readings: list[Reading],
+                              work: Path) -> tuple[dict[str, Any], dict[str, Any]]:
+    """E11 local action latency and trigger-gating CPU (bench.bench_local_action)."""
+    from bench.bench_local_action import measure_local_action, measure_trigger
+
+    return measure_local_action(demo, key, readings, work), measure_trigger(key)
+
+
+def local_section(local_action: dict[str, Any], trigger: dict[str, Any]) -> str:
+    from bench.bench_local_action import section as local_action_section
+
+    return local_action_section(local_action, trigger)
 
 
 def notes(loop_ratio: float, rss: dict[str, Any], uplink_ratio: float) -> dict[str, str]:

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from edgefleet.agent.fetch import DownloadLimits
+from edgefleet.agent.local_action import LocalActionConfig
 from edgefleet.bundle.signing import PublicKey
 from edgefleet.errors import ConfigError
 from edgefleet.storage import atomic_write
@@ -71,6 +72,8 @@ class AgentConfig:
     escalation_queue_max: int = 1000
     downloads: DownloadLimits = field(default_factory=DownloadLimits)
     """Bundle size cap, free-space reserve, deadline and minimum rate of update downloads."""
+    local_action: LocalActionConfig = field(default_factory=LocalActionConfig)
+    """Where outcomes and alerts go on the device itself (a Unix socket, a local broker, a hook): none by default."""
     tls: MqttTls | None = None
     """The fleet CA to trust and the device's certificate to present (credentials of a TLS server), else None."""
 
@@ -96,7 +99,8 @@ def load_config(credentials: Path, data_dir: Path, *, device_id: str | None = No
                 telemetry_interval_s: float = DEFAULT_TELEMETRY_INTERVAL_S,
                 environ: Mapping[str, str] | None = None) -> AgentConfig:
     """Read the credentials JSON; flags given on the command line override what it says. The download limits
-    come from ``environ`` (the process environment by default), see :func:`download_limits`."""
+    and the local action come from ``environ`` (the process environment by default), see :func:`download_limits`
+    and :meth:`LocalActionConfig.from_environ`."""
     try:
         raw = json.loads(credentials.read_text())
     except OSError as exc:
@@ -124,7 +128,8 @@ def load_config(credentials: Path, data_dir: Path, *, device_id: str | None = No
     return AgentConfig(device_id=file_device, server_url=url, mqtt=mqtt, token=token,
                        trusted_keys={k.key_id: k for k in keys}, data_dir=data_dir,
                        telemetry_interval_s=telemetry_interval_s, tls=tls,
-                       downloads=download_limits(os.environ if environ is None else environ))
+                       downloads=download_limits(os.environ if environ is None else environ),
+                       local_action=LocalActionConfig.from_environ(os.environ if environ is None else environ))
 
 
 def tls_files(raw: dict[str, Any], base: Path, data_dir: Path) -> MqttTls | None:

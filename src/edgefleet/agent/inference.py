@@ -18,6 +18,10 @@ Hard windows feed the hard-example sample and, with an escalator (tiered inferen
 answer that comes in time is the window's decision. Telemetry describes the local model's behaviour (its
 classes, confidence and latency); alerts follow the decision. Alerts are counted per window and reported as
 events at most once per ``alert_cooldown_s`` per reason: drain them with :meth:`InferencePipeline.take_alerts`.
+
+A time-series pipeline with a ``trigger`` (runtime.trigger) runs the model only on the windows that fire; the
+others are counted (``trigger_skipped``) and give no outcome. With a ``sink`` (agent.local_action) every outcome
+and every alert event is also handed to it as it happens, for a consumer on the device itself.
 """
 
 from __future__ import annotations
@@ -27,7 +31,7 @@ import math
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, NamedTuple
+from typing import TYPE_CHECKING, NamedTuple, Protocol
 
 import numpy as np
 
@@ -39,6 +43,7 @@ from edgefleet.errors import ModelError
 from edgefleet.runtime.inputs import InputStep, VectorInput
 from edgefleet.runtime.outputs import AnomalyScore
 from edgefleet.runtime.preprocess import StreamWindower, Window
+from edgefleet.runtime.trigger import TriggerGate
 
 if TYPE_CHECKING:
     from edgefleet.agent.escalation import Escalator
@@ -58,6 +63,15 @@ class Outcome(NamedTuple):
     failed: bool = False
     upstream: bool = False
     alert: str | None = None
+
+
+class OutcomeSink(Protocol):
+    """Where each window's outcome and each alert event go as they happen (agent.local_action); neither call
+    may block the sensor loop."""
+
+    def outcome(self, model: str, outcome: Outcome) -> None: ...
+
+    def alert(self, detail: AlertDetail) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -118,9 +132,11 @@ class InferencePipeline:
 
     def __init__(self, model: LoadedModel, source_labels: tuple[str, ...] = (),
                  shadow: LoadedModel | None = None, *, escalator: Escalator | None = None,
-                 source: SensorSource | None = None, options: PipelineOptions = PipelineOptions()) -> None:
+                 source: SensorSource | None = None, options: PipelineOptions = PipelineOptions(),
+                 sink: OutcomeSink | None = None) -> None:
         """``source``: the stream this pipeline reads; its labels name the truth and it is told whether to pass
-        readings with missing values on (when the model's preprocessing imputes them)."""
+        readings with missing values on (when the model's preprocessing imputes them). ``sink``: where every
+        outcome and alert event is handed as it happens (None: nowhere)."""
         self.model = model
         self.shadow = shadow
         self.escalator = escalator
@@ -133,6 +149,8 @@ class InferencePipeline:
         self._shape = (window.channels,) if window is not None else None
         self._imputes = window is not None and window.imputes
         self._window_push = self._windower.push if self._windower is not None else None
+        self._gate = TriggerGate(window.trigger, window.std) if window is not None and window.trigger else None
+        self._sink = sink
         self._labels = list(model.manifest.labels)
         self.thresholds = Thresholds.from_manifest(model.manifest.thresholds,
                                                    escalator.escalate_below if escalator else None)
@@ -176,7 +194,12 @@ class InferencePipeline:
             self.skipped += 1
             return None
         window = self._window_push(values, reading.label, missing)
-        return None if window is None else self._infer(window)
+        if window is None or (self._gate is not None and not self._fires(window, True)):
+            return None
+        outcome = self._infer(window)
+        if self._sink is not None:
+            self._sink.outcome(self.model.ref, outcome)
+        return outcome
 
 
     def push_block(self, block: Block) -> list[Outcome]:
@@ -198,10 +221,16 @@ class InferencePipeline:
             return []
         infer = self._infer
         fresh = windower.block_fresh
-        if fresh is None or self._drift is None:
-            return [infer(window) for window in windows]
-        self._drift.update(fresh)  # the block's new samples at once (copied: no window is kept for drift)
-        return [infer(window, False) for window in windows]
+        drift = fresh is None or self._drift is None
+        if not drift:
+            assert self._drift is not None and fresh is not None
+            self._drift.update(fresh)  # the block's new samples at once (copied: no window is kept for drift)
+        if self._gate is not None:
+            windows = [window for window in windows if self._fires(window, drift)]
+        outcomes = [infer(window, drift) for window in windows]
+        if self._sink is not None:
+            self._deliver(outcomes)
+        return outcomes
 
     def _push_rows(self, values: np.ndarray, labels: np.ndarray | None,
                    missing: np.ndarray | None) -> list[Outcome]:
@@ -217,7 +246,27 @@ class InferencePipeline:
             values, labels = values[keep], None if labels is None else labels[keep]
         windows = rows.windows(values, labels)
         infer = self._infer
-        return [infer(window) for window in windows]
+        outcomes = [infer(window) for window in windows]
+        if self._sink is not None:
+            self._deliver(outcomes)
+        return outcomes
+
+    def _fires(self, window: Window, drift: bool) -> bool:
+        """Whether the trigger lets the model run on ``window``; a window it holds back is counted and still
+        feeds drift (``drift``: per window, as :meth:`_infer` would)."""
+        assert self._gate is not None and window.samples is not None
+        if self._gate.fires(window.samples):
+            return True
+        self.stats.trigger_skipped += 1
+        if drift and window.fresh and self._drift is not None:
+            self._drift.update_window(window.samples, window.fresh)
+        return False
+
+    def _deliver(self, outcomes: list[Outcome]) -> None:
+        sink, ref = self._sink, self.model.ref
+        assert sink is not None
+        for outcome in outcomes:
+            sink.outcome(ref, outcome)
 
     def take_alerts(self) -> list[AlertDetail]:
         """The alert events raised since the last call, for ``Agent.event("alert", detail)``."""
@@ -332,10 +381,13 @@ class InferencePipeline:
         last = self._alert_last.get(reason)
         if last is None or now - last >= self.options.alert_cooldown_s:
             self._alert_last[reason] = now
-            self.alerts.append({"reason": reason, "model": self.model.ref, "label": decision,
-                                "confidence": round(confidence, 4),
-                                "score": None if score is None else round(score, 4),
-                                "threshold": limit, "windows": self._alert_since.pop(reason)})
+            detail: AlertDetail = {"reason": reason, "model": self.model.ref, "label": decision,
+                                   "confidence": round(confidence, 4),
+                                   "score": None if score is None else round(score, 4),
+                                   "threshold": limit, "windows": self._alert_since.pop(reason)}
+            self.alerts.append(detail)
+            if self._sink is not None:
+                self._sink.alert(detail)
         return reason
 
     def _run_shadow(self, x: np.ndarray, truth: str | None = None) -> None:

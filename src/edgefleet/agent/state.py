@@ -7,6 +7,10 @@ written crash-safely before any slot points at them.
 A database that cannot write (disk full, I/O error) raises OSError, as a file would (``ENOSPC`` for SQLite's
 "database or disk is full", else ``EIO``), so that callers handle one kind of storage failure. The outbox never
 raises for it: :meth:`AgentState.enqueue` refuses the message and counts it (``outbox_refused``).
+
+The outbox has two lanes: alerts (:data:`PRIORITY_ALERT`) are sent before anything queued at the normal
+priority, and when the outbox is full the oldest message of the lowest priority goes first: no alert is dropped
+while any telemetry could be.
 """
 
 from __future__ import annotations
@@ -35,6 +39,12 @@ CREATE TABLE IF NOT EXISTS counters (name TEXT PRIMARY KEY, value INTEGER NOT NU
 CREATE TABLE IF NOT EXISTS outbox (id INTEGER PRIMARY KEY AUTOINCREMENT, topic TEXT NOT NULL,
                                    payload BLOB NOT NULL, created REAL NOT NULL);
 """
+_OUTBOX_PRIORITY = """
+ALTER TABLE outbox ADD COLUMN priority INTEGER NOT NULL DEFAULT 0;
+"""
+_OUTBOX_ORDER = "CREATE INDEX IF NOT EXISTS outbox_order ON outbox (priority DESC, id)"
+PRIORITY_NORMAL, PRIORITY_ALERT = 0, 1
+"""Outbox lanes: telemetry and update events at the normal priority, alerts above it."""
 SLOTS = ("active", "previous", "candidate", "shadow")
 DEVICE_KEY_FILE = "device.key"
 """The device's X25519 private key (base64, mode 0600): made at the first start, it never leaves the device."""
@@ -77,6 +87,12 @@ class AgentState:
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=FULL")
         self._db.executescript(_SCHEMA)
+        if "priority" not in {row[1] for row in self._db.execute("PRAGMA table_info(outbox)")}:
+            self._db.executescript(_OUTBOX_PRIORITY)  # a state from before the alert lane
+        self._db.execute(_OUTBOX_ORDER)
+        self.priority_queued = False
+        """Set when a message above the normal priority is queued; cleared by :meth:`pending` (a sender reading
+        a long backlog stops to read again)."""
 
     def close(self) -> None:
         with self._lock:
@@ -175,10 +191,13 @@ class AgentState:
                          for key, value in values.items()])
 
     # outbox -----------------------------------------------------------------------------------
-    def enqueue(self, topic: str, counter: str, make_payload: Callable[[int], bytes]) -> int | None:
-        """Take the next sequence number of ``counter``, build the payload with it, and queue it: atomically.
+    def enqueue(self, topic: str, counter: str, make_payload: Callable[[int], bytes], *,
+                priority: int = PRIORITY_NORMAL) -> int | None:
+        """Take the next sequence number of ``counter``, build the payload with it, and queue it in the lane of
+        ``priority``: atomically.
 
-        When the queue would exceed ``outbox_max_bytes`` the oldest messages are dropped and counted. When the
+        When the queue would exceed ``outbox_max_bytes`` the oldest messages of the lowest priority are dropped
+        and counted. When the
         database cannot write (disk full, I/O error) the message is refused, counted in ``outbox_refused``
         (kept in memory until a message is queued again) and None returned: the caller goes on without it.
         """
@@ -188,12 +207,12 @@ class AgentState:
                 try:
                     seq = self._bump(counter, 1, first=0)
                     payload = make_payload(seq)
-                    self._db.execute("INSERT INTO outbox (topic, payload, created) VALUES (?, ?, ?)",
-                                     (topic, payload, time.time()))
+                    self._db.execute("INSERT INTO outbox (topic, payload, created, priority) VALUES (?, ?, ?, ?)",
+                                     (topic, payload, time.time(), priority))
                     queued = self._bump("outbox_bytes", len(payload), first=len(payload))
                     while queued > self.outbox_max_bytes:
                         oldest = self._db.execute(
-                            "SELECT id, length(payload) FROM outbox ORDER BY id LIMIT 1").fetchone()
+                            "SELECT id, length(payload) FROM outbox ORDER BY priority, id LIMIT 1").fetchone()
                         if oldest is None:
                             break
                         self._db.execute("DELETE FROM outbox WHERE id = ?", (oldest[0],))
@@ -207,6 +226,8 @@ class AgentState:
                     raise
                 self.refusals_recovered += self._refused_unsaved
                 self._refused_unsaved = 0
+                if priority > PRIORITY_NORMAL:
+                    self.priority_queued = True
         except OSError as exc:
             with self._lock:
                 self._refused_unsaved += 1
@@ -242,8 +263,11 @@ class AgentState:
         return value
 
     def pending(self, limit: int = 100) -> list[OutboxItem]:
+        """The next messages to send: the highest priority first, each lane in the order it was queued."""
         with self._lock, self._translated():
-            rows = self._db.execute("SELECT id, topic, payload FROM outbox ORDER BY id LIMIT ?", (limit,)).fetchall()
+            self.priority_queued = False
+            rows = self._db.execute("SELECT id, topic, payload FROM outbox ORDER BY priority DESC, id LIMIT ?",
+                                    (limit,)).fetchall()
         return [OutboxItem(r[0], r[1], bytes(r[2])) for r in rows]
 
     def pending_count(self) -> int:

@@ -1,10 +1,10 @@
 """Inference statistics collected between two telemetry batches, and the hard examples sampled with them.
 
 The uplink carries aggregates only: counts per class, latency and confidence histograms, alert counts, input
-drift, escalation counters, and a few hard (low-confidence) model inputs sampled uniformly (reservoir sampling)
-among the batch's hard windows, capped in count and in bytes per batch and in count per hour. A batch is a
-:class:`TelemetryReport` (the fields of ``TelemetryBatch``, no pydantic) encoded by
-:func:`edgefleet.transport.messages.encode_telemetry`.
+drift, escalation counters, windows a trigger kept from the model, and a few hard (low-confidence) model
+inputs sampled uniformly (reservoir sampling) among the batch's hard windows, capped in count and in bytes per
+batch and in count per hour. A batch is a :class:`TelemetryReport` (the fields of ``TelemetryBatch``, no
+pydantic) encoded by :func:`edgefleet.transport.messages.encode_telemetry`.
 """
 
 from __future__ import annotations
@@ -78,6 +78,7 @@ class TelemetryReport:
     hard_examples: list[Example] = field(default_factory=list)
     hard_left_out: int = 0
     escalations: dict[str, int] = field(default_factory=dict)
+    trigger_skipped: int = 0
 
     def to_bytes(self) -> bytes:
         fields = dict(self.__dict__)
@@ -106,6 +107,8 @@ class WindowStats:
     correct: int = 0
     errors: int = 0
     uncertain: int = 0
+    trigger_skipped: int = 0
+    """Windows the pipeline's trigger kept from the model (quiet: under its threshold)."""
     classes: dict[str, int] = field(default_factory=dict)
     alerts: dict[str, int] = field(default_factory=dict)
     latency: LatencyHistogram = field(default_factory=LatencyHistogram)
@@ -155,7 +158,7 @@ class WindowStats:
 
     @property
     def empty(self) -> bool:
-        return self.windows == 0 and self.errors == 0
+        return self.windows == 0 and self.errors == 0 and self.trigger_skipped == 0
 
     def batch(self, device: str, seq: int, ts: float, skipped: int, *, imputed: int = 0, incomplete: int = 0,
               drift: DriftSnapshot | None = None, hard_examples: list[Example] | None = None,
@@ -169,7 +172,7 @@ class WindowStats:
             shadow_correct=self.shadow_correct, shadow_active_latency_ms=self.shadow_active_latency.to_json(),
             imputed=imputed, incomplete=incomplete,
             uncertain=self.uncertain, alerts=self.alerts, drift=drift, hard_examples=hard_examples or [],
-            hard_left_out=hard_left_out, escalations=escalations or {})
+            hard_left_out=hard_left_out, escalations=escalations or {}, trigger_skipped=self.trigger_skipped)
 
 
 @dataclass

@@ -47,6 +47,21 @@ def agent(ctx: typer.Context,
               min=0.001, help="seconds to wait for the upstream answer before using the local one")] = 0.25,
           escalation_rate: Annotated[float, typer.Option(
               min=0.0, help="escalations per second at most (token bucket, burst 5)")] = 1.0,
+          local_socket: Annotated[Path | None, typer.Option(
+              help="Unix socket on the device: every prediction and alert as JSON (see --local-socket-kind)")] = None,
+          local_socket_kind: Annotated[str, typer.Option(
+              help="dgram: one JSON object per datagram; stream: JSON lines on a connection")] = "dgram",
+          local_mqtt: Annotated[str | None, typer.Option(
+              help="a broker on the device, mqtt://HOST:PORT: predictions and alerts on --local-mqtt-topic")] = None,
+          local_mqtt_topic: Annotated[str | None, typer.Option(
+              help="topic prefix on the local broker: PREFIX/prediction, PREFIX/alert "
+                   "(default edgefleet/local/DEVICE)")] = None,
+          local_hook: Annotated[Path | None, typer.Option(
+              help="executable run per alert with the alert's JSON on stdin")] = None,
+          local_hook_rate: Annotated[float, typer.Option(
+              min=0.001, help="hook runs per second at most (burst 5)")] = 1.0,
+          local_predictions: Annotated[bool, typer.Option(
+              help="deliver every prediction locally, not only alerts")] = True,
           ) -> None:
     """Run the edge agent: infer on a sensor stream, report telemetry, apply model updates."""
     if ctx.invoked_subcommand is not None:
@@ -58,8 +73,14 @@ def agent(ctx: typer.Context,
     assert credentials is not None and data_dir is not None and source is not None
     if upstream is not None and not upstream.startswith(("http://", "https://")):
         raise ConfigError(f"--upstream must be an http(s) URL, got {upstream!r}")
+    from edgefleet.agent.local_action import LocalActionConfig
     from edgefleet.agent.main import command, main
 
+    local = LocalActionConfig(socket=local_socket, socket_kind=local_socket_kind, mqtt_url=local_mqtt,
+                              mqtt_topic=local_mqtt_topic, hook=local_hook, hook_rate_per_s=local_hook_rate,
+                              predictions=local_predictions)
+    local.check()
+    os.environ.update(local.to_environ())  # the agent process (and its re-executions) reads them: agent.config
     argv = command(credentials, data_dir, source, server=server, device_id=device_id, duration=duration,
                    telemetry_interval=telemetry_interval, upstream=upstream, escalate_below=escalate_below,
                    escalation_deadline=escalation_deadline, escalation_rate=escalation_rate)

@@ -117,7 +117,7 @@ class SeriesInput(InputStep):
     kind = "sliding_window"
     streamed = True
     KEYS = frozenset({"kind", "version", "channels", "window", "hop", "sample_rate_hz", "mean", "std", "missing",
-                      "features"})
+                      "features", "trigger"})
 
     def __init__(self, window: WindowSpec) -> None:
         self.window = window

@@ -3,7 +3,9 @@
     {"kind": "sliding_window", "channels": C, "window": W, "hop": H, "sample_rate_hz": R,
      "mean": [C floats], "std": [C floats],                      scaling with the training statistics
      "missing": {"strategy": "hold" | "mean", "max_fraction": 0.1},   optional: fill missing values
-     "features": [{"kind": "band_energy", "bands_hz": [[0, 50], ...]}]}   optional, see runtime.features
+     "features": [{"kind": "band_energy", "bands_hz": [[0, 50], ...]}],  optional, see runtime.features
+     "trigger": {"kind": "rms", "threshold": 0.5}}   optional: run the model only on windows that fire, see
+                                                     runtime.trigger
 
 Without ``missing`` a reading with any missing value never reaches the windower (the source skips and counts
 it), as before. With it, a missing value (NaN) is replaced by the channel's last valid value (``hold``; the
@@ -21,6 +23,7 @@ import numpy as np
 
 from edgefleet.errors import BundleError
 from edgefleet.runtime.features import FeatureStep, feature_step
+from edgefleet.runtime.trigger import TriggerSpec
 
 
 @dataclass(frozen=True)
@@ -55,6 +58,7 @@ class WindowSpec:
     sample_rate_hz: float
     missing: MissingSpec | None = None
     features: tuple[FeatureStep, ...] = field(default=())
+    trigger: TriggerSpec | None = None
 
     @classmethod
     def from_manifest(cls, spec: dict[str, Any]) -> WindowSpec:
@@ -75,7 +79,8 @@ class WindowSpec:
             raise BundleError("preprocessing statistics must be finite with std > 0", reason="malformed")
         missing = MissingSpec.from_manifest(spec["missing"]) if spec.get("missing") is not None else None
         features = tuple(feature_step(step, sample_rate_hz=rate, window=window) for step in steps)
-        return cls(channels, window, hop, mean, std, rate, missing, features)
+        trigger = TriggerSpec.from_manifest(spec["trigger"], channels) if spec.get("trigger") is not None else None
+        return cls(channels, window, hop, mean, std, rate, missing, features, trigger)
 
     @property
     def input_shape(self) -> tuple[int, int, int]:

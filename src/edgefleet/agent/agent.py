@@ -18,6 +18,7 @@ import sqlite3
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from edgefleet import __version__
@@ -25,17 +26,17 @@ from edgefleet.agent.accepted import accepted_versions, device_clock, raise_floo
 from edgefleet.agent.config import AgentConfig, remember_broker
 from edgefleet.agent.fetch import ArtifactFetcher, Fetcher
 from edgefleet.agent.inference import InferencePipeline
-from edgefleet.agent.local_action import open_local_action
 from edgefleet.agent.model import LoadedModel
 from edgefleet.agent.restore import Restorer, SlotRefused
 from edgefleet.agent.sources import SensorSource
-from edgefleet.agent.state import PRIORITY_ALERT, PRIORITY_NORMAL, AgentState, device_public_key
+from edgefleet.agent.state import AgentState, device_public_key
 from edgefleet.agent.updater import ERROR_KEY, STEP_KEY, HealthPolicy, Updater
 from edgefleet.agent.verify import TrustSpec, trust_state
 from edgefleet.errors import BundleError, EdgefleetError, TransportError
 from edgefleet.transport import topics
 from edgefleet.transport.link import MqttLink
 from edgefleet.transport.messages import DesiredUpdate, encode, event_detail, parse
+from edgefleet.transport.wire import WIRE
 
 if TYPE_CHECKING:
     from edgefleet.core.keys import Keyring
@@ -51,6 +52,10 @@ RUNNING_KEY = "running"
 EXPIRED_KEY = "active_expired"
 RUNNING_PID_KEY = "running_pid"
 """The process that recorded ``running`` (a restarted agent has not said what it runs until it records its own)."""
+WIRE_KEY = "wire_bytes"
+"""The bytes this agent's sockets moved (:mod:`edgefleet.transport.wire`), written at every telemetry flush and stop."""
+RESTART_CHECK_S = 1.0
+"""How often the run loop asks ``restart_when`` (see :meth:`Agent.run`)."""
 
 
 class Agent:
@@ -67,6 +72,9 @@ class Agent:
         self._held_events: deque[tuple[str, dict[str, Any], float]] = deque(maxlen=HELD_EVENTS)
         self._skipped_reported = 0
         self._consecutive_failures = 0
+        self.telemetry_hint_s: float | None = None
+        """The interval a rollout asks for in the desired state (None: none does); see telemetry_interval_s."""
+        self.restart_requested = False
         self.link = MqttLink(config.mqtt, f"ef-agent-{self.device}", clean_session=False,
                              subscriptions=[(topics.desired(self.device), 1)], on_message=self._on_message)
         fetcher = fetcher or ArtifactFetcher(config.server_url, config.token, limits=config.downloads,
@@ -82,15 +90,11 @@ class Agent:
         self._recorded: tuple[str | None, bool] | None = None
         self._record_running()
         self._outbox_thread = threading.Thread(target=self._drain_outbox, name="outbox", daemon=True)
-        self.local = open_local_action(config.local_action, self.device)
-        """Outcomes and alerts delivered on the device (agent.local_action); None when not configured."""
 
     # lifecycle --------------------------------------------------------------------------------
     def start(self, connect_timeout_s: float = 2.0) -> None:
         """Start the outbox and the updater, and connect; an unreachable broker is not fatal (offline mode)."""
         self._outbox_thread.start()
-        if self.local is not None:
-            self.local.start()
         self.updater.start()
         try:
             self.link.start(connect_timeout_s)
@@ -111,8 +115,7 @@ class Agent:
         self.link.stop()
         self._outbox_wake.set()
         self._outbox_thread.join(timeout=5)
-        if self.local is not None:
-            self.local.close()
+        self._record_wire()
         self.state.close()
 
     def request_stop(self) -> None:
@@ -223,6 +226,7 @@ class Agent:
             self.event("rejected_desired", {"error": str(exc)})
             return
         if desired.device == self.device:
+            self.telemetry_hint_s = desired.telemetry_interval_s
             if desired.statements:
                 self.apply_statements(desired.statements)
             if desired.mqtt_url:
@@ -249,8 +253,7 @@ class Agent:
         at = time.time() if ts is None else ts
         if self.state.enqueue(topics.events(self.device), "events", lambda seq: encode(
                 {"device": self.device, "seq": seq, "ts": at, "kind": kind, "name": name,
-                 "detail": event_detail(detail)}), priority=PRIORITY_ALERT if kind == "alert" else PRIORITY_NORMAL
-        ) is None:
+                 "detail": event_detail(detail)})) is None:
             self._held_events.append((name, detail, at))
             return
         self._queued()
@@ -305,9 +308,6 @@ class Agent:
                         log.info("outbox waits: %s", exc)
                         break
                     self.state.delivered(item.id)  # not written (disk full): sent again later, a duplicate
-                    if self.state.priority_queued:  # an alert came in behind this backlog: it goes next
-                        self._outbox_wake.set()
-                        break
             except OSError as exc:  # the state database cannot be read or written now: try again
                 log.warning("outbox waits for its database: %s", exc)
                 if self._stop.is_set():
@@ -345,19 +345,32 @@ class Agent:
                                           "error": (self.state.last_refusal or "")[:200]})
 
     # inference --------------------------------------------------------------------------------
-    def run(self, source: SensorSource, duration_s: float | None = None) -> None:
+    def telemetry_interval_s(self) -> float:
+        """How often telemetry goes out now: the device's interval, or the rollout's if it asks for a shorter one."""
+        hint = self.telemetry_hint_s
+        return self.config.telemetry_interval_s if hint is None else min(self.config.telemetry_interval_s, hint)
+
+    def _record_wire(self) -> None:
+        try:
+            self.state.put(WIRE_KEY, WIRE.snapshot())
+        except (OSError, sqlite3.Error) as exc:
+            log.warning("cannot record the wire byte counts: %s", exc)
+
+    def run(self, source: SensorSource, duration_s: float | None = None, *,
+            restart_when: Callable[[], bool] | None = None) -> None:
         """Infer on every window of ``source`` until it ends, ``duration_s`` passes, or a stop is requested.
 
         The source is read in blocks (what it has at once: one sample from a live sensor, more from a replay or
         a sensor FIFO); the checks below run once per block, the windowing once per block, inference per window.
+        ``restart_when`` is asked about once a second, between blocks: True ends the run with
+        ``restart_requested`` set (the process entry then re-executes itself, see :mod:`edgefleet.agent.main`).
         """
         started = time.monotonic()
         if source.waits_for_model:  # a replay starts with the first model, its windows aligned with its rows
             while self.model is None and not self._stop.is_set() and (
                     duration_s is None or time.monotonic() - started < duration_s):
                 self._stop.wait(0.05)
-        interval = self.config.telemetry_interval_s
-        next_flush = time.monotonic() + interval
+        last_flush = next_check = time.monotonic()
         model, shadow = self.model, self.shadow
         if model is not None:
             source.bind(model.pipeline.inputs)
@@ -367,8 +380,7 @@ class Agent:
             from edgefleet.agent.escalation import open_escalator
 
             tiered = open_escalator(self.config)
-        pipeline = (InferencePipeline(model, shadow=shadow, escalator=tiered, source=source, sink=self.local)
-                    if model else None)
+        pipeline = InferencePipeline(model, shadow=shadow, escalator=tiered, source=source) if model else None
         stop = self._stop
         try:
             for block in source.blocks():
@@ -380,8 +392,8 @@ class Agent:
                     model, shadow = self.model, self.shadow
                     if model is not None:
                         source.bind(model.pipeline.inputs)
-                    pipeline = (InferencePipeline(model, shadow=shadow, escalator=tiered, source=source,
-                                                  sink=self.local) if model else None)
+                    pipeline = (InferencePipeline(model, shadow=shadow, escalator=tiered, source=source)
+                                if model else None)
                     if source.waits_for_model:  # a replay restarts at its next row: this block was cut for the
                         continue                # previous model
                 if pipeline is not None:
@@ -394,9 +406,15 @@ class Agent:
                         if self._consecutive_failures >= self.config.failures_before_rollback:
                             self._roll_back(f"{self._consecutive_failures} inference failures in a row")
                             break
-                if now >= next_flush:
+                if now - last_flush >= self.telemetry_interval_s():
                     self._flush(pipeline, source)
-                    next_flush = now + interval
+                    self._record_wire()
+                    last_flush = now
+                if restart_when is not None and now >= next_check:
+                    next_check = now + RESTART_CHECK_S
+                    if restart_when():
+                        self.restart_requested = True
+                        break
         finally:  # the last batch, also when the source or the loop fails
             self._flush(pipeline, source)
         if tiered is not None:  # -- sensing/edge filtering: stop retrying escalations (the queue stays on disk)

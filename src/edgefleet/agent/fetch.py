@@ -42,6 +42,7 @@ from urllib.parse import urlsplit
 from edgefleet.agent.lean import allow_openssl
 from edgefleet.errors import BundleError, ConfigError, TransportError
 from edgefleet.transport.mqtt_url import MqttTls, tls_context
+from edgefleet.transport.wire import count_http_exchange
 
 MIB = 1024 * 1024
 _DISK_RECHECK_BYTES = 4 * MIB
@@ -242,13 +243,16 @@ class ArtifactFetcher(Fetcher):
             except ConfigError as exc:
                 raise TransportError(f"download of {url} refused: {exc}") from exc
             with httpx.stream("GET", full, headers=headers, timeout=timeout_s, verify=verify) as response:
-                if response.status_code == 416:  # our partial file is not a prefix of this artifact
-                    raise ResumeRefused(f"server refused to resume {url}; will start over")
-                if response.status_code not in (200, 206):
-                    raise TransportError(f"download of {url} refused: HTTP {response.status_code}")
-                length = response.headers.get("Content-Length")
-                yield Body(response.status_code == 206, response.iter_bytes(),
-                           int(length) if length and length.isdigit() else None)
+                try:
+                    if response.status_code == 416:  # our partial file is not a prefix of this artifact
+                        raise ResumeRefused(f"server refused to resume {url}; will start over")
+                    if response.status_code not in (200, 206):
+                        raise TransportError(f"download of {url} refused: HTTP {response.status_code}")
+                    length = response.headers.get("Content-Length")
+                    yield Body(response.status_code == 206, response.iter_bytes(),
+                               int(length) if length and length.isdigit() else None)
+                finally:  # the bytes on the wire, for the uplink figures (edgefleet.transport.wire)
+                    count_http_exchange(response)
         except httpx.HTTPError as exc:
             raise TransportError(f"download of {url} failed: {type(exc).__name__} {exc}") from exc
 

@@ -9,21 +9,44 @@ configuration speaks TLS or until it opens an HTTP client (:mod:`edgefleet.agent
 Before anything else the process locks its data directory for its whole life (:mod:`edgefleet.agent.lock`): a
 second agent on the same directory exits at once (exit code 2) with one line naming the directory and the pid
 of the agent that holds it.
+
+Staying lean through updates: an update is downloaded (httpx), verified (``cryptography``, pydantic, ``onnx``)
+and health-checked in this process, and what those imports take stays resident for the process's life (about
+40 MiB, twice the agent's own footprint over a bare ONNX Runtime process). So once the updater is idle again (no
+pending target, its step ``idle``: the new model active, or the update refused) and one of :data:`UPDATE_MODULES`
+is loaded, the sensor loop ends at its next block (within :data:`edgefleet.agent.agent.RESTART_CHECK_S`), the
+agent stops as it always does (the outbox drained, the last batch queued, the state closed, the lock released)
+and the process executes itself again: same pid, same options, the rest of ``--duration`` if one was given. The
+new image loads only what a fresh start loads (the kept models re-verified in a child process, see
+:mod:`edgefleet.agent.verify`), reconnects with the same MQTT session and re-opens its source. Everything that
+matters is durable in the SQLite state, so nothing is lost; a replay (``npz:``) starts again at its first row
+(a live sensor simply goes on); the wire byte counts are carried over (``EDGEFLEET_WIRE_CARRY``). A stop
+requested meanwhile (SIGTERM, SIGINT) ends the process instead. ``EDGEFLEET_AGENT_REEXEC=0`` turns this off.
+The first start, which makes the device's key pair (``cryptography``), is followed by one such restart too; an
+image that finds those modules loaded right after a re-exec does not try again.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
+import logging
+import os
 import signal
 import sys
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from types import FrameType
+from typing import TYPE_CHECKING
 
 from edgefleet.agent import lean
 from edgefleet.agent.config import DEFAULT_TELEMETRY_INTERVAL_S
 from edgefleet.agent.lock import DataDirLock
 from edgefleet.errors import ConfigError, EdgefleetError
+
+if TYPE_CHECKING:
+    from edgefleet.agent.state import AgentState
 
 _OPTIONS: dict[str, tuple[str, type]] = {
     "--credentials": ("credentials", Path), "--data-dir": ("data_dir", Path), "--source": ("source", str),
@@ -32,6 +55,14 @@ _OPTIONS: dict[str, tuple[str, type]] = {
     "--escalate-below": ("escalate_below", float), "--escalation-deadline": ("escalation_deadline", float),
     "--escalation-rate": ("escalation_rate", float)}
 _REQUIRED = ("--credentials", "--data-dir", "--source")
+UPDATE_MODULES = ("cryptography", "pydantic", "onnx")
+"""Modules only the update path loads into the agent process (key statements too); their presence means a
+re-exec gives memory back."""
+REEXEC_ENV = "EDGEFLEET_AGENT_REEXEC"
+WIRE_CARRY_ENV = "EDGEFLEET_WIRE_CARRY"
+MIN_REEXEC_DURATION_S = 1.0
+"""Less than this left of ``--duration``: the agent ends instead of starting again."""
+log = logging.getLogger("edgefleet.agent.main")
 
 
 @dataclasses.dataclass
@@ -94,15 +125,66 @@ def command(credentials: Path, data_dir: Path, source: str, *, server: str | Non
 
 
 def run(args: Options) -> None:
-    """Run the agent with these options, its data directory locked from first to last (see agent.lock)."""
+    """Run the agent with these options, its data directory locked from first to last (see agent.lock); after
+    an update, execute the agent again (see the module docstring)."""
     lock = DataDirLock.acquire(args.data_dir)
     try:
-        _run(args)
+        again = _run(args)
     finally:
         lock.release()
+    if again is not None:
+        _reexec(again)
 
 
-def _run(args: Options) -> None:
+def update_modules_loaded() -> bool:
+    """Whether the update path has loaded its modules into this process."""
+    return any(name in sys.modules for name in UPDATE_MODULES)
+
+
+def updater_idle(state: AgentState) -> bool:
+    """Whether no update is pending or under way (a database that cannot be read: not known to be idle)."""
+    import sqlite3
+
+    from edgefleet.agent.updater import PENDING_KEY, SHADOW_KEY, STEP_KEY
+
+    try:
+        return not state.get(PENDING_KEY) and not state.get(SHADOW_KEY) and state.get(STEP_KEY, "idle") == "idle"
+    except (OSError, sqlite3.Error):
+        return False
+
+
+def _reexec(args: Options) -> None:
+    """Replace this process with a fresh agent (same pid), carrying the wire byte counts over."""
+    from edgefleet.transport.wire import WIRE
+
+    argv = command(args.credentials, args.data_dir, args.source, server=args.server, device_id=args.device_id,
+                   duration=args.duration, telemetry_interval=args.telemetry_interval, upstream=args.upstream,
+                   escalate_below=args.escalate_below, escalation_deadline=args.escalation_deadline,
+                   escalation_rate=args.escalation_rate)
+    os.environ[WIRE_CARRY_ENV] = json.dumps(WIRE.snapshot())
+    os.environ[REEXEC_ENV] = "again"
+    log.info("restarting the agent process after an update (its memory back to a fresh start's)")
+    for handler in logging.getLogger().handlers:
+        handler.flush()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execv(argv[0], argv)
+
+
+def _carry_wire() -> None:
+    """Add the counts of the image this one replaced (a re-exec) to this process's wire counters."""
+    carried = os.environ.pop(WIRE_CARRY_ENV, None)
+    if carried:
+        from edgefleet.transport.wire import WIRE
+
+        try:
+            WIRE.add(json.loads(carried))
+        except (ValueError, TypeError, KeyError, AttributeError):
+            log.warning("ignored unreadable %s", WIRE_CARRY_ENV)
+
+
+def _run(args: Options) -> Options | None:
+    """Run the agent; the options to execute it again with, or None when it is to end."""
     from edgefleet.agent.config import load_config
 
     if args.upstream is not None and not str(args.upstream).startswith(("http://", "https://")):
@@ -117,10 +199,20 @@ def _run(args: Options) -> None:
     from edgefleet.agent.agent import Agent
     from edgefleet.agent.sources import open_source
 
+    started = time.monotonic()
+    _carry_wire()
     stream = open_source(args.source)
     device = Agent(config)
+    stopping = False
+    # an image executed again that starts with them loaded would only do it again: it keeps them
+    helps = not (update_modules_loaded() and os.environ.get(REEXEC_ENV) == "again")
+
+    def restart_when() -> bool:
+        return helps and update_modules_loaded() and updater_idle(device.state)
 
     def _stop(_signum: int, _frame: FrameType | None) -> None:
+        nonlocal stopping
+        stopping = True
         device.request_stop()
         close = getattr(stream, "close", None)  # an idle source (MQTT) would otherwise wait for its next reading
         if callable(close):
@@ -129,10 +221,20 @@ def _run(args: Options) -> None:
     signal.signal(signal.SIGTERM, _stop)
     signal.signal(signal.SIGINT, _stop)
     device.start()
+    reexec = os.environ.get(REEXEC_ENV, "1") != "0"
     try:
-        device.run(stream, args.duration)
+        device.run(stream, args.duration, restart_when=restart_when if reexec else None)
     finally:
         device.stop()
+    if not device.restart_requested or stopping:
+        return None
+    close = getattr(stream, "close", None)
+    if callable(close):
+        close()
+    if args.duration is None:
+        return args
+    left = args.duration - (time.monotonic() - started)
+    return dataclasses.replace(args, duration=left) if left >= MIN_REEXEC_DURATION_S else None
 
 
 def setup_logging() -> None:

@@ -85,7 +85,8 @@ class Orchestrator:
                  clock: Callable[[], float] = time.time, raw_retention_s: float = 7 * 86400,
                  retention_s: float = 90 * 86400) -> None:
         self.store = store
-        self.publish = publish
+        self._send = publish
+        self._hinted: dict[str, float | None] = {}  # the telemetry interval each device was last told
         self.replica = replica
         self.interval_s = interval_s
         self.clock = clock
@@ -203,9 +204,49 @@ class Orchestrator:
             if self._step_one(row):
                 taken += 1
         self.publish_pending()
+        self.publish_telemetry_hints()
         self._maintenance()
         self.steps_taken += taken
         return taken
+
+    # adaptive telemetry -----------------------------------------------------------------------
+    def telemetry_hints(self) -> dict[str, float]:
+        """How often each device a running rollout observes must report: a quarter of the rollout's window
+        (the shortest where several involve it). Observed: the devices its waves moved (the candidate active,
+        or beside the active model in shadow mode) and, in A/B mode, the control half."""
+        hints: dict[str, float] = {}
+        for row in self.store.active_rollouts():
+            interval = float(row.plan.get("window_s", 60.0)) / 4
+            for device in [*row.state.get("moved", {}), *row.state.get("control", [])]:
+                hints[device] = min(interval, hints.get(device, interval))
+        return hints
+
+    def publish(self, states: Sequence[DesiredState]) -> None:
+        """Publish desired states, each with the telemetry interval its device's rollouts ask for (None: none
+        does, the device reports at its own interval)."""
+        hints = self.telemetry_hints() if states else {}
+        self._send([s.model_copy(update={"telemetry_interval_s": hints.get(s.device)}) for s in states])
+        self._hinted.update((s.device, hints.get(s.device)) for s in states)
+
+    def publish_telemetry_hints(self) -> int:
+        """Publish the desired state again to every device whose telemetry interval changed (a wave moved it, its
+        rollout ended); how many. A restarted server tells every observed device once more."""
+        hints = self.telemetry_hints()
+        changed = sorted(d for d in {*hints, *(d for d, v in self._hinted.items() if v is not None)}
+                         if d not in self._hinted or hints.get(d) != self._hinted[d])
+        if not changed:
+            return 0
+        with self._publish_lock:
+            models = {m.id: m for m in self.store.list_models()}
+            devices = [d for d in map(self.store.get_device, changed) if d is not None and not d.revoked]
+            try:
+                self.publish([desired_message(d, models, self.model_keys) for d in devices])
+            except EdgefleetError as exc:
+                log.warning("%d telemetry interval(s) not published yet: %s", len(devices), exc)
+                return 0
+            self._hinted.update((d, hints.get(d)) for d in changed)
+            return len(devices)
+
 
     def _step_one(self, row: RolloutRow) -> bool:
         plan, state = make_plan(row.plan), RolloutState.from_json(row.state)

@@ -14,6 +14,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 
 from edgefleet.errors import TransportError
 from edgefleet.transport.mqtt_url import MqttEndpoint, tls_context
+from edgefleet.transport.wire import WIRE
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +45,21 @@ def _plain_sockets() -> None:
 
 _plain_sockets()
 
+
+class _CountingClient(mqtt.Client):
+    """paho's client with every byte its socket moves counted in :data:`edgefleet.transport.wire.WIRE`."""
+
+    def _sock_send(self, buf: bytes | bytearray) -> int:
+        sent = super()._sock_send(buf)
+        WIRE.sent("mqtt", sent)
+        return sent
+
+    def _sock_recv(self, bufsize: int) -> bytes:
+        data = super()._sock_recv(bufsize)
+        WIRE.received("mqtt", len(data))
+        return data
+
+
 MessageHandler = Callable[[str, bytes], None]
 AckHandler = Callable[[int], None]
 
@@ -61,7 +77,8 @@ class MqttLink:
         self._keepalive_s = keepalive_s
         self._connected = threading.Event()
         self._started = False
-        self._client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=client_id, clean_session=clean_session)
+        self._client = _CountingClient(CallbackAPIVersion.VERSION2, client_id=client_id,
+                                       clean_session=clean_session)
         if endpoint.username is not None:
             self._client.username_pw_set(endpoint.username, endpoint.password)
         if endpoint.tls is not None:  # mqtts://: verify the broker, present the device's certificate

@@ -236,6 +236,7 @@ class DesiredUpdate:
     statements: list[str] = field(default_factory=list)
     issued_at: float = 0.0
     mqtt_url: str | None = None
+    telemetry_interval_s: float | None = None
 
     @classmethod
     def from_wire(cls, data: Any) -> DesiredUpdate:
@@ -246,9 +247,14 @@ class DesiredUpdate:
         issued = d.get("issued_at", 0.0)
         if not isinstance(issued, int | float) or isinstance(issued, bool) or not math.isfinite(issued):
             raise TypeError("issued_at: must be a number")
+        interval = d.get("telemetry_interval_s")
+        if interval is not None and (not isinstance(interval, int | float) or isinstance(interval, bool)
+                                     or not 0 < interval <= 86_400):
+            raise TypeError("telemetry_interval_s: must be a number of seconds in (0, 86400]")
         model, shadow = d.get("model"), d.get("shadow")
         return cls(device=cast(str, _str(d, "device")),
                    model=None if model is None else ModelTarget.from_wire(model),
                    shadow=None if shadow is None else ModelTarget.from_wire(shadow),
                    statements=list(statements), issued_at=float(issued),
-                   mqtt_url=_str(d, "mqtt_url", required=False))
+                   mqtt_url=_str(d, "mqtt_url", required=False),
+                   telemetry_interval_s=None if interval is None else float(interval))

@@ -53,6 +53,9 @@ class DesiredState(_Message):
     issued_at: float = Field(default_factory=time.time)
     mqtt_url: str | None = Field(default=None, max_length=300,
                                  description="broker address the device dials from its next start")
+    telemetry_interval_s: float | None = Field(
+        default=None, gt=0, le=86_400, description="while a rollout involves the device: report at least this often "
+        "(a quarter of the rollout's window); None: the device's own interval")
 
 
 class ReportedState(_Message):
@@ -135,8 +138,6 @@ class TelemetryBatch(_Message):
     hard_left_out: int = Field(ge=0, default=0, description="hard inputs sampled but not sent (count/byte budget)")
     escalations: dict[str, int] = Field(default_factory=dict,
                                         description="tiered inference: sent, answered, late, failed, queued, ...")
-    trigger_skipped: int = Field(ge=0, default=0, description="windows the bundle's trigger kept from the model "
-                                 "(under its threshold: the model did not run)")
 
 
 class Event(_Message):

@@ -26,10 +26,11 @@ from edgefleet.agent.accepted import accepted_versions, device_clock, raise_floo
 from edgefleet.agent.config import AgentConfig, remember_broker
 from edgefleet.agent.fetch import ArtifactFetcher, Fetcher
 from edgefleet.agent.inference import InferencePipeline
+from edgefleet.agent.local_action import open_local_action
 from edgefleet.agent.model import LoadedModel
 from edgefleet.agent.restore import Restorer, SlotRefused
 from edgefleet.agent.sources import SensorSource
-from edgefleet.agent.state import AgentState, device_public_key
+from edgefleet.agent.state import PRIORITY_ALERT, PRIORITY_NORMAL, AgentState, device_public_key
 from edgefleet.agent.updater import ERROR_KEY, STEP_KEY, HealthPolicy, Updater
 from edgefleet.agent.verify import TrustSpec, trust_state
 from edgefleet.errors import BundleError, EdgefleetError, TransportError
@@ -90,11 +91,15 @@ class Agent:
         self._recorded: tuple[str | None, bool] | None = None
         self._record_running()
         self._outbox_thread = threading.Thread(target=self._drain_outbox, name="outbox", daemon=True)
+        self.local = open_local_action(config.local_action, self.device)
+        """Outcomes and alerts delivered on the device (agent.local_action); None when not configured."""
 
     # lifecycle --------------------------------------------------------------------------------
     def start(self, connect_timeout_s: float = 2.0) -> None:
         """Start the outbox and the updater, and connect; an unreachable broker is not fatal (offline mode)."""
         self._outbox_thread.start()
+        if self.local is not None:
+            self.local.start()
         self.updater.start()
         try:
             self.link.start(connect_timeout_s)
@@ -116,6 +121,8 @@ class Agent:
         self._outbox_wake.set()
         self._outbox_thread.join(timeout=5)
         self._record_wire()
+        if self.local is not None:
+            self.local.close()
         self.state.close()
 
     def request_stop(self) -> None:
@@ -253,7 +260,8 @@ class Agent:
         at = time.time() if ts is None else ts
         if self.state.enqueue(topics.events(self.device), "events", lambda seq: encode(
                 {"device": self.device, "seq": seq, "ts": at, "kind": kind, "name": name,
-                 "detail": event_detail(detail)})) is None:
+                 "detail": event_detail(detail)}), priority=PRIORITY_ALERT if kind == "alert" else PRIORITY_NORMAL
+        ) is None:
             self._held_events.append((name, detail, at))
             return
         self._queued()
@@ -308,6 +316,9 @@ class Agent:
                         log.info("outbox waits: %s", exc)
                         break
                     self.state.delivered(item.id)  # not written (disk full): sent again later, a duplicate
+                    if self.state.priority_queued:  # an alert came in behind this backlog: it goes next
+                        self._outbox_wake.set()
+                        break
             except OSError as exc:  # the state database cannot be read or written now: try again
                 log.warning("outbox waits for its database: %s", exc)
                 if self._stop.is_set():
@@ -380,7 +391,8 @@ class Agent:
             from edgefleet.agent.escalation import open_escalator
 
             tiered = open_escalator(self.config)
-        pipeline = InferencePipeline(model, shadow=shadow, escalator=tiered, source=source) if model else None
+        pipeline = (InferencePipeline(model, shadow=shadow, escalator=tiered, source=source, sink=self.local)
+                    if model else None)
         stop = self._stop
         try:
             for block in source.blocks():
@@ -392,8 +404,8 @@ class Agent:
                     model, shadow = self.model, self.shadow
                     if model is not None:
                         source.bind(model.pipeline.inputs)
-                    pipeline = (InferencePipeline(model, shadow=shadow, escalator=tiered, source=source)
-                                if model else None)
+                    pipeline = (InferencePipeline(model, shadow=shadow, escalator=tiered, source=source,
+                                                  sink=self.local) if model else None)
                     if source.waits_for_model:  # a replay restarts at its next row: this block was cut for the
                         continue                # previous model
                 if pipeline is not None:

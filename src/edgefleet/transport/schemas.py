@@ -138,6 +138,8 @@ class TelemetryBatch(_Message):
     hard_left_out: int = Field(ge=0, default=0, description="hard inputs sampled but not sent (count/byte budget)")
     escalations: dict[str, int] = Field(default_factory=dict,
                                         description="tiered inference: sent, answered, late, failed, queued, ...")
+    trigger_skipped: int = Field(ge=0, default=0, description="windows the bundle's trigger kept from the model "
+                                 "(under its threshold: the model did not run)")
 
 
 class Event(_Message):

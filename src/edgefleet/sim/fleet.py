@@ -27,7 +27,7 @@ from edgefleet.core.telemetry import CONFIDENCE_BINS
 from edgefleet.core.update import TrustState, decide
 from edgefleet.errors import EdgefleetError, TransportError
 from edgefleet.transport import topics
-from edgefleet.transport.messages import DesiredState, ReportedState, TelemetryBatch, parse
+from edgefleet.transport.messages import DesiredState, ReportedState, encode_telemetry, parse
 from edgefleet.transport.mqtt_url import MqttEndpoint
 
 log = logging.getLogger(__name__)
@@ -194,12 +194,11 @@ class SimFleet:
         correct = round(windows * self.accuracy(device.active or ""))
         confidence = [0] * CONFIDENCE_BINS
         confidence[-1] = windows
-        batch = TelemetryBatch(device=device.id, seq=device.seq, ts=time.time(), model=device.active,
-                               windows=windows, labelled=windows, correct=correct, latency_ms={"150": windows},
-                               confidence=confidence)
+        batch = encode_telemetry({"device": device.id, "seq": device.seq, "ts": round(time.time(), 3),
+                                  "model": device.active, "windows": windows, "labelled": windows,
+                                  "correct": correct, "latency_ms": {"150": windows}, "confidence": confidence})
         device.seq += 1
-        # model_dump_json, not to_bytes: to_bytes leaves out None, and TelemetryBatch requires "model" (even None)
-        device.client.publish(topics.telemetry(device.id), batch.model_dump_json().encode(), qos=1)
+        device.client.publish(topics.telemetry(device.id), batch, qos=1)  # the agent's own compact encoding
 
     def send_telemetry_all(self) -> None:
         """Every connected device sends one batch (called from any thread)."""

@@ -1,5 +1,10 @@
 """Message schemas on the MQTT topics (pydantic): the server validates what it receives with these.
 
+They are the one definition of the wire messages. The agent, which must not load pydantic, encodes and decodes
+with pydantic-free twins (``agent.stats.TelemetryReport``, ``messages.ModelTarget``, ``messages.DesiredUpdate``);
+``tests/unit/test_wire_parity.py`` holds each twin to its schema field for field and checks that every encoding
+of a telemetry batch (this module's JSON, the compact ``encode_telemetry``) decodes to the same message.
+
 Import them from :mod:`edgefleet.transport.messages`, which loads this module (and pydantic) only when one of
 them is used, and whose :func:`~edgefleet.transport.messages.parse` is the one decode entry.
 """

@@ -71,6 +71,15 @@ class ControlPlane:
     def revoke_device(self, device_id: str) -> Any:
         return self._call("POST", f"/api/v1/devices/{device_id}/revoke")
 
+    def publish_statement(self, statement: bytes) -> Any:
+        """Register a signed key rotation or revocation; the server sends it to every device."""
+        return self._call("POST", "/api/v1/keys/statements", content=statement,
+                          headers={"Content-Type": "application/json"})
+
+    def keyring(self) -> Any:
+        """The server's trusted, retired and revoked keys and its trust log."""
+        return self._call("GET", "/api/v1/keys")
+
     def model_telemetry(self, model: str, since: float = 0.0) -> Any:
         name, _, version = model.partition("@")
         return self._call("GET", f"/api/v1/models/{name}/{version}/telemetry", params={"since": since})

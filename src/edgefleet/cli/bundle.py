@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
+from edgefleet.cli.fleet import Json, Server, Token
 from edgefleet.errors import BundleError, ConfigError
 
 if TYPE_CHECKING:
@@ -51,7 +52,8 @@ def keys_rotate(directory: Annotated[Path, typer.Option("--dir", help="holds the
     atomic_write(directory / PRIVATE_KEY_FILE, _key_text(new.raw), mode=0o600)
     atomic_write(directory / PUBLIC_KEY_FILE, (new.public.to_text() + "\n").encode())
     pending.unlink()
-    typer.echo(f"key {new_id} replaces {old_id}; send {statement} to the devices before bundles signed by {new_id}")
+    typer.echo(f"key {new_id} replaces {old_id}; publish {statement} to the server and the devices with "
+               f"`edgefleet keys publish {statement}` before pushing bundles signed by {new_id}")
 
 
 @keys_app.command("revoke")
@@ -68,7 +70,40 @@ def keys_revoke(key_id: Annotated[str, typer.Argument(help="id of the key to rev
         raise ConfigError(f"{key_id!r} is not a key id")
     signer = load_signing_key(key)
     atomic_write(out, revocation_statement(key_id, signer, reason=reason))
-    typer.echo(f"{out}: key {key_id} revoked, signed by {signer.public.key_id}")
+    typer.echo(f"{out}: key {key_id} revoked, signed by {signer.public.key_id}; publish it with "
+               f"`edgefleet keys publish {out}`")
+
+
+@keys_app.command("publish")
+def keys_publish(statement: Annotated[Path, typer.Argument(help="a statement from `keys rotate` or `keys revoke`")],
+                 server: Server = "", token: Token = "", as_json: Json = False) -> None:
+    """Register a signed key rotation or revocation with the server.
+
+    The server checks it against the keys it trusts, follows it from then on (`model push` accepts bundles signed
+    by a new key, refuses a revoked one) and sends it to every device in its desired state; a device that is
+    offline gets it when it comes back.
+    """
+    from edgefleet.cli.fleet import _api, _emit
+
+    with _api(server, token) as api:
+        answer = api.publish_statement(read_file(statement))
+    what = f"{'rotation to' if answer['type'] == 'rotate' else 'revocation of'} key {answer['key_id']}"
+    text = (f"{statement}: {what} published to every device; trusted keys: {', '.join(answer['trusted']) or 'none'}"
+            if answer["stored"] else f"{statement}: {what} is already in effect; nothing changed")
+    _emit(answer, as_json, text)
+
+
+@keys_app.command("list")
+def keys_list(server: Server = "", token: Token = "", as_json: Json = False) -> None:
+    """The server's trusted, retired and revoked keys, and the statements it sends to every device."""
+    from edgefleet.cli.fleet import _api, _emit
+
+    with _api(server, token) as api:
+        ring = api.keyring()
+    lines = [*(f"{k}  trusted" for k in ring["trusted"]),
+             *(f"{k}  retired (replaced by {new})" for k, new in ring["retired"].items()),
+             *(f"{k}  revoked" for k in ring["revoked"])]
+    _emit(ring, as_json, "\n".join(lines) or "no keys")
 
 
 @keys_app.command("model-key")

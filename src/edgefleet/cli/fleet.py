@@ -218,6 +218,15 @@ def _choice(value: str, allowed: tuple[str, ...], flag: str) -> str:
     return value
 
 
+def _rollback_order(path: Path) -> str:
+    """A rollback order file's bytes in base64, as the API takes them (the server verifies them)."""
+    import base64
+
+    from edgefleet.cli.bundle import read_file
+
+    return base64.b64encode(read_file(path)).decode()
+
+
 @rollout_app.command("create")
 def rollout_create(model: Annotated[str, typer.Argument(help="candidate NAME@VERSION")],
                    select: Annotated[list[str] | None, typer.Option(help="KEY=VALUE tag (repeatable)")] = None,
@@ -229,17 +238,22 @@ def rollout_create(model: Annotated[str, typer.Argument(help="candidate NAME@VER
                    on_inconclusive: OnInconclusive = "pause", baseline: Baseline = 3600.0,
                    min_windows: MinWindows = 10, confidence: Confidence = 0.95,
                    profile: Annotated[str | None, typer.Option(help="only devices of this profile")] = None,
+                   rollback: Annotated[Path | None, typer.Option(
+                       help="a signed rollback order (bundle rollback-order): send the fleet back to this older "
+                            "release")] = None,
                    server: Server = "", token: Token = "", as_json: Json = False) -> None:
-    """Start a staged rollout; each wave must pass its gates before the next one."""
+    """Start a staged rollout; each wave must pass its gates before the next one. A release older than the one
+    its devices run needs --rollback ORDER_FILE."""
     _choice(mode, ROLLOUT_MODES, "--mode")
     _choice(on_inconclusive, ("pause", "abort", "proceed"), "--on-inconclusive")
+    order = _rollback_order(rollback) if rollback is not None else None
     with _api(server, token) as api:
         rollout = api.create_rollout(model, waves=[w.strip() for w in waves.split(",")],
                                      gates=_gates(gate, pause_gate), select=_pairs(select, "--select"), mode=mode,
                                      window_s=window, install_timeout_s=install_timeout,
                                      unknown_timeout_s=unknown_timeout, inconclusive_timeout_s=inconclusive_timeout,
                                      on_inconclusive=on_inconclusive, baseline_s=baseline, min_windows=min_windows,
-                                     confidence=confidence, profile=profile)
+                                     confidence=confidence, profile=profile, rollback_order=order)
     _emit(rollout, as_json, f"{rollout['id']}: {model} to {rollout['targets']} device(s), {rollout['phase']}")
 
 

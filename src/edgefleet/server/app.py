@@ -27,7 +27,9 @@ from edgefleet.core.update import TrustState, decide
 from edgefleet.errors import BundleError, EdgefleetError, StoreError
 from edgefleet.server.artifacts import ArtifactStore
 from edgefleet.server.broker_auth import BrokerAccess, hash_password
+from edgefleet.server.broker_sync import BrokerSync
 from edgefleet.server.certificates_api import certificates_router, device_certificate
+from edgefleet.server.keys_api import keys_router
 from edgefleet.server.limits import Limits, RequestLimits
 from edgefleet.server.metrics import CONTENT_TYPE, Metrics
 from edgefleet.server.model_keys import ModelKeys
@@ -37,6 +39,7 @@ from edgefleet.server.rollout_api import rollout_router
 from edgefleet.server.schema import Device, ModelVersion
 from edgefleet.server.store import Store
 from edgefleet.server.telemetry_api import telemetry_router
+from edgefleet.server.trust import server_keyring
 from edgefleet.transport import topics
 
 __all__ = ["MODEL_KEY_HEADER", "ServerContext", "create_app", "model_ref"]
@@ -63,10 +66,23 @@ class ServerContext:
     pki: FleetCA | None = None
     """With ``--tls``: the fleet CA that issues each device its certificate."""
 
-    def sync_broker(self) -> None:
-        """Rewrite the broker's password file from the store (new or revoked devices)."""
-        if self.access is not None:
-            self.access.sync((d.id, d.mqtt_password_hash, d.revoked) for d in self.store.list_devices())
+    syncer: BrokerSync | None = field(default=None, repr=False)
+    """Batches the rewrites of the broker's files (:mod:`edgefleet.server.broker_sync`); made on first use."""
+
+    def sync_broker(self, *, soon: bool = False) -> None:
+        """Rewrite the broker's password, ACL and CRL files from the store (new or revoked devices): waited for,
+        or with ``soon`` (a new device) waited for only while syncs are cheap; adds made during a sync share the
+        next one, so that adding N devices does not rewrite N lines N times."""
+        access = self.access
+        if access is None:
+            return
+        if self.syncer is None:
+            self.syncer = BrokerSync(lambda: access.sync(
+                (d.id, d.mqtt_password_hash, d.revoked) for d in self.store.list_devices()))
+        if soon:
+            self.syncer.sync_soon()
+        else:
+            self.syncer.sync()
 
 
 class DeviceIn(BaseModel):
@@ -130,7 +146,7 @@ def create_app(ctx: ServerContext) -> FastAPI:
         header = request.headers.get(MODEL_KEY_HEADER)
         key = ModelKey.from_text(header) if header else None  # ConfigError: 422 with one line
         try:  # an encrypted model is opened with its key and checked like a clear one, in memory only
-            accepted = decide(data, TrustState(keys=ctx.trusted_keys), decryption_key=key)
+            accepted = decide(data, TrustState.from_keyring(server_keyring(ctx.store)), decryption_key=key)
         except BundleError as exc:
             raise HTTPException(422, f"bundle refused ({exc.reason}): {exc}") from exc
         sealed = sealed_key(key, accepted.manifest.encryption is not None, accepted.sha256)
@@ -173,11 +189,12 @@ def create_app(ctx: ServerContext) -> FastAPI:
                                     mqtt_password_sha256=sha256_text(password),
                                     mqtt_password_hash=hash_password(password), tags=body.tags,
                                     profile=body.profile, created=time.time(), revoked=False))
-        ctx.sync_broker()
+        ctx.sync_broker(soon=True)  # batched with other adds (server.broker_sync)
         certificate = device_certificate(ctx.pki, body.id) if ctx.pki is not None else {}  # once it is new
         return {**certificate, "device_id": body.id, "server_url": ctx.public_url, "mqtt_url": ctx.device_mqtt_url,
                 "mqtt_username": body.id, "mqtt_password": password, "token": token, "tags": body.tags,
-                "profile": body.profile, "trusted_keys": {k: v.to_text() for k, v in ctx.trusted_keys.items()}}
+                "profile": body.profile,
+                "trusted_keys": {k: v.to_text() for k, v in server_keyring(ctx.store).trusted().items()}}
 
     @app.get("/api/v1/devices", dependencies=[Operator])
     def list_devices() -> list[dict[str, Any]]:
@@ -271,6 +288,7 @@ def create_app(ctx: ServerContext) -> FastAPI:
 
     app.include_router(rollout_router(ctx.orchestrator, ctx.store), dependencies=[Operator])
     app.include_router(telemetry_router(ctx.store), dependencies=[Operator])
+    app.include_router(keys_router(ctx.store, ctx.orchestrator, ctx.trusted_keys), dependencies=[Operator])
     if ctx.pki is not None:
         app.include_router(certificates_router(ctx.pki, ctx.store, ctx.sync_broker), dependencies=[Operator])
     return app

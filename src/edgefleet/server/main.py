@@ -42,6 +42,7 @@ from edgefleet.server.orchestrator import Orchestrator, desired_message
 from edgefleet.server.pki import FleetCA
 from edgefleet.server.publisher import DesiredPublisher
 from edgefleet.server.store import Store, sqlite_url
+from edgefleet.server.trust import trust_delivery
 from edgefleet.storage import atomic_write
 from edgefleet.transport.mqtt_url import MqttEndpoint, MqttTls, parse_mqtt_url
 from edgefleet.transport.ports import free_port
@@ -250,6 +251,7 @@ def run_server(settings: ServerSettings) -> None:
     ingest = Ingest(store, endpoint, replica=replica, mqtt5=mqtt5)
     device_mqtt_url = settings.device_mqtt_url or endpoint.url
     publisher = DesiredPublisher(endpoint, f"edgefleet-{replica}-publisher", device_mqtt_url=device_mqtt_url)
+    publisher.trust = lambda: trust_delivery(store)  # every state carries the key statements (server.trust)
     metrics = Metrics()
     orchestrator = Orchestrator(store, publisher.publish_many, replica=replica, interval_s=settings.tick_s)
     orchestrator.model_keys = model_keys = ModelKeys.load(settings.data_dir)  # encrypted models' keys, sealed

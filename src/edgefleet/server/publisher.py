@@ -1,14 +1,17 @@
 """Publishing desired states (retained, QoS 1) with paho: many at once, then wait for every acknowledgement.
 
 Each state carries the broker address devices are to dial (``mqtt_url``), so that moving the broker needs no
-file edited on a device: an agent keeps the address it is told and dials it from its next start.
+file edited on a device: an agent keeps the address it is told and dials it from its next start. With a
+``trust`` source (the server sets one), each state also carries every key statement and, on a target whose
+release has one, the rollback order (:mod:`edgefleet.server.trust`), whichever path published it.
 """
 
 from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
 
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
@@ -17,6 +20,9 @@ from edgefleet.errors import TransportError
 from edgefleet.transport import topics
 from edgefleet.transport.messages import DesiredState
 from edgefleet.transport.mqtt_url import MqttEndpoint, parse_mqtt_url, tls_context
+
+if TYPE_CHECKING:
+    from edgefleet.server.trust import TrustDelivery
 
 _WINDOW = 1000
 
@@ -41,6 +47,8 @@ class DesiredPublisher:
         self._client.on_disconnect = lambda *_args: self._connected.clear()
         self._lock = threading.Lock()
         self.published = 0
+        self.trust: Callable[[], TrustDelivery] | None = None
+        """Read at every publish: the statements and rollback orders each state carries (None: none)."""
 
     def start(self, timeout_s: float = 15.0) -> None:
         try:
@@ -68,6 +76,9 @@ class DesiredPublisher:
         if self.device_mqtt_url is not None:
             stamp = {"mqtt_url": self.device_mqtt_url}
             states = [s if s.mqtt_url is not None else s.model_copy(update=stamp) for s in states]
+        if self.trust is not None:
+            delivery = self.trust()
+            states = [with_trust(s, delivery) for s in states]
         with self._lock:  # in windows no larger than paho's in-flight limit: its queue is costly per ack
             for start in range(0, len(states), _WINDOW):
                 infos = [self._client.publish(topics.desired(s.device), s.to_bytes(), qos=1, retain=True)
@@ -86,6 +97,21 @@ class DesiredPublisher:
     def _on_connect(self, _c: mqtt.Client, _u: object, _f: object, reason: object, _p: object) -> None:
         if not getattr(reason, "is_failure", False):
             self._connected.set()
+
+
+def with_trust(state: DesiredState, delivery: TrustDelivery) -> DesiredState:
+    """``state`` carrying the key statements (unless it has its own) and its targets' rollback orders."""
+    update: dict[str, object] = {}
+    if delivery.statements and not state.statements:
+        update["statements"] = list(delivery.statements)
+    for slot in ("model", "shadow"):
+        ref = getattr(state, slot, None)
+        if ref is None or ref.rollback_order is not None:
+            continue
+        order = delivery.rollback_orders.get((ref.name, ref.release))
+        if order is not None:
+            update[slot] = ref.model_copy(update={"rollback_order": order})
+    return state.model_copy(update=update) if update else state
 
 
 def _address(url: str) -> str:

@@ -8,6 +8,7 @@ from pydantic import BaseModel, Field
 
 from edgefleet.server.orchestrator import Orchestrator, rollout_json
 from edgefleet.server.store import Store
+from edgefleet.server.trust import rollback_admitted
 
 
 class GateIn(BaseModel):
@@ -31,6 +32,9 @@ class RolloutIn(BaseModel):
     confidence: float = Field(default=0.95, ge=0.5, lt=1.0, description="two-sided confidence of gate decisions")
     inconclusive_timeout_s: float = Field(default=600.0, ge=0, le=30 * 86400)
     on_inconclusive: Literal["pause", "abort", "proceed"] = "pause"
+    rollback_order: str | None = Field(default=None, max_length=128 * 1024,
+                                       description="base64 signed rollback order: lets devices go back to an older "
+                                                   "release (`edgefleet bundle rollback-order`)")
 
 
 class PromoteIn(BaseModel):
@@ -60,7 +64,9 @@ def rollout_router(orchestrator: Orchestrator, store: Store) -> APIRouter:
     def create(body: RolloutIn) -> dict[str, Any]:
         spec = body.model_dump()
         spec["candidate"] = spec.pop("model")
-        row = orchestrator.create(spec)
+        order = spec.pop("rollback_order")
+        with rollback_admitted(store, spec, order):  # an older release needs a signed rollback order
+            row = orchestrator.create(spec)
         return rollout_json(row, store)
 
     @router.get("")

@@ -19,6 +19,7 @@ Counters are taken (and reset) with each telemetry batch; ``pending`` is the que
 from __future__ import annotations
 
 import base64
+import ipaddress
 import json
 import logging
 import random
@@ -30,13 +31,15 @@ from concurrent.futures import ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
+from urllib.parse import urlsplit
 
 import numpy as np
 
 from edgefleet.agent.config import AgentConfig
 from edgefleet.agent.lean import allow_openssl
 from edgefleet.errors import TransportError
+from edgefleet.transport.mqtt_url import MqttTls, tls_context
 
 log = logging.getLogger(__name__)
 
@@ -62,14 +65,25 @@ class Upstream(Protocol):
 
 
 class HttpUpstream:
-    """``POST {url}/v1/infer`` on an ``edgefleet serve-model`` service."""
+    """``POST {url}/v1/infer`` on an ``edgefleet serve-model`` service.
 
-    def __init__(self, url: str) -> None:
+    With ``tls`` (the device's fleet files) an ``https://`` upstream is verified against the fleet CA and shown
+    the device's certificate; the device ``token`` goes along as ``Authorization: Bearer``, over HTTPS or to a
+    loopback address only (never in clear text across a network)."""
+
+    def __init__(self, url: str, *, tls: MqttTls | None = None, token: str | None = None) -> None:
         allow_openssl()  # httpx makes an SSL context for every client, http:// too (edgefleet.agent.lean)
         import httpx
 
         self.url = url.rstrip("/")
-        self._client = httpx.Client(headers={"content-type": "application/json"})
+        headers = {"content-type": "application/json"}
+        parts = urlsplit(self.url)
+        if token and (parts.scheme == "https" or _loopback(parts.hostname or "")):
+            headers["authorization"] = f"Bearer {token}"
+        verify: Any = True
+        if tls is not None and parts.scheme == "https":
+            verify = tls_context(tls)
+        self._client = httpx.Client(headers=headers, verify=verify)
 
     def infer(self, body: bytes, timeout_s: float) -> UpstreamAnswer:
         import httpx
@@ -325,6 +339,15 @@ class Escalator:
             self._counts[name] += 1
 
 
+def _loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
 def open_escalator(config: AgentConfig) -> Escalator | None:
     """The agent's escalator to the ``serve-model`` service at ``config.upstream_url``; None without one."""
     if not config.upstream_url:
@@ -332,4 +355,5 @@ def open_escalator(config: AgentConfig) -> Escalator | None:
     policy = EscalationPolicy(deadline_s=config.escalation_deadline_s, rate_per_s=config.escalation_rate_per_s,
                               burst=config.escalation_burst, queue_max=config.escalation_queue_max,
                               escalate_below=config.escalate_below)
-    return Escalator(HttpUpstream(config.upstream_url), config.data_dir, policy)
+    upstream = HttpUpstream(config.upstream_url, tls=config.tls, token=config.token)  # the device's identity
+    return Escalator(upstream, config.data_dir, policy)

@@ -7,6 +7,7 @@ Request (what ``agent.escalation.encode_request`` sends)::
 
 Response: ``{"label": str, "index": int, "confidence": float, "probs": [...], "model": "name@version"}``.
 The bundle is verified with ``core.update.decide`` against the given public key before the model is parsed.
+Who may ask (mutual TLS with the fleet CA, device tokens) is :mod:`edgefleet.upstream.auth`.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from typing import Any, Literal
 
 import numpy as np
 import uvicorn
-from fastapi import FastAPI, HTTPException
+from fastapi import Depends, FastAPI, HTTPException, Request
 from pydantic import BaseModel, ConfigDict, Field
 
 from edgefleet.bundle.manifest import Manifest
@@ -36,6 +37,7 @@ from edgefleet.runtime.outputs import Scorer, output_step
 from edgefleet.runtime.runner import OnnxRuntimeRunner, Runner
 from edgefleet.storage import atomic_write
 from edgefleet.transport.ports import free_port
+from edgefleet.upstream.auth import DeviceTokens, UpstreamTls
 
 log = logging.getLogger(__name__)
 
@@ -102,17 +104,27 @@ def decode_window(request: InferRequest, expected: list[int | None]) -> np.ndarr
     return x
 
 
-def create_app(model: UpstreamModel) -> FastAPI:
-    """The service's FastAPI app around one loaded model."""
+def create_app(model: UpstreamModel, tokens: DeviceTokens | None = None) -> FastAPI:
+    """The service's FastAPI app around one loaded model; with ``tokens``, ``/v1/infer`` wants a listed device
+    token (401 without one, 403 with another)."""
     app = FastAPI(title="edgefleet upstream model", version="1")
     labels = model.manifest.labels
     expected = model.expected_shape()
+
+    def device(request: Request) -> None:
+        if tokens is None:
+            return
+        scheme, _, token = request.headers.get("authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not token:
+            raise HTTPException(401, "a device token is required")
+        if not tokens.allows(token):
+            raise HTTPException(403, "unknown device token")
 
     @app.get("/v1/health")
     def health() -> dict[str, str]:
         return {"status": "ok", "model": model.ref}
 
-    @app.post("/v1/infer")
+    @app.post("/v1/infer", dependencies=[Depends(device)])
     def infer(request: InferRequest) -> dict[str, Any]:
         try:
             x = decode_window(request, expected)
@@ -148,31 +160,47 @@ class _Server(uvicorn.Server):
             self._on_started()
 
 
-def serve(model: UpstreamModel, host: str = "127.0.0.1", port: int = 8090, info_file: Path | None = None) -> None:
+def uvicorn_config(model: UpstreamModel, host: str, port: int, tls: UpstreamTls | None,
+                   tokens: DeviceTokens | None) -> uvicorn.Config:
+    """The app on ``host:port``; with ``tls``, HTTPS that requires a client certificate of ``tls.client_ca``."""
+    extra: dict[str, Any] = {}
+    if tls is not None:
+        import ssl
+
+        extra = {"ssl_certfile": str(tls.cert_file), "ssl_keyfile": str(tls.key_file),
+                 "ssl_ca_certs": str(tls.client_ca), "ssl_cert_reqs": ssl.CERT_REQUIRED}
+    return uvicorn.Config(create_app(model, tokens), host=host, port=port, log_level="warning", access_log=False,
+                          **extra)
+
+
+def service_url(host: str, port: int, tls: UpstreamTls | None) -> str:
+    return f"{'https' if tls is not None else 'http'}://{host}:{port}"
+
+
+def serve(model: UpstreamModel, host: str = "127.0.0.1", port: int = 8090, info_file: Path | None = None, *,
+          tls: UpstreamTls | None = None, tokens: DeviceTokens | None = None) -> None:
     """Serve ``model`` until interrupted; ``port`` 0 picks a free one; ``info_file`` gets ``{"url": ...}``."""
     port = port or free_port(host)
-    url = f"http://{host}:{port}"
+    url = service_url(host, port, tls)
 
     def started() -> None:
         log.info("serving %s at %s", model.ref, url)
         if info_file is not None:
             atomic_write(info_file, json.dumps({"url": url, "model": model.ref}).encode())
 
-    config = uvicorn.Config(create_app(model), host=host, port=port, log_level="warning", access_log=False)
-    _Server(config, started).run()
+    _Server(uvicorn_config(model, host, port, tls, tokens), started).run()
 
 
 class BackgroundService:
     """The service on a thread of this process (tests, benchmarks): ``start`` returns its URL, ``stop`` ends it."""
 
-    def __init__(self, model: UpstreamModel, host: str = "127.0.0.1", port: int = 0) -> None:
+    def __init__(self, model: UpstreamModel, host: str = "127.0.0.1", port: int = 0, *,
+                 tls: UpstreamTls | None = None, tokens: DeviceTokens | None = None) -> None:
         self.host = host
         self.port = port or free_port(host)
-        self.url = f"http://{host}:{self.port}"
+        self.url = service_url(host, self.port, tls)
         self._ready = threading.Event()
-        config = uvicorn.Config(create_app(model), host=host, port=self.port, log_level="warning",
-                                access_log=False)
-        self._server = _Server(config, self._ready.set)
+        self._server = _Server(uvicorn_config(model, host, self.port, tls, tokens), self._ready.set)
         self._thread: threading.Thread | None = None
 
     def start(self, timeout_s: float = 10.0) -> str:

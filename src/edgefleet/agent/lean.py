@@ -23,6 +23,9 @@ sha256, sha1, md5, blake2 and sha3 when ``_hashlib`` cannot be imported. So the 
   (:class:`edgefleet.agent.escalation.HttpUpstream`). Verifying an update (``cryptography``, pydantic, onnx)
   needs no ``ssl``.
 
+What an update loads (httpx and OpenSSL for its download, ``cryptography``, pydantic and ``onnx`` for its
+verification) is given back by executing the agent again once the update is done (:mod:`edgefleet.agent.main`).
+
 What was imported while OpenSSL was out keeps that state for the process's life: hashlib its builtin hashes,
 http.client no ``HTTPSConnection``, paho-mqtt no TLS (its MQTT connections are plain by then, see
 :mod:`edgefleet.transport.link` for the stand-in it gets). None of these ever carries TLS in the agent.

@@ -168,7 +168,10 @@ def _reexec(args: Options) -> None:
         handler.flush()
     sys.stdout.flush()
     sys.stderr.flush()
-    os.execv(argv[0], argv)
+    try:
+        os.execv(argv[0], argv)
+    except OSError as exc:  # the interpreter is gone (a package upgrade): a supervisor restarts the agent
+        raise EdgefleetError(f"cannot restart the agent process after an update: {exc}") from exc
 
 
 def _carry_wire() -> None:

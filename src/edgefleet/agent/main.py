@@ -21,7 +21,8 @@ new image loads only what a fresh start loads (the kept models re-verified in a 
 :mod:`edgefleet.agent.verify`), reconnects with the same MQTT session and re-opens its source. Everything that
 matters is durable in the SQLite state, so nothing is lost; a replay (``npz:``) starts again at its first row
 (a live sensor simply goes on); the wire byte counts are carried over (``EDGEFLEET_WIRE_CARRY``). A stop
-requested meanwhile (SIGTERM, SIGINT) ends the process instead. ``EDGEFLEET_AGENT_REEXEC=0`` turns this off.
+requested meanwhile (SIGTERM, SIGINT; blocked over the exec, taken once the new image handles them) ends
+the process instead. ``EDGEFLEET_AGENT_REEXEC=0`` turns this off.
 The first start, which makes the device's key pair (``cryptography``), is followed by one such restart too; an
 image that finds those modules loaded right after a re-exec does not try again.
 """
@@ -60,6 +61,7 @@ UPDATE_MODULES = ("cryptography", "pydantic", "onnx")
 re-exec gives memory back."""
 REEXEC_ENV = "EDGEFLEET_AGENT_REEXEC"
 WIRE_CARRY_ENV = "EDGEFLEET_WIRE_CARRY"
+STOP_SIGNALS = {signal.SIGTERM, signal.SIGINT}
 MIN_REEXEC_DURATION_S = 1.0
 """Less than this left of ``--duration``: the agent ends instead of starting again."""
 log = logging.getLogger("edgefleet.agent.main")
@@ -168,6 +170,7 @@ def _reexec(args: Options) -> None:
         handler.flush()
     sys.stdout.flush()
     sys.stderr.flush()
+    signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)  # held over the exec until the new image handles them
     try:
         os.execv(argv[0], argv)
     except OSError as exc:  # the interpreter is gone (a package upgrade): a supervisor restarts the agent
@@ -223,6 +226,7 @@ def _run(args: Options) -> Options | None:
 
     signal.signal(signal.SIGTERM, _stop)
     signal.signal(signal.SIGINT, _stop)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)  # a stop sent during a re-exec arrives now
     device.start()
     reexec = os.environ.get(REEXEC_ENV, "1") != "0"
     try:

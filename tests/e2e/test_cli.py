@@ -74,7 +74,7 @@ def test_agent_with_an_unknown_source_says_so(tmp_path: Path, keys: Path) -> Non
     creds.write_text(json.dumps({"device_id": "d1", "server_url": "http://127.0.0.1:9", "mqtt_url": "mqtt://127.0.0.1:9",
                                  "token": "t", "trusted_keys": {"k": (keys / "signing.pub").read_text().strip()}}))
     result = edgefleet("agent", "--credentials", str(creds), "--data-dir", str(tmp_path / "a"),
-                       "--source", "camera:/dev/video0")
+                       "--source", "bluetooth:00:11:22")
     assert_one_line_error(result, "unknown sensor source")
 
 

@@ -88,8 +88,8 @@ def test_a_rotation_and_a_revocation_published_through_the_server(fleet: LocalFl
     wait_until(lambda: all(active(fleet, d) == "clf@2.0.0" for d in DEVICES), 60, "the new key's bundle everywhere")
 
     offline = DEVICES[1]
+    wait_until(lambda: events(fleet, offline, "keyring_changed"), 30, "the rotation in the device's events")
     changes = len(events(fleet, offline, "keyring_changed"))
-    assert changes >= 1  # the rotation
     assert agents[offline].stop() == 0
     revoke = fleet.root / "revoke.json"
     ok(fleet, "keys", "revoke", old.public.key_id, "--key", str(keys / "signing.key"), "--out", str(revoke))

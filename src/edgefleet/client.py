@@ -51,8 +51,11 @@ class ControlPlane:
         return self._call("GET", "/api/v1/models")
 
     def add_device(self, device_id: str, tags: dict[str, str] | None = None,
-                   profile: str | None = None) -> Any:
-        return self._call("POST", "/api/v1/devices", json={"id": device_id, "tags": tags or {}, "profile": profile})
+                   profile: str | None = None, hardware: str | None = None) -> Any:
+        body: dict[str, Any] = {"id": device_id, "tags": tags or {}, "profile": profile}
+        if hardware is not None:
+            body["hardware"] = hardware
+        return self._call("POST", "/api/v1/devices", json=body)
 
     def device(self, device_id: str) -> Any:
         return self._call("GET", f"/api/v1/devices/{device_id}")

@@ -53,7 +53,7 @@ class Harness:
 
     def report(self, device: str, active: str, accuracy: float, seq: int) -> None:
         self.store.record_reported(device, ReportedState(device=device, agent_version="0.1.0",
-                                                         active=active).model_dump(mode="json"))
+                                                         active=active, running=active).model_dump(mode="json"))
         self.store.add_telemetry(TelemetryBatch(
             device=device, seq=seq, ts=self.now, model=active, windows=20, labelled=20,
             correct=round(20 * accuracy), latency_ms={"150": 20}, confidence=[0] * 19 + [20]))

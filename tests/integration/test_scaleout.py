@@ -42,7 +42,7 @@ class FakeDevices:
     def _on_desired(self, client: mqtt.Client, _u: object, msg: mqtt.MQTTMessage) -> None:
         desired = parse(DesiredState, bytes(msg.payload))
         active = desired.model.ref if desired.model else None
-        state = ReportedState(device=desired.device, agent_version="0.1.0", active=active)
+        state = ReportedState(device=desired.device, agent_version="0.1.0", active=active, running=active)
         client.publish(f"ef/v1/{desired.device}/reported", state.to_bytes(), qos=1, retain=True)
 
     def telemetry(self, devices: list[str], seqs: range, pause_s: float) -> None:

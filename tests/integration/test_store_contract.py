@@ -101,7 +101,7 @@ class StoreContract:
         migrated = Store(url)
         assert migrated.migrated_from == 1
         columns = {c["name"] for c in inspect(migrated.engine).get_columns("devices")}
-        assert {"desired_shadow_id", "desired_rev", "published_rev", "mqtt_password_hash"} <= columns
+        assert {"desired_shadow_id", "desired_rev", "published_rev", "mqtt_password_hash", "hardware"} <= columns
         assert "public_key" in columns  # version 4: encrypted models
         assert "model_key_sealed" in {c["name"] for c in inspect(migrated.engine).get_columns("model_versions")}
         again = migrated.get_device("old")
@@ -162,6 +162,17 @@ class StoreContract:
         assert [(d.id, d.public_key) for d in store.desired_unpublished()] == [("d1", "key-d1")]
         store.mark_published("d1", 2)
         assert store.record_reported("d1", {"public_key": "key-d1"}) and store.desired_unpublished() == []
+
+    def test_a_device_keeps_the_hardware_id_it_was_provisioned_with(self, store: Store) -> None:
+        """Rollouts read it (with the profile) to skip devices a hardware-restricted bundle does not fit."""
+        pi = device("pi")
+        pi.hardware = "rpi4"
+        store.add_device(pi)
+        store.add_device(device("plain"))
+        views = {d.id: (d.hardware, d.profile) for d in store.device_views()}
+        assert views == {"pi": ("rpi4", "rpi"), "plain": (None, "rpi")}
+        found = store.get_device("pi")
+        assert found is not None and found.hardware == "rpi4"
 
     # telemetry -------------------------------------------------------------------------------
     def test_telemetry_is_stored_once_per_device_and_seq(self, store: Store) -> None:

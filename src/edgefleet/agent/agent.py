@@ -280,6 +280,7 @@ class Agent:
                            "previous": previous.ref if previous else None,
                            "shadow": shadow.ref if shadow else None,
                            "running": running, "active_expired": expired,
+                           "hardware": self.config.hardware, "profile": self.config.profile,
                            "update_state": self.state.get(STEP_KEY, "idle"),
                            "last_error": self.state.get(ERROR_KEY), "public_key": self.public_key,
                            "ts": time.time()})

@@ -57,6 +57,9 @@ class AgentConfig:
     trusted_keys: dict[str, PublicKey]
     data_dir: Path
     hardware: str = "generic"
+    """The hardware id given at provisioning (credentials' ``hardware``): bundles for other hardware are refused."""
+    profile: str | None = None
+    """The device profile given at provisioning (credentials' ``profile``), reported to the server."""
     telemetry_interval_s: float = DEFAULT_TELEMETRY_INTERVAL_S
     failures_before_rollback: int = 5
     health_timeout_s: float = 30.0
@@ -118,6 +121,8 @@ def load_config(credentials: Path, data_dir: Path, *, device_id: str | None = No
             mqtt = replace(mqtt, tls=tls or endpoint.tls)
         keys = [PublicKey.from_text(str(text)) for text in dict(raw["trusted_keys"]).values()]
         token = str(raw["token"])
+        hardware = str(raw.get("hardware") or "generic")
+        profile = str(raw["profile"]) if raw.get("profile") else None
         url = server_url or str(raw["server_url"])
     except (KeyError, TypeError, ValueError) as exc:
         raise ConfigError(f"credentials {credentials} lack a valid {exc}") from exc
@@ -126,7 +131,7 @@ def load_config(credentials: Path, data_dir: Path, *, device_id: str | None = No
     if telemetry_interval_s <= 0:
         raise ConfigError("telemetry interval must be positive")
     return AgentConfig(device_id=file_device, server_url=url, mqtt=mqtt, token=token,
-                       trusted_keys={k.key_id: k for k in keys}, data_dir=data_dir,
+                       trusted_keys={k.key_id: k for k in keys}, data_dir=data_dir, hardware=hardware, profile=profile,
                        telemetry_interval_s=telemetry_interval_s, tls=tls,
                        downloads=download_limits(os.environ if environ is None else environ),
                        local_action=LocalActionConfig.from_environ(os.environ if environ is None else environ))

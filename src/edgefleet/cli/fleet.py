@@ -61,13 +61,15 @@ def device_add(device_id: Annotated[str, typer.Argument(help="device id")],
                server: Server = "", token: Token = "",
                tag: Annotated[list[str] | None, typer.Option(help="KEY=VALUE (repeatable)")] = None,
                profile: Annotated[str | None, typer.Option(help="device profile name")] = None,
+               hardware: Annotated[str | None, typer.Option(
+                   help="hardware id (default generic): bundles packed for other hardware skip it")] = None,
                as_json: Json = False, ca: Ca = None) -> None:
     """Provision a device and write its credentials file (mode 0600); from a --tls server it holds the device's
     certificate and key and the fleet CA."""
     from edgefleet.storage import atomic_write
 
     with _api(server, token, ca) as api:
-        creds = api.add_device(device_id, _pairs(tag, "--tag"), profile)
+        creds = api.add_device(device_id, _pairs(tag, "--tag"), profile, hardware)
     atomic_write(out, json.dumps(creds, indent=2).encode(), mode=0o600)
     public = {k: v for k, v in creds.items() if k not in _SECRETS}
     _emit({**public, "credentials_file": str(out)}, as_json, f"device {device_id} provisioned: {out}")
@@ -254,7 +256,9 @@ def rollout_create(model: Annotated[str, typer.Argument(help="candidate NAME@VER
                                      unknown_timeout_s=unknown_timeout, inconclusive_timeout_s=inconclusive_timeout,
                                      on_inconclusive=on_inconclusive, baseline_s=baseline, min_windows=min_windows,
                                      confidence=confidence, profile=profile, rollback_order=order)
-    _emit(rollout, as_json, f"{rollout['id']}: {model} to {rollout['targets']} device(s), {rollout['phase']}")
+    skipped = "".join(f"\n  skipped {s['device']}: {s['reason']}" for s in rollout.get("skipped", []))
+    _emit(rollout, as_json,
+          f"{rollout['id']}: {model} to {rollout['targets']} device(s), {rollout['phase']}{skipped}")
 
 
 @rollout_app.command("promote")

@@ -78,6 +78,8 @@ class DeviceView:
     shadow: str | None = None
     refused: frozenset[str] = frozenset()
     revoked: bool = False
+    hardware: str = "generic"
+    """Its hardware id (provisioned, or as it reports it); see :mod:`edgefleet.core.targeting`."""
 
 
 @dataclass(frozen=True)
@@ -130,6 +132,8 @@ class RolloutState:
     resume_phase: Phase | None = None
     reason: str = ""
     step_no: int = 0
+    skipped: list[dict[str, str]] = field(default_factory=list)
+    """Selected devices the candidate does not fit, ``{device, reason}`` (:mod:`edgefleet.core.targeting`)."""
 
     def to_json(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -50,7 +50,8 @@ class TrustState:
 
     keys: dict[str, PublicKey]
     highest_release: dict[str, int] = field(default_factory=dict)
-    hardware: str = "generic"
+    hardware: str | None = "generic"
+    """The device's hardware id; None: not judged (the server accepts bundles for any hardware)."""
     agent_version: str = "0.1.0"
     limits: Limits = field(default_factory=Limits)
     revoked: frozenset[str] = frozenset()
@@ -190,7 +191,7 @@ def _check_policy(manifest: Manifest, state: TrustState, now: datetime, allow_ro
                           f"{highest}", reason="rollback")
     if not allow_rollback:
         _check_same_release(manifest, state)
-    if manifest.hardware and state.hardware not in manifest.hardware:
+    if manifest.hardware and state.hardware is not None and state.hardware not in manifest.hardware:
         raise BundleError(f"bundle is for hardware {manifest.hardware}, this device is {state.hardware!r}",
                           reason="wrong_hardware")
     expired = manifest.expires is not None and now >= parse_time(manifest.expires)

@@ -89,6 +89,8 @@ class DeviceIn(BaseModel):
     id: str = Field(pattern=topics.DEVICE_ID.pattern, max_length=64)
     tags: dict[str, Annotated[str, Field(max_length=128)]] = Field(default_factory=dict, max_length=64)
     profile: str | None = Field(default=None, max_length=64)
+    hardware: str = Field(default="generic", pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$", max_length=64,
+                          description="hardware id: bundles packed for other hardware skip this device")
 
 
 class DeploymentIn(BaseModel):
@@ -146,7 +148,8 @@ def create_app(ctx: ServerContext) -> FastAPI:
         header = request.headers.get(MODEL_KEY_HEADER)
         key = ModelKey.from_text(header) if header else None  # ConfigError: 422 with one line
         try:  # an encrypted model is opened with its key and checked like a clear one, in memory only
-            accepted = decide(data, TrustState.from_keyring(server_keyring(ctx.store)), decryption_key=key)
+            accepted = decide(data, TrustState.from_keyring(server_keyring(ctx.store), hardware=None),  # any hardware
+                              decryption_key=key)
         except BundleError as exc:
             raise HTTPException(422, f"bundle refused ({exc.reason}): {exc}") from exc
         sealed = sealed_key(key, accepted.manifest.encryption is not None, accepted.sha256)
@@ -188,12 +191,14 @@ def create_app(ctx: ServerContext) -> FastAPI:
         ctx.store.add_device(Device(id=body.id, token_sha256=sha256_text(token),
                                     mqtt_password_sha256=sha256_text(password),
                                     mqtt_password_hash=hash_password(password), tags=body.tags,
-                                    profile=body.profile, created=time.time(), revoked=False))
+                                    profile=body.profile, hardware=body.hardware, created=time.time(),
+                                    revoked=False))
         ctx.sync_broker(soon=True)  # batched with other adds (server.broker_sync)
         certificate = device_certificate(ctx.pki, body.id) if ctx.pki is not None else {}  # once it is new
         return {**certificate, "device_id": body.id, "server_url": ctx.public_url, "mqtt_url": ctx.device_mqtt_url,
                 "mqtt_username": body.id, "mqtt_password": password, "token": token, "tags": body.tags,
                 "profile": body.profile,
+                "hardware": body.hardware,
                 "trusted_keys": {k: v.to_text() for k, v in server_keyring(ctx.store).trusted().items()}}
 
     @app.get("/api/v1/devices", dependencies=[Operator])
@@ -283,6 +288,7 @@ def create_app(ctx: ServerContext) -> FastAPI:
             return f"{m.name}@{m.version}" if m else None
 
         return {"id": d.id, "tags": d.tags, "profile": d.profile, "revoked": d.revoked,
+                "hardware": d.hardware or "generic",
                 "desired": ref(d.desired_model_id), "shadow": ref(d.desired_shadow_id),
                 "reported": d.reported, "last_seen": d.last_seen}
 

@@ -32,6 +32,7 @@ from edgefleet.core.rollout import (
     step,
     telemetry_since,
 )
+from edgefleet.core.targeting import GENERIC_HARDWARE, fit_targets
 from edgefleet.errors import ConfigError, EdgefleetError, StoreError
 from edgefleet.server.model_keys import ModelKeys
 from edgefleet.server.schema import Device, ModelVersion, RolloutRow
@@ -133,12 +134,14 @@ class Orchestrator:
     def create(self, spec: Mapping[str, Any], actor: str = "operator") -> RolloutRow:
         """Validate a plan, choose targets and assign the first wave; ConfigError/StoreError say why not."""
         plan = make_plan(spec)
-        if self.store.model_by_ref(plan.candidate) is None:
+        model = self.store.model_by_ref(plan.candidate)
+        if model is None:
             raise StoreError(f"unknown model {plan.candidate}: push it first")
         rollout_id = f"ro-{secrets.token_hex(4)}"
         now = self.clock()
-        devices, _models = self._devices()
+        devices, skipped = fit_targets(plan, self._devices()[0], model.manifest)
         first = start(plan, rollout_id, devices, now)
+        first.state.skipped = skipped
         self.store.create_rollout(rollout_id, plan.candidate, plan.to_json(), _advance(first), actor)
         self.publish_pending()
         self.poke()
@@ -303,9 +306,10 @@ class Orchestrator:
         for d in self.store.device_views():
             reported = d.reported or {}
             shadow = reported.get("shadow")
+            running = reported["running"] if "running" in reported else reported.get("active")
             views[d.id] = DeviceView(d.id, dict(d.tags or {}), d.profile, ref(d.desired_model_id),
-                                     reported.get("active"), shadow if isinstance(shadow, str) else None,
-                                     frozenset(), d.revoked)
+                                     running, shadow if isinstance(shadow, str) else None, frozenset(), d.revoked,
+                                     str(reported.get("hardware") or d.hardware or GENERIC_HARDWARE))
         return views, models
 
     def _maintenance(self) -> None:
@@ -346,7 +350,8 @@ def rollout_json(row: RolloutRow, store: Store, *, audit: bool = True) -> dict[s
         "updated": row.updated, "wave": state.get("wave", -1) + 1, "waves": len(row.plan.get("waves", [])),
         "mode": row.plan.get("mode"), "targets": len(state.get("targets", [])),
         "control": len(state.get("control", [])), "moved": len(state.get("moved", {})),
-        "reason": state.get("reason", ""), "plan": row.plan, "promoted_from": row.plan.get("promoted_from"),
+        "reason": state.get("reason", ""), "skipped": state.get("skipped", []),
+        "plan": row.plan, "promoted_from": row.plan.get("promoted_from"),
     }
     if row.plan.get("mode") == "ab":
         data["treatment_devices"] = list(state.get("targets", []))

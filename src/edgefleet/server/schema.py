@@ -52,6 +52,8 @@ class Device(Base):
     desired_shadow_id: Mapped[int | None] = mapped_column(ForeignKey("model_versions.id"), nullable=True)
     desired_rev: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
     published_rev: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    # since schema version 5: the hardware id given at provisioning (None: generic)
+    hardware: Mapped[str | None] = mapped_column(String(64), nullable=True)
     # since schema version 4: the X25519 public key the device reported; model keys are wrapped for it
     public_key: Mapped[str | None] = mapped_column(String(64), nullable=True)
 

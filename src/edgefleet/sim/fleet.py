@@ -184,7 +184,7 @@ class SimFleet:
     def report(self, device: SimDevice) -> None:
         if device.client is not None:
             state = ReportedState(device=device.id, agent_version="0.1.0", active=device.active,
-                                  active_sha256=device.active_sha256)
+                                  active_sha256=device.active_sha256, running=device.active)
             device.client.publish(topics.reported(device.id), state.to_bytes(), qos=1, retain=True)
 
     def send_telemetry(self, device: SimDevice, windows: int = 20) -> None:

@@ -88,11 +88,12 @@ class LocalFleet:
             name="clf", version=version, release=release, labels=list(synthetic.LABELS),
             preprocess=synthetic.preprocess_spec(), encrypt_key=encrypt_key))
 
-    def provision(self, device: str, tags: dict[str, str] | None = None, profile: str | None = None) -> Path:
+    def provision(self, device: str, tags: dict[str, str] | None = None, profile: str | None = None,
+                  hardware: str | None = None) -> Path:
         assert self.api is not None, "start_server first"
         path = self.root / "devices" / f"{device}.json"
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(self.api.add_device(device, tags, profile)))
+        path.write_text(json.dumps(self.api.add_device(device, tags, profile, hardware)))
         return path
 
     def cli(self, *args: str, timeout_s: float = 60.0) -> subprocess.CompletedProcess[str]:

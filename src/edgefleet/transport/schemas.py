@@ -77,6 +77,8 @@ class ReportedState(_Message):
                                  "it keeps running until an update replaces it")
     update_state: str = "idle"
     last_error: str | None = None
+    hardware: str | None = Field(default=None, max_length=64, description="its hardware id (from provisioning)")
+    profile: str | None = Field(default=None, max_length=64, description="its device profile (from provisioning)")
     public_key: str | None = Field(default=None, max_length=64,
                                    description="the device's X25519 public key (base64): model keys are wrapped for it")
     ts: float = Field(default_factory=time.time)

@@ -160,10 +160,10 @@ class StoreBase:
             return {d: bool(r) for d, r in s.execute(select(Device.id, Device.revoked))}
 
     def device_views(self) -> list[Row[Any]]:
-        """Every device's id, tags, profile, desired_model_id, reported and revoked, as plain rows."""
+        """Every device's id, tags, profile, desired_model_id, reported, revoked and hardware, as plain rows."""
         with self.session() as s:
             return list(s.execute(select(Device.id, Device.tags, Device.profile, Device.desired_model_id,
-                                         Device.reported, Device.revoked).order_by(Device.id)))
+                                         Device.reported, Device.revoked, Device.hardware).order_by(Device.id)))
 
     def mark_published(self, device_id: str, rev: int) -> None:
         self.mark_published_many([(device_id, rev)])

@@ -8,7 +8,7 @@ replicas starting together migrate once. A fresh database is created at the newe
 Versions: 1 = the walking skeleton (models, devices, telemetry, events); 2 = rollouts, waves, decisions,
 telemetry roll-ups, and the devices' broker password hash, shadow and desired-revision columns; 3 = the trust
 log (pinned keys, key statements, rollback orders); 4 = encrypted models: a model's sealed key and a device's
-public key.
+public key; 5 = a device's hardware id.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from sqlalchemy.engine import Engine
 
 from edgefleet.server.schema import Base, SchemaVersion
 
-LATEST = 4
+LATEST = 5
 _LOCK_KEY = 0x45460005  # pg_advisory_lock key: "EF" and issue 5
 
 
@@ -44,7 +44,12 @@ def _v4(conn: Connection) -> None:
             conn.execute(text(f"ALTER TABLE {table} ADD COLUMN {name} {ddl}"))
 
 
-STEPS: dict[int, Callable[[Connection], None]] = {2: _v2, 3: _v3, 4: _v4}
+def _v5(conn: Connection) -> None:
+    if "hardware" not in {c["name"] for c in inspect(conn).get_columns("devices")}:
+        conn.execute(text("ALTER TABLE devices ADD COLUMN hardware VARCHAR(64)"))
+
+
+STEPS: dict[int, Callable[[Connection], None]] = {2: _v2, 3: _v3, 4: _v4, 5: _v5}
 
 
 def current_version(conn: Connection) -> int:

@@ -28,7 +28,7 @@ from edgefleet.core.update import TrustState, decide
 from edgefleet.errors import EdgefleetError, TransportError
 from edgefleet.transport import topics
 from edgefleet.transport.messages import DesiredState, ReportedState, encode_telemetry, parse
-from edgefleet.transport.mqtt_url import MqttEndpoint
+from edgefleet.transport.mqtt_url import MqttEndpoint, MqttTls, tls_context
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +50,8 @@ class SimDevice:
     activated_at: dict[str, float] = field(default_factory=dict)
     refused: list[str] = field(default_factory=list)
     client: Client | None = None
+    tls: MqttTls | None = None
+    """With a TLS broker: the fleet CA and this device's certificate (mutual TLS)."""
 
 
 class SimFleet:
@@ -112,7 +114,8 @@ class SimFleet:
         client.set_config({"reconnect_retries": 3, "reconnect_delay": 1})
         for attempt in range(5):
             try:
-                await client.connect(self.endpoint.host, self.endpoint.port, keepalive=600, version=MQTTv311)
+                await client.connect(self.endpoint.host, self.endpoint.port, keepalive=600, version=MQTTv311,
+                                     ssl=tls_context(device.tls) if device.tls is not None else False)
                 break
             except Exception as exc:  # broker busy accepting thousands at once: bounded retries
                 if attempt == 4:

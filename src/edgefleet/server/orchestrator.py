@@ -40,6 +40,8 @@ from edgefleet.server.store import Advance, Store
 from edgefleet.transport.messages import DesiredState, ModelRef
 
 log = logging.getLogger(__name__)
+MIN_TELEMETRY_HINT_S = 0.5
+"""The shortest telemetry interval a rollout asks of a device."""
 Publisher = Callable[[Sequence[DesiredState]], None]
 
 
@@ -214,12 +216,13 @@ class Orchestrator:
 
     # adaptive telemetry -----------------------------------------------------------------------
     def telemetry_hints(self) -> dict[str, float]:
-        """How often each device a running rollout observes must report: a quarter of the rollout's window
-        (the shortest where several involve it). Observed: the devices its waves moved (the candidate active,
-        or beside the active model in shadow mode) and, in A/B mode, the control half."""
+        """How often each device a running rollout observes must report: a quarter of the rollout's window (at
+        most every ``MIN_TELEMETRY_HINT_S``: a window of 0 judges at once), the shortest where several involve
+        it. Observed: the devices its waves moved (the candidate active, or beside the active model in shadow
+        mode) and, in A/B mode, the control half."""
         hints: dict[str, float] = {}
         for row in self.store.active_rollouts():
-            interval = float(row.plan.get("window_s", 60.0)) / 4
+            interval = max(float(row.plan.get("window_s", 60.0)) / 4, MIN_TELEMETRY_HINT_S)
             for device in [*row.state.get("moved", {}), *row.state.get("control", [])]:
                 hints[device] = min(interval, hints.get(device, interval))
         return hints

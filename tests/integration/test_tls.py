@@ -118,7 +118,7 @@ def cli_pub(b: TlsBroker, topic: str, *tls: str) -> subprocess.CompletedProcess[
 
 def cert_args(b: TlsBroker, cert: tuple[Path, Path] | None) -> list[str]:
     args = ["--cafile", str(b.ca.ca_path)]
-    return args + ["--cert", str(cert[0]), "--key", str(cert[1])] if cert else args
+    return [*args, "--cert", str(cert[0]), "--key", str(cert[1])] if cert else args
 
 
 class Client:

@@ -80,7 +80,7 @@ def load_upstream(bundle: Path, public_key: Path) -> UpstreamModel:
     except OSError as exc:
         raise ConfigError(f"cannot read bundle {bundle}: {exc.strerror}") from exc
     key = load_public_key(public_key)
-    accepted = decide(data, TrustState(keys={key.key_id: key}))
+    accepted = decide(data, TrustState(keys={key.key_id: key}, hardware=None))  # the upstream serves any hardware
     runner = OnnxRuntimeRunner(accepted.model)
     return UpstreamModel(accepted.manifest, runner, output_step(accepted.manifest.postprocess).scorer(runner))
 

@@ -13,6 +13,11 @@ EXTRAS := server+build+train+data+camera+coap+dev
 
 .PHONY: demo test bench lint services venv clean $(addprefix bench-,$(BENCHES))
 
+# Flower (the fl extra) pins protobuf, cryptography and the web stack below the project's versions: the federated
+# learning tests run its processes from a venv of their own (EDGEFLEET_FL_PYTHON), never from .venv.
+FL_VENV := .venv-fl
+FL_PIN  := flwr==1.42.0
+
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 
@@ -39,8 +44,13 @@ services:
 	@# the package may start a system broker on 1883; the tests never use it, and it must not hold the port
 	@-$(SUDO) service mosquitto stop >/dev/null 2>&1 || true
 
-test: $(VENV)/.installed-$(EXTRAS) services
-	$(BIN)/pytest -q $(PYTEST_ARGS)
+$(FL_VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(FL_VENV)
+	$(FL_VENV)/bin/pip install --quiet --disable-pip-version-check "$(FL_PIN)" numpy
+	touch $@
+
+test: $(VENV)/.installed-$(EXTRAS) $(FL_VENV)/.installed services
+	EDGEFLEET_FL_PYTHON=$(CURDIR)/$(FL_VENV)/bin/python $(BIN)/pytest -q $(PYTEST_ARGS)
 
 lint: $(VENV)/.installed-$(EXTRAS)
 	$(BIN)/ruff check src tests bench
@@ -54,4 +64,4 @@ bench-%: $(VENV)/.installed-$(EXTRAS) services
 	$(BIN)/python -m bench.bench_$*
 
 clean:
-	rm -rf $(VENV) build .pytest_cache .mypy_cache .ruff_cache src/*.egg-info
+	rm -rf $(VENV) $(FL_VENV) build .pytest_cache .mypy_cache .ruff_cache src/*.egg-info

@@ -377,6 +377,41 @@ class StoreContract:
         for s in replicas:
             s.close()
 
+    # monitors, alerts and field data (schema 6) ---------------------------------------------------------------
+    def test_monitor_states_change_once_alerts_open_and_clear_and_hard_examples_are_bounded_and_labelled(
+            self, store: Store) -> None:
+        from edgefleet.server.store.learn_tables import MonitorRow
+
+        assert {"monitors", "alerts", "hard_examples"} <= set(inspect(store.engine).get_table_names())
+        now = time.time()
+        monitor = store.add_monitor(MonitorRow(id="m1", expr="silent_for > 60", model="clf", select={},
+                                               webhook=None, pause_rollouts=False, window_s=60.0, state="unknown",
+                                               changed=now, checked=None, explanation="", values={}, created=now))
+        assert store.transition_monitor("m1", "unknown", "firing", "tripped", {"silent_for": 61.0}, now)
+        assert not store.transition_monitor("m1", "unknown", "ok", "late replica", {}, now)  # moved first: once
+        alert = store.raise_alert(monitor, "tripped", {"silent_for": 61.0}, now)
+        assert [a.id for a in store.list_alerts(active=True)] == [alert.id]
+        assert store.clear_alerts("m1", now + 1) == 1 and store.list_alerts(active=True) == []
+        assert store.list_alerts()[0].cleared == now + 1
+        store.delete_monitor("m1")
+        with pytest.raises(StoreError, match="unknown monitor"):
+            store.delete_monitor("m1")
+
+        store.hard_examples_per_model = 3
+        rows = [{"name": "clf", "model": "clf@1.0.0", "device": "d1", "ts": 100.0 + i, "predicted": "alpha",
+                 "confidence": 0.4, "shape": [6, 20], "encoding": "i8", "data": "AA==", "scale": 1.0}
+                for i in range(5)]
+        assert store.add_hard_examples(rows) == 5
+        kept = store.hard_examples("clf")
+        assert [r.ts for r in kept] == [102.0, 103.0, 104.0]  # the oldest went first
+        store.label_example(kept[0].id, "alpha")
+        with pytest.raises(StoreError, match="unknown hard example"):
+            store.label_example(10**9, "alpha")
+        assert store.label_range("d1", 103.5, 200.0, "beta", name="clf") == 1
+        assert sorted(store.field_labels("clf")) == [("clf@1.0.0", "alpha", "alpha"), ("clf@1.0.0", "alpha", "beta")]
+        assert [r.ts for r in store.hard_examples("clf", labelled=False)] == [103.0]
+        assert store.field_labels("clf", ["d2"]) == []
+
 
 class TestSqliteStore(StoreContract):
     @pytest.fixture

@@ -139,6 +139,7 @@ def _register_groups() -> None:
     __import__("edgefleet.cli.build", fromlist=["register"]).register(app)
     app.add_typer(agent_app, name="agent")
     __import__("edgefleet.cli.upstream", fromlist=["register"]).register(app)
+    __import__("edgefleet.cli.learn", fromlist=["register"]).register(app)
     __import__("edgefleet.cli.fl", fromlist=["register"]).register(app)
     __import__("edgefleet.cli.retrain", fromlist=["register"]).register(app)
 

@@ -25,10 +25,13 @@ METRICS: dict[str, str] = {
     "error_rate": "share of the candidate's inference calls that failed",
     "latency_p95_ms": "the candidate's p95 latency in milliseconds",
     "accuracy": "the candidate's accuracy on labelled windows (0..1)",
+    "drift_psi": "population stability index of the inputs against training, mean over samples (0: unchanged)",
+    "drift_score": "largest per-channel input shift against training, in training stds, mean over samples",
+    "silent_for": "monitors only: seconds since the quietest device last reported (15m, 30s, 2h)",
 }
 """Every metric a gate (or a monitor) may name, with what it measures."""
 
-ABSOLUTE = frozenset({"latency_p95_ms"})
+ABSOLUTE = frozenset({"latency_p95_ms", "drift_psi", "drift_score", "silent_for"})
 """Metrics in their own unit; every other one is a fraction (shown as a percentage)."""
 
 
@@ -50,6 +53,10 @@ class CohortStats:
     shadow_windows: int | None = None
     shadow_agree: int | None = None
     paired: LatencyHistogram = field(default_factory=LatencyHistogram)
+    drift_n: int = 0
+    drift_psi_sum: float = 0.0
+    drift_psi_n: int = 0
+    drift_score_sum: float = 0.0
 
     def add(self, other: CohortStats) -> None:
         """Add another cohort (or one device's stats) into this one."""
@@ -64,6 +71,10 @@ class CohortStats:
         self.escalations = _add_optional(self.escalations, other.escalations)
         self.shadow_windows = _add_optional(self.shadow_windows, other.shadow_windows)
         self.shadow_agree = _add_optional(self.shadow_agree, other.shadow_agree)
+        self.drift_n += other.drift_n
+        self.drift_psi_sum += other.drift_psi_sum
+        self.drift_psi_n += other.drift_psi_n
+        self.drift_score_sum += other.drift_score_sum
 
     def add_batch(self, payload: Mapping[str, Any], *, shadow: bool = False) -> None:
         """Add one telemetry batch (its JSON form); reads optional fields defensively.
@@ -89,6 +100,20 @@ class CohortStats:
         if isinstance(bins, list):
             self.confidence = add_bins(self.confidence, [_int(b) for b in bins])
         self.escalations = _add_optional(self.escalations, _escalated(payload.get("escalations")))
+        self._add_drift(payload.get("drift"))
+
+    def _add_drift(self, drift: object) -> None:
+        """A batch's drift statistics, weighted by the samples they cover."""
+        if not isinstance(drift, Mapping) or not _int(drift.get("n")):
+            return
+        n = _int(drift.get("n"))
+        score, psi = drift.get("score"), drift.get("psi")
+        if isinstance(score, int | float) and math.isfinite(score):
+            self.drift_n += n
+            self.drift_score_sum += float(score) * n
+        if isinstance(psi, int | float) and math.isfinite(psi):
+            self.drift_psi_n += n
+            self.drift_psi_sum += float(psi) * n
 
     @property
     def accuracy(self) -> float | None:
@@ -160,6 +185,10 @@ def estimates(candidate: CohortStats, baseline: CohortStats, judge: Judge, *, in
             out["accuracy_drop"] = rate_difference(baseline.correct, baseline.labelled, candidate.correct,
                                                    candidate.labelled, judge)
             out["accuracy_drop"] = _swap_sizes(out["accuracy_drop"])
+    if candidate.drift_psi_n:
+        out["drift_psi"] = Estimate.exact(candidate.drift_psi_sum / candidate.drift_psi_n, candidate.drift_psi_n)
+    if candidate.drift_n:
+        out["drift_score"] = Estimate.exact(candidate.drift_score_sum / candidate.drift_n, candidate.drift_n)
     calls = candidate.windows + candidate.errors
     if calls >= least:
         out["error_rate"] = rate(candidate.errors, calls, judge)

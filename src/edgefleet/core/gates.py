@@ -53,9 +53,11 @@ ALIASES = {"latency_increase": "latency_p95_increase"}
 _COMPARE: dict[str, Callable[[float, float], bool]] = {
     ">": operator.gt, ">=": operator.ge, "<": operator.lt, "<=": operator.le, "==": operator.eq, "!=": operator.ne,
 }
-_TOKEN = re.compile(r"\s*(?:(?P<num>\d+(?:\.\d*)?|\.\d+)(?P<pct>%)?|(?P<op>>=|<=|==|!=|>|<)|(?P<paren>[()])"
+_TOKEN = re.compile(r"\s*(?:(?P<num>\d+(?:\.\d*)?|\.\d+)(?P<pct>%|[smhd]\b)?|(?P<op>>=|<=|==|!=|>|<)|(?P<paren>[()])"
                     r"|(?P<word>[A-Za-z_][A-Za-z0-9_]*))")
 MAX_EXPRESSION_CHARS = 2000
+DURATIONS = {"s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
+"""Duration literals (``15m``) in seconds, for ``silent_for``."""
 
 
 # -- syntax tree ---------------------------------------------------------------------------------------------
@@ -205,8 +207,9 @@ class _Parser:
         kind, value = self.take()
         if kind == "num":
             percent = value.endswith("%")
-            number = float(value.rstrip("%"))
-            return Operand(value=number / 100 if percent else number, percent=percent)
+            unit = DURATIONS.get(value[-1], 1.0)
+            number = float(value.rstrip("%smhd"))
+            return Operand(value=number / 100 if percent else number * unit, percent=percent)
         if kind == "word" and value.upper() not in ("AND", "OR", "NOT"):
             return Operand(metric=canonical_metric(value, self.text))
         raise ConfigError(f"gate {self.text!r}: expected a metric or a number, got {value!r}")
@@ -265,11 +268,12 @@ def evaluate(gate: Gate, values: Mapping[str, Value], *, confidence: float | Non
 
 
 def judge_cohorts(gate: Gate, candidate: CohortStats, baseline: CohortStats | None = None,
-                  judge: Judge = Judge(sequential=True)) -> GateResult:
+                  judge: Judge = Judge(sequential=True), extra: Mapping[str, Value] | None = None) -> GateResult:
     """One call for rollouts and monitors alike: the metrics of ``candidate`` (against ``baseline``; without one,
     only the one-cohort metrics such as ``accuracy``, ``error_rate`` and ``latency_p95_ms``) judged by
-    ``gate``. The default judge is sequential: right for a gate looked at again and again, as a monitor is."""
-    values = estimates(candidate, baseline or CohortStats(), judge)
+    ``gate``; ``extra`` adds metrics that are no cohort's (a monitor's ``silent_for``). The default judge is
+    sequential: right for a gate looked at again and again, as a monitor is."""
+    values: dict[str, Value] = {**estimates(candidate, baseline or CohortStats(), judge), **(extra or {})}
     return evaluate(gate, values, confidence=judge.confidence)
 
 

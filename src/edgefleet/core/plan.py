@@ -23,11 +23,13 @@ MODES: tuple[Mode, ...] = ("canary", "shadow", "ab")
 FINAL: tuple[Phase, ...] = ("done", "shadow-passed", "aborted")
 INCONCLUSIVE_ACTIONS: tuple[InconclusiveAction, ...] = ("pause", "abort", "proceed")
 
+_SILENCE = "silence is judged by monitors (edgefleet monitor create), not rollouts"
 UNJUDGEABLE: dict[Mode, dict[str, str]] = {
     "shadow": {"confidence_drop": "a shadow reports no confidence histogram",
-               "escalation_rate_increase": "a shadow never escalates"},
-    "canary": {"shadow_disagreement": "no shadow runs in canary mode (use --mode shadow)"},
-    "ab": {"shadow_disagreement": "no shadow runs in A/B mode (use --mode shadow)"},
+               "escalation_rate_increase": "a shadow never escalates", "silent_for": _SILENCE,
+               "drift_psi": "a shadow sees the active model's inputs", "drift_score": "a shadow sees the same inputs"},
+    "canary": {"shadow_disagreement": "no shadow runs in canary mode (use --mode shadow)", "silent_for": _SILENCE},
+    "ab": {"shadow_disagreement": "no shadow runs in A/B mode (use --mode shadow)", "silent_for": _SILENCE},
 }
 """Metrics that a mode cannot measure, and why: a gate naming one is refused when the rollout is created."""
 

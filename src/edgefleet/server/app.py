@@ -29,10 +29,12 @@ from edgefleet.server.artifacts import ArtifactStore
 from edgefleet.server.broker_auth import BrokerAccess, hash_password
 from edgefleet.server.broker_sync import BrokerSync
 from edgefleet.server.certificates_api import certificates_router, device_certificate
+from edgefleet.server.fielddata_api import fielddata_router
 from edgefleet.server.keys_api import keys_router
 from edgefleet.server.limits import Limits, RequestLimits
 from edgefleet.server.metrics import CONTENT_TYPE, Metrics
 from edgefleet.server.model_keys import ModelKeys
+from edgefleet.server.monitors_api import monitors_router
 from edgefleet.server.orchestrator import Orchestrator, model_ref
 from edgefleet.server.pki import FleetCA
 from edgefleet.server.rollout_api import rollout_router
@@ -294,6 +296,8 @@ def create_app(ctx: ServerContext) -> FastAPI:
 
     app.include_router(rollout_router(ctx.orchestrator, ctx.store), dependencies=[Operator])
     app.include_router(telemetry_router(ctx.store), dependencies=[Operator])
+    app.include_router(monitors_router(ctx.store, ctx.orchestrator, ctx.metrics), dependencies=[Operator])
+    app.include_router(fielddata_router(ctx.store), dependencies=[Operator])
     app.include_router(keys_router(ctx.store, ctx.orchestrator, ctx.trusted_keys), dependencies=[Operator])
     if ctx.pki is not None:
         app.include_router(certificates_router(ctx.pki, ctx.store, ctx.sync_broker), dependencies=[Operator])

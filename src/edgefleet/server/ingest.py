@@ -28,6 +28,7 @@ from gmqtt import Client, Subscription
 from gmqtt.mqtt.constants import MQTTv50, MQTTv311
 
 from edgefleet.errors import EdgefleetError, TransportError
+from edgefleet.learn.fielddata import example_rows
 from edgefleet.server.acks import Ack, DeferredAcks
 from edgefleet.server.store import Store
 from edgefleet.transport import topics
@@ -242,6 +243,9 @@ class Ingest:
             new = sum(fresh)
             self._count("telemetry", new)
             self._count("telemetry_duplicate", len(fresh) - new)
+            examples = [row for batch, stored in zip(telemetry, fresh, strict=True) if stored
+                        for row in example_rows(batch)]  # a redelivered batch's examples are stored once
+            self._count("hard_examples", self.store.add_hard_examples(examples))
         for item in batch:
             if isinstance(item.message, Event):
                 self._count("events" if self.store.add_event(item.message) else "events_duplicate")

@@ -43,6 +43,8 @@ class Metrics:
                                 ["method", "route", "status"], registry=self.registry)
         self.rejected = Counter("edgefleet_rejected", "Input rejected, by source and reason", ["source", "reason"],
                                 registry=self.registry)
+        self.alerts = Counter("edgefleet_alerts", "Fleet alerts raised by monitors, by model", ["model"],
+                              registry=self.registry)
         self.ingest_counts: Callable[[], Mapping[str, int]] = dict
         self.state: Callable[[], Mapping[str, float]] = dict
         self.registry.register(_Callbacks(self))

@@ -34,6 +34,7 @@ from edgefleet.core.rollout import (
 )
 from edgefleet.core.targeting import GENERIC_HARDWARE, fit_targets
 from edgefleet.errors import ConfigError, EdgefleetError, StoreError
+from edgefleet.learn.monitors import evaluate_monitors
 from edgefleet.server.model_keys import ModelKeys
 from edgefleet.server.schema import Device, ModelVersion, RolloutRow
 from edgefleet.server.store import Advance, Store
@@ -210,6 +211,7 @@ class Orchestrator:
                 taken += 1
         self.publish_pending()
         self.publish_telemetry_hints()
+        evaluate_monitors(self)  # monitors after rollout (edgefleet.learn.monitors), when due
         self._maintenance()
         self.steps_taken += taken
         return taken

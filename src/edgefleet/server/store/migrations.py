@@ -8,7 +8,7 @@ replicas starting together migrate once. A fresh database is created at the newe
 Versions: 1 = the walking skeleton (models, devices, telemetry, events); 2 = rollouts, waves, decisions,
 telemetry roll-ups, and the devices' broker password hash, shadow and desired-revision columns; 3 = the trust
 log (pinned keys, key statements, rollback orders); 4 = encrypted models: a model's sealed key and a device's
-public key; 5 = a device's hardware id.
+public key; 5 = a device's hardware id; 6 = monitors, alerts and hard examples with their labels.
 """
 
 from __future__ import annotations
@@ -20,8 +20,9 @@ from sqlalchemy import Connection, insert, inspect, select, text
 from sqlalchemy.engine import Engine
 
 from edgefleet.server.schema import Base, SchemaVersion
+from edgefleet.server.store import learn_tables  # noqa: F401  (registers the version 6 tables)
 
-LATEST = 5
+LATEST = 6
 _LOCK_KEY = 0x45460005  # pg_advisory_lock key: "EF" and issue 5
 
 
@@ -49,7 +50,11 @@ def _v5(conn: Connection) -> None:
         conn.execute(text("ALTER TABLE devices ADD COLUMN hardware VARCHAR(64)"))
 
 
-STEPS: dict[int, Callable[[Connection], None]] = {2: _v2, 3: _v3, 4: _v4, 5: _v5}
+def _v6(conn: Connection) -> None:
+    Base.metadata.create_all(conn)  # monitors, alerts, hard examples; existing tables are left alone
+
+
+STEPS: dict[int, Callable[[Connection], None]] = {2: _v2, 3: _v3, 4: _v4, 5: _v5, 6: _v6}
 
 
 def current_version(conn: Connection) -> int:

@@ -1,0 +1,102 @@
+"""Field data: the hard examples devices send, the labels posted for them, and datasets made of them.
+
+Hard examples arrive inside telemetry batches (``TelemetryBatch.hard_examples``: the model input, encoded);
+:func:`example_rows` turns a batch into store rows. Labelled examples count as labelled windows of the model
+that predicted them (:func:`label_stats`: delayed labels for accuracy gates and monitors), and
+:func:`export_dataset` writes them in the format ``edgefleet build --data`` reads.
+"""
+
+from __future__ import annotations
+
+import io
+from collections import Counter
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+from edgefleet.core.cohorts import CohortStats
+from edgefleet.errors import DataError
+from edgefleet.transport.messages import TelemetryBatch
+
+
+def example_rows(batch: TelemetryBatch) -> list[dict[str, Any]]:
+    """The hard examples of one batch as store rows (model name and ref, device, time, prediction, data)."""
+    if not batch.hard_examples or not batch.model:
+        return []
+    name = batch.model.partition("@")[0]
+    return [{"name": name, "model": batch.model, "device": batch.device, "ts": e.ts or batch.ts,
+             "predicted": e.predicted[:128], "confidence": float(e.confidence), "shape": list(e.shape),
+             "encoding": e.encoding, "data": e.data, "scale": e.scale} for e in batch.hard_examples]
+
+
+def label_stats(labels: Iterable[tuple[str, str, str]]) -> dict[str, CohortStats]:
+    """Per model ref, labelled and correct counts from (model ref, predicted, label) triples."""
+    out: dict[str, CohortStats] = {}
+    for model, predicted, label in labels:
+        stats = out.setdefault(model, CohortStats())
+        stats.labelled += 1
+        stats.correct += int(predicted == label)
+    return out
+
+
+class _Stored:
+    """A stored hard example read as the agent's encoding (for :func:`decode_example`)."""
+
+    def __init__(self, row: Any) -> None:
+        self.shape: list[int] = list(row.shape)
+        self.encoding: str = row.encoding
+        self.data: str = row.data
+        self.scale: float | None = row.scale
+
+
+def decode(row: Any) -> np.ndarray:
+    """The float32 model input a stored hard example holds; DataError when it cannot be read."""
+    from edgefleet.agent.stats import decode_example
+
+    try:
+        return decode_example(_Stored(row))
+    except (ValueError, TypeError) as exc:
+        raise DataError(f"hard example {getattr(row, 'id', '?')} cannot be decoded: {exc}") from exc
+
+
+def export_dataset(rows: Sequence[Any], labels: Sequence[str], preprocess: Mapping[str, Any] | None = None
+                   ) -> tuple[bytes, dict[str, int]]:
+    """An ``.npz`` (calib_x: every example; test_x, test_y: the labelled ones; labels: class names) of hard
+    examples of one shape (the most common one), and counts; DataError when none is labelled.
+
+    A hard example is the model's input: with a sliding-window ``preprocess`` (the model's manifest) it is scaled
+    by the training statistics, so it is scaled back into raw readings (one row per window, ``sample_rate_hz``
+    kept), the layout ``build --data`` reads."""
+    if not rows:
+        raise DataError("no hard examples stored for this model")
+    shape = Counter(tuple(r.shape) for r in rows).most_common(1)[0][0]
+    kept = [r for r in rows if tuple(r.shape) == shape]
+    names = list(labels) or sorted({str(r.label) for r in kept if r.label is not None})
+    index = {name: i for i, name in enumerate(names)}
+    labelled = [r for r in kept if r.label is not None and r.label in index]
+    if not labelled:
+        raise DataError("no labelled hard examples for this model: post labels first (edgefleet data label)")
+    unscale = _unscaler(shape, preprocess or {})
+    calib = np.stack([unscale(decode(r)) for r in kept]).astype(np.float32)
+    test_x = np.stack([unscale(decode(r)) for r in labelled]).astype(np.float32)
+    test_y = np.array([index[str(r.label)] for r in labelled], dtype=np.int64)
+    arrays: dict[str, Any] = {"calib_x": calib, "test_x": test_x, "test_y": test_y,
+                              "labels": np.array(names, dtype=np.str_)}
+    rate = (preprocess or {}).get("sample_rate_hz")
+    if isinstance(rate, int | float) and rate > 0:
+        arrays["sample_rate_hz"] = np.float64(rate)
+    buffer = io.BytesIO()
+    np.savez(buffer, **arrays)
+    return buffer.getvalue(), {"examples": len(kept), "labelled": len(labelled), "left_out": len(rows) - len(kept)}
+
+
+def _unscaler(shape: tuple[int, ...], preprocess: Mapping[str, Any]) -> Callable[[np.ndarray], np.ndarray]:
+    """Undo a sliding window's scaling (x * std + mean per channel) for windows of ``shape`` [channels, window]."""
+    mean, std = preprocess.get("mean"), preprocess.get("std")
+    if (preprocess.get("kind") != "sliding_window" or len(shape) != 2 or not isinstance(mean, list)
+            or not isinstance(std, list) or len(mean) != shape[0] or len(std) != shape[0]):
+        return lambda x: x
+    m = np.asarray(mean, dtype=np.float32).reshape(-1, 1)
+    s = np.asarray(std, dtype=np.float32).reshape(-1, 1)
+    return lambda x: x * s + m

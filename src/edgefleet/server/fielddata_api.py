@@ -1,0 +1,89 @@
+"""REST endpoints for field data: the hard examples devices sent (list), ground-truth labels for one example or
+a device's time range (post), and a dataset of them in the ``edgefleet build --data`` format (export)."""
+
+import base64
+from typing import Any
+
+from fastapi import APIRouter, HTTPException
+from pydantic import BaseModel, Field, model_validator
+
+from edgefleet.learn.fielddata import export_dataset
+from edgefleet.server.store import Store
+from edgefleet.server.store.learn_tables import HardExampleRow
+
+
+class LabelIn(BaseModel):
+    """A label for one hard example (``example``), or for every hard example a device sent in a time range."""
+
+    label: str = Field(min_length=1, max_length=128)
+    example: int | None = Field(default=None, ge=1)
+    device: str | None = Field(default=None, max_length=64)
+    start: float | None = None
+    end: float | None = None
+    model: str | None = Field(default=None, max_length=64, description="with a range: only this model NAME's")
+
+    @model_validator(mode="after")
+    def _one_target(self) -> "LabelIn":
+        if (self.example is None) == (self.device is None):
+            raise ValueError("give either example or device (with start and end)")
+        if self.device is not None and (self.start is None or self.end is None or self.end < self.start):
+            raise ValueError("a device's range needs start <= end (unix seconds)")
+        return self
+
+
+def example_json(row: HardExampleRow) -> dict[str, Any]:
+    return {"id": row.id, "model": row.model, "device": row.device, "ts": row.ts, "predicted": row.predicted,
+            "confidence": row.confidence, "shape": row.shape, "label": row.label, "label_source": row.label_source,
+            "labelled_at": row.labelled_at}
+
+
+def fielddata_router(store: Store) -> APIRouter:
+    router = APIRouter(prefix="/api/v1/fielddata")
+
+    def latest_manifest(name: str) -> dict[str, Any]:
+        versions = [m for m in store.list_models() if m.name == name]
+        if not versions:
+            raise HTTPException(404, f"unknown model {name!r}")
+        return dict(max(versions, key=lambda m: m.release).manifest)
+
+    def known_labels(name: str) -> list[str]:
+        return list(latest_manifest(name).get("labels") or [])
+
+    @router.get("/{name}/examples")
+    def examples(name: str, version: str | None = None, device: str | None = None, labelled: bool | None = None,
+                 limit: int = 1000) -> list[dict[str, Any]]:
+        known_labels(name)
+        rows = store.hard_examples(name, version=version, device=device, labelled=labelled,
+                                   limit=max(1, min(limit, 100_000)))
+        return [example_json(r) for r in rows]
+
+    @router.post("/labels")
+    def label(body: LabelIn) -> dict[str, Any]:
+        if body.example is not None:
+            row = store.hard_example(body.example)
+            if row is None:
+                raise HTTPException(404, f"unknown hard example {body.example}")
+            check_label(row.name, body.label)
+            return {"labelled": 1, "example": example_json(store.label_example(body.example, body.label))}
+        assert body.device is not None and body.start is not None and body.end is not None
+        if store.get_device(body.device) is None:
+            raise HTTPException(404, f"unknown device {body.device!r}")
+        if body.model is not None:
+            check_label(body.model, body.label)
+        n = store.label_range(body.device, body.start, body.end, body.label, name=body.model)
+        return {"labelled": n}
+
+    def check_label(name: str, label: str) -> None:
+        labels = known_labels(name)
+        if labels and label not in labels:
+            raise HTTPException(422, f"label {label!r} is not a class of {name} ({', '.join(labels)})")
+
+    @router.get("/{name}/export")
+    def export(name: str) -> dict[str, Any]:
+        """The model's field data as an ``.npz`` (base64): calib_x, test_x, test_y, labels."""
+        manifest = latest_manifest(name)
+        data, counts = export_dataset(store.hard_examples(name), list(manifest.get("labels") or []),
+                                      manifest.get("preprocess"))  # DataError: 422 with one line
+        return {"model": name, **counts, "npz": base64.b64encode(data).decode("ascii")}
+
+    return router

@@ -57,6 +57,8 @@ WIRE_KEY = "wire_bytes"
 """The bytes this agent's sockets moved (:mod:`edgefleet.transport.wire`), written at every telemetry flush and stop."""
 RESTART_CHECK_S = 1.0
 """How often the run loop asks ``restart_when`` (see :meth:`Agent.run`)."""
+HAND_OVER_WAIT_S = 5.0
+"""How long a model change waits for the updater to finish, to run the new model only in the restarted process."""
 
 
 class Agent:
@@ -362,6 +364,21 @@ class Agent:
         hint = self.telemetry_hint_s
         return self.config.telemetry_interval_s if hint is None else min(self.config.telemetry_interval_s, hint)
 
+    def _hand_over(self, restart_when: Callable[[], bool] | None) -> bool:
+        """After a model change: whether the process will restart (``restart_when`` turns true once the updater
+        is done, within :data:`HAND_OVER_WAIT_S`), so the new model runs only in the fresh process and a replay
+        is not inferred twice."""
+        if restart_when is None:
+            return False
+        deadline = time.monotonic() + HAND_OVER_WAIT_S
+        while not self._stop.is_set():
+            if restart_when():
+                return True
+            if time.monotonic() >= deadline:
+                return False
+            self._stop.wait(0.05)
+        return False
+
     def _record_wire(self) -> None:
         try:
             self.state.put(WIRE_KEY, WIRE.snapshot())
@@ -378,10 +395,14 @@ class Agent:
         ``restart_requested`` set (the process entry then re-executes itself, see :mod:`edgefleet.agent.main`).
         """
         started = time.monotonic()
+        initial = self.model
         if source.waits_for_model:  # a replay starts with the first model, its windows aligned with its rows
             while self.model is None and not self._stop.is_set() and (
                     duration_s is None or time.monotonic() - started < duration_s):
                 self._stop.wait(0.05)
+            if self.model is not initial and self._hand_over(restart_when):
+                self.restart_requested = True  # the replay starts in the restarted process, from its first row
+                return
         last_flush = next_check = time.monotonic()
         model, shadow = self.model, self.shadow
         if model is not None:
@@ -402,6 +423,9 @@ class Agent:
                     break
                 if self.model is not model or self.shadow is not shadow:  # flush what the old pair did
                     self._flush(pipeline, source)
+                    if self._hand_over(restart_when):  # nothing of the new model runs in this process
+                        self.restart_requested = True
+                        break
                     model, shadow = self.model, self.shadow
                     if model is not None:
                         source.bind(model.pipeline.inputs)

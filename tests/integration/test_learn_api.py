@@ -76,14 +76,14 @@ class Harness:
         assert self.call("POST", "/api/v1/deployments", json={"model": "clf@1.0.0", "devices": [device_id]}
                          ).status_code == 200
 
-    def send(self, device: str, *, hard: int = 0, **fields: Any) -> None:
+    def send(self, device: str, *, hard: int = 0, model: str = "clf@1.0.0", **fields: Any) -> None:
         """One telemetry batch through the ingest's validation and commit, as if it came over MQTT."""
         self.seq += 1
         rng = np.random.default_rng(self.seq)
         examples = [dataclasses.asdict(encode_example(rng.normal(size=(synthetic.CHANNELS, synthetic.WINDOW))
                                                       .astype(np.float32), "alpha", 0.4, time.time()))
                     for _ in range(hard)]
-        batch = TelemetryBatch(device=device, seq=self.seq, ts=time.time(), model="clf@1.0.0",
+        batch = TelemetryBatch(device=device, seq=self.seq, ts=time.time(), model=model,
                                windows=fields.pop("windows", 10), hard_examples=examples, **fields)
         self.ingest.handle(topics.telemetry(device), batch.model_dump_json(exclude_none=True).encode())
 
@@ -204,3 +204,29 @@ def test_labels_for_hard_examples_turn_an_unknown_accuracy_into_a_decision_and_e
                             str(tmp_path / "field.bundle")], capture_output=True, text=True, timeout=300, check=False)
     assert built.returncode == 0, built.stdout + built.stderr
     assert (tmp_path / "field.bundle").exists()
+
+
+def test_field_labels_feed_a_rollouts_accuracy_gate(h: Harness) -> None:
+    """A candidate's accuracy is unknown from replay-free telemetry; delayed labels decide its gate."""
+    candidate = pack_bundle(synthetic.channel_mean_model(), h.key, BundleSpec(
+        name="clf", version="2.0.0", release=2, labels=list(synthetic.LABELS), preprocess=synthetic.preprocess_spec()))
+    assert h.call("POST", "/api/v1/models", content=candidate).status_code == 201
+    h.device("d1")
+    h.store.record_reported("d1", {"active": "clf@1.0.0", "running": "clf@1.0.0"})
+    created = h.call("POST", "/api/v1/rollouts", json={"model": "clf@2.0.0", "window_s": 1, "min_windows": 10,
+                                                      "gates": ["accuracy < 90%"], "unknown_timeout_s": 3600})
+    assert created.status_code == 201, created.text
+    rollout = created.json()["id"]
+    h.store.record_reported("d1", {"active": "clf@2.0.0", "running": "clf@2.0.0"})
+    h.send("d1", hard=12, windows=40, model="clf@2.0.0")
+    h.orchestrator.tick()
+    time.sleep(1.2)
+    h.orchestrator.tick()
+    assert h.call("GET", f"/api/v1/rollouts/{rollout}").json()["phase"] not in ("aborted", "done")  # unknown
+    labelled = h.call("POST", "/api/v1/fielddata/labels", json={
+        "device": "d1", "start": 0, "end": time.time() + 60, "label": "delta", "model": "clf"})
+    assert labelled.json()["labelled"] == 12
+    h.orchestrator.tick()
+    status = h.call("GET", f"/api/v1/rollouts/{rollout}").json()
+    assert status["phase"] == "aborted", status
+    assert any("accuracy" in d["reason"] for d in status["decisions"])

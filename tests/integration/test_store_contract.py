@@ -411,6 +411,7 @@ class StoreContract:
         assert sorted(store.field_labels("clf")) == [("clf@1.0.0", "alpha", "alpha"), ("clf@1.0.0", "alpha", "beta")]
         assert [r.ts for r in store.hard_examples("clf", labelled=False)] == [103.0]
         assert store.field_labels("clf", ["d2"]) == []
+        assert store.device_field_labels(["d1", "d2"], 103.5) == [("d1", "clf@1.0.0", "alpha", "beta")]
 
 
 class TestSqliteStore(StoreContract):

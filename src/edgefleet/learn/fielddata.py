@@ -40,6 +40,16 @@ def label_stats(labels: Iterable[tuple[str, str, str]]) -> dict[str, CohortStats
     return out
 
 
+def add_field_labels(primary: dict[str, dict[str, CohortStats]],
+                     labels: Iterable[tuple[str, str, str, str]]) -> None:
+    """Count (device, model ref, predicted, label) field labels as labelled windows in per-device, per-model stats
+    (as the store's ``device_model_stats`` gives them): delayed labels for the accuracy gates of rollouts."""
+    for device, model, predicted, label in labels:
+        stats = primary.setdefault(device, {}).setdefault(model, CohortStats(devices=1))
+        stats.labelled += 1
+        stats.correct += int(predicted == label)
+
+
 class _Stored:
     """A stored hard example read as the agent's encoding (for :func:`decode_example`)."""
 

@@ -4,7 +4,7 @@ a device's time range (post), and a dataset of them in the ``edgefleet build --d
 import base64
 from typing import Any
 
-from fastapi import APIRouter, HTTPException
+from fastapi import APIRouter, HTTPException, Query
 from pydantic import BaseModel, Field, model_validator
 
 from edgefleet.learn.fielddata import export_dataset
@@ -16,10 +16,10 @@ class LabelIn(BaseModel):
     """A label for one hard example (``example``), or for every hard example a device sent in a time range."""
 
     label: str = Field(min_length=1, max_length=128)
-    example: int | None = Field(default=None, ge=1)
+    example: int | None = Field(default=None, ge=1, le=2**62)
     device: str | None = Field(default=None, max_length=64)
-    start: float | None = None
-    end: float | None = None
+    start: float | None = Field(default=None, allow_inf_nan=False, ge=-1e12, le=1e12, description="unix seconds")
+    end: float | None = Field(default=None, allow_inf_nan=False, ge=-1e12, le=1e12, description="unix seconds")
     model: str | None = Field(default=None, max_length=64, description="with a range: only this model NAME's")
 
     @model_validator(mode="after")
@@ -51,7 +51,7 @@ def fielddata_router(store: Store) -> APIRouter:
 
     @router.get("/{name}/examples")
     def examples(name: str, version: str | None = None, device: str | None = None, labelled: bool | None = None,
-                 limit: int = 1000) -> list[dict[str, Any]]:
+                 limit: int = Query(1000, ge=1, le=100_000)) -> list[dict[str, Any]]:
         known_labels(name)
         rows = store.hard_examples(name, version=version, device=device, labelled=labelled,
                                    limit=max(1, min(limit, 100_000)))

@@ -8,7 +8,7 @@ import secrets
 import time
 from typing import Any
 
-from fastapi import APIRouter, HTTPException
+from fastapi import APIRouter, HTTPException, Query
 from pydantic import BaseModel, Field
 
 from edgefleet.learn.monitors import DEFAULT_WINDOW_S, MonitorRunner, MonitorSpec, attach
@@ -77,7 +77,7 @@ def monitors_router(store: Store, orchestrator: Orchestrator, metrics: Metrics) 
         return {"deleted": monitor_id}
 
     @router.get("/alerts")
-    def alerts(active: bool = False, limit: int = 1000) -> list[dict[str, Any]]:
+    def alerts(active: bool = False, limit: int = Query(1000, ge=1, le=10_000)) -> list[dict[str, Any]]:
         return [alert_json(a) for a in store.list_alerts(active=active, limit=max(1, min(limit, 10_000)))]
 
     return router

@@ -34,6 +34,7 @@ from edgefleet.core.rollout import (
 )
 from edgefleet.core.targeting import GENERIC_HARDWARE, fit_targets
 from edgefleet.errors import ConfigError, EdgefleetError, StoreError
+from edgefleet.learn.fielddata import add_field_labels
 from edgefleet.learn.monitors import evaluate_monitors
 from edgefleet.server.model_keys import ModelKeys
 from edgefleet.server.schema import Device, ModelVersion, RolloutRow
@@ -274,6 +275,7 @@ class Orchestrator:
         involved = sorted({*state.targets, *state.control, *state.moved})
         since = telemetry_since(plan, state)
         primary, shadow = self.store.device_model_stats(involved, since)
+        add_field_labels(primary, self.store.device_field_labels(involved, since))  # delayed labels (E8)
         refused = self.store.refused_models(state.moved, state.created)
         rolled_back = rolled_back_models(self.store.list_rollouts())
         for device_id in involved:

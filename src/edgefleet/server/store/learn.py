@@ -147,6 +147,19 @@ class LearnStore(StoreBase):
             result: Any = s.execute(query.values(label=label, label_source=source, labelled_at=time.time()))
             return int(result.rowcount or 0)
 
+    def device_field_labels(self, devices: Iterable[str], since_ts: float = 0.0
+                            ) -> list[tuple[str, str, str, str]]:
+        """(device, model ref, predicted, label) of the labelled hard examples ``devices`` sent since ``since_ts``."""
+        ids = sorted(set(devices))
+        out: list[tuple[str, str, str, str]] = []
+        with self.session() as s:
+            for i in range(0, len(ids), 500):
+                out += [(d, m, p, str(lbl)) for d, m, p, lbl in s.execute(
+                    select(HardExampleRow.device, HardExampleRow.model, HardExampleRow.predicted, HardExampleRow.label)
+                    .where(HardExampleRow.device.in_(ids[i:i + 500]), HardExampleRow.ts >= since_ts,
+                           HardExampleRow.label.is_not(None)))]
+        return out
+
     def field_labels(self, name: str, devices: Iterable[str] | None = None) -> list[tuple[str, str, str]]:
         """(model ref, predicted, label) of every labelled hard example of model ``name`` (of ``devices``)."""
         query = select(HardExampleRow.model, HardExampleRow.predicted, HardExampleRow.label).where(

@@ -205,7 +205,7 @@ def test_the_shadow_counts_labels_and_paired_latency_on_the_wire() -> None:
     batch = parse(TelemetryBatch, report.to_bytes())
     assert (batch.shadow_labelled, batch.shadow_correct, batch.shadow_agree) == (2, 1, 2)
     payload = json.loads(report.to_bytes())
-    assert payload["shadow_active_latency_ms"]["s"] == FINE
+    assert LatencyHistogram.from_wire(payload["shadow_active_latency_ms"]).scale == FINE
     cohort_ = CohortStats()
     cohort_.add_batch(payload, shadow=True)
     assert (cohort_.labelled, cohort_.correct, cohort_.paired.count, cohort_.shadow_agreement) == (2, 1, 3, 2 / 3)

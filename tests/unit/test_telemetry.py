@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 
@@ -43,3 +45,25 @@ def test_confidence_bins_cover_zero_to_one() -> None:
     assert confidence_bin(0.0) == 0
     assert confidence_bin(1.0) == CONFIDENCE_BINS - 1
     assert confidence_bin(float("nan")) == 0
+
+
+def test_the_wire_form_is_dense_when_latencies_are_close_and_reads_back_exactly() -> None:
+    from edgefleet.core.telemetry import LatencyHistogram
+    from edgefleet.transport.schemas import TelemetryBatch
+
+    close = LatencyHistogram()
+    for i in range(600):
+        close.add(0.2 + 0.3 * (i % 50) / 50)  # a model's latencies: 0.2 to 0.5 ms, dozens of 2% buckets
+    wire = close.to_wire()
+    assert isinstance(wire, list) and wire[0] == close.scale
+    assert len(json.dumps(wire)) * 2 < len(json.dumps(close.to_json()))
+    assert LatencyHistogram.from_wire(wire).to_json() == close.to_json()
+    batch = TelemetryBatch.model_validate({"device": "d", "seq": 1, "ts": 1.0, "windows": 600, "latency_ms": wire})
+    assert batch.latency_ms == close.to_json(), "the server keeps the sparse map whatever came on the wire"
+    apart = LatencyHistogram()
+    apart.add(0.01)
+    apart.add(5000.0)
+    assert isinstance(apart.to_wire(), dict), "far-apart buckets stay sparse"
+    for bad in ([1, 2], [9, 0, 1], [1, -1, 1], [1, 0, -3], [1, 1249, 1, 1, 1]):
+        with pytest.raises(ValueError):
+            LatencyHistogram.from_wire(bad)

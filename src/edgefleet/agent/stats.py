@@ -57,7 +57,8 @@ class TelemetryReport:
     labelled: int = 0
     correct: int = 0
     classes: dict[str, int] = field(default_factory=dict)
-    latency_ms: dict[str, int] = field(default_factory=dict)
+    latency_ms: dict[str, int] | list[int] = field(default_factory=dict)
+    """The latency histogram in its wire form (:meth:`LatencyHistogram.to_wire`), as are the shadow ones."""
     confidence: list[int] = field(default_factory=list)
     skipped: int = 0
     errors: int = 0
@@ -65,10 +66,10 @@ class TelemetryReport:
     shadow_windows: int = 0
     shadow_agree: int = 0
     shadow_errors: int = 0
-    shadow_latency_ms: dict[str, int] = field(default_factory=dict)
+    shadow_latency_ms: dict[str, int] | list[int] = field(default_factory=dict)
     shadow_labelled: int = 0
     shadow_correct: int = 0
-    shadow_active_latency_ms: dict[str, int] = field(default_factory=dict)
+    shadow_active_latency_ms: dict[str, int] | list[int] = field(default_factory=dict)
     outbox_dropped: int = 0
     imputed: int = 0
     incomplete: int = 0
@@ -165,11 +166,11 @@ class WindowStats:
               hard_left_out: int = 0, escalations: dict[str, int] | None = None) -> TelemetryReport:
         return TelemetryReport(
             device=device, seq=seq, ts=ts, model=self.model, windows=self.windows, labelled=self.labelled,
-            correct=self.correct, classes=self.classes, latency_ms=self.latency.to_json(),
+            correct=self.correct, classes=self.classes, latency_ms=self.latency.to_wire(),
             confidence=self.confidence, skipped=skipped, errors=self.errors, shadow_model=self.shadow_model,
             shadow_windows=self.shadow_windows, shadow_agree=self.shadow_agree, shadow_errors=self.shadow_errors,
-            shadow_latency_ms=self.shadow_latency.to_json(), shadow_labelled=self.shadow_labelled,
-            shadow_correct=self.shadow_correct, shadow_active_latency_ms=self.shadow_active_latency.to_json(),
+            shadow_latency_ms=self.shadow_latency.to_wire(), shadow_labelled=self.shadow_labelled,
+            shadow_correct=self.shadow_correct, shadow_active_latency_ms=self.shadow_active_latency.to_wire(),
             imputed=imputed, incomplete=incomplete,
             uncertain=self.uncertain, alerts=self.alerts, drift=drift, hard_examples=hard_examples or [],
             hard_left_out=hard_left_out, escalations=escalations or {}, trigger_skipped=self.trigger_skipped)

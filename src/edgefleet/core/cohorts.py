@@ -230,12 +230,15 @@ def _escalated(value: object) -> int | None:
 
 
 def _histogram(value: object) -> LatencyHistogram:
-    if not isinstance(value, Mapping):
-        return LatencyHistogram()
+    """A stored or wire histogram (either form, see ``LatencyHistogram.to_wire``); empty when malformed."""
     try:
-        return LatencyHistogram.from_json({str(k): int(v) for k, v in value.items()})
+        if isinstance(value, list):
+            return LatencyHistogram.from_wire(value)
+        if isinstance(value, Mapping):
+            return LatencyHistogram.from_json({str(k): int(v) for k, v in value.items()})
     except (TypeError, ValueError):
-        return LatencyHistogram()
+        pass
+    return LatencyHistogram()
 
 
 def finite(value: float | None) -> float | None:

@@ -14,7 +14,9 @@ from __future__ import annotations
 import time
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from edgefleet.core.telemetry import LatencyHistogram
 
 
 class _Message(BaseModel):
@@ -147,6 +149,14 @@ class TelemetryBatch(_Message):
                                         description="tiered inference: sent, answered, late, failed, queued, ...")
     trigger_skipped: int = Field(ge=0, default=0, description="windows the bundle's trigger kept from the model "
                                  "(under its threshold: the model did not run)")
+
+    @field_validator("latency_ms", "shadow_latency_ms", "shadow_active_latency_ms", mode="before")
+    @classmethod
+    def _sparse_histogram(cls, value: object) -> object:
+        """A dense wire histogram ``[scale, first, counts...]`` read as the sparse map everything else keeps."""
+        if isinstance(value, list):
+            return LatencyHistogram.from_wire(value).to_json()
+        return value
 
 
 class Event(_Message):

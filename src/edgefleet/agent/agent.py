@@ -364,6 +364,10 @@ class Agent:
         hint = self.telemetry_hint_s
         return self.config.telemetry_interval_s if hint is None else min(self.config.telemetry_interval_s, hint)
 
+    def holds_events(self) -> bool:
+        """Whether events the outbox could not take (a full disk) are held in memory, waiting to be queued."""
+        return bool(self._held_events)
+
     def _hand_over(self, restart_when: Callable[[], bool] | None) -> bool:
         """After a model change: whether the process will restart (``restart_when`` turns true once the updater
         is done, within :data:`HAND_OVER_WAIT_S`), so the new model runs only in the fresh process and a replay

@@ -213,8 +213,8 @@ def _run(args: Options) -> Options | None:
     # an image executed again that starts with them loaded would only do it again: it keeps them
     helps = not (update_modules_loaded() and os.environ.get(REEXEC_ENV) == "again")
 
-    def restart_when() -> bool:
-        return helps and update_modules_loaded() and updater_idle(device.state)
+    def restart_when() -> bool:  # never while events wait in memory for a disk with room: they would be lost
+        return helps and not device.holds_events() and update_modules_loaded() and updater_idle(device.state)
 
     def _stop(_signum: int, _frame: FrameType | None) -> None:
         nonlocal stopping

@@ -50,6 +50,8 @@ A, B = SigningKey.generate(), SigningKey.generate()
 NOW = datetime.now(UTC).replace(microsecond=0)
 YEAR_S = 365 * 86400
 
+REEXEC_OFF = ("EDGEFLEET_AGENT_REEXEC", "0")
+
 
 def bundle(key: SigningKey, version: str, release: int, **spec: Any) -> bytes:
     return pack_bundle(synthetic.channel_mean_model(), key, BundleSpec(
@@ -122,6 +124,7 @@ class Device:
 
     def start(self, *, clock_offset_s: float | None = None, log: str | None = None) -> ManagedProcess:
         env = {FAKE_CLOCK_ENV: str(clock_offset_s)} if clock_offset_s is not None else {}
+        env[REEXEC_OFF[0]] = REEXEC_OFF[1]  # what one process's start-up does; a re-exec would restore again
         process = ManagedProcess.edgefleet(
             ["agent", "--credentials", str(self.credentials), "--data-dir", str(self.data_dir), "--source",
              f"npz:{self.recordings}?speed=20&loop=1", "--telemetry-interval", "0.3"],
@@ -299,6 +302,7 @@ def test_an_expiry_reached_while_running_keeps_the_model_running_and_the_server_
 
     def start(offset_s: float | None, log: str) -> ManagedProcess:
         env = {FAKE_CLOCK_ENV: str(offset_s)} if offset_s is not None else {}
+        env[REEXEC_OFF[0]] = REEXEC_OFF[1]
         return fleet.group.start(ManagedProcess.edgefleet(
             ["agent", "--credentials", str(credentials), "--data-dir", str(data_dir), "--source",
              f"npz:{fleet.data_file()}?speed=20&loop=1", "--telemetry-interval", "0.3"],

@@ -113,7 +113,7 @@ def wait_stored(fleet: LocalFleet, tap: TelemetryTap, device: str) -> None:
         return bool(batches) and answer["batches"] == len(batches) and \
             sum(m["windows"] for m in answer["models"]) == sum(b.windows for b in batches)
 
-    wait_until(stored, 20, f"the server to store every batch {device} sent")
+    wait_until(stored, 60, f"the server to store every batch {device} sent")
 
 
 def test_device_telemetry_sums_exactly_what_the_agent_sent(started: LocalFleet, tap_factory: Any) -> None:

@@ -63,7 +63,12 @@ def test_the_wire_form_is_dense_when_latencies_are_close_and_reads_back_exactly(
     apart = LatencyHistogram()
     apart.add(0.01)
     apart.add(5000.0)
-    assert isinstance(apart.to_wire(), dict), "far-apart buckets stay sparse"
-    for bad in ([1, 2], [9, 0, 1], [1, -1, 1], [1, 0, -3], [1, 1249, 1, 1, 1]):
+    assert apart.to_wire() == [1, 117, 1, -661, 1], "a run of empty buckets is one number"
+    assert LatencyHistogram.from_wire(apart.to_wire()).to_json() == apart.to_json()
+    assert LatencyHistogram({5: 1}, scale=0).to_wire() == {"5": 1}, "the old scale's single bucket stays a map"
+    gappy = LatencyHistogram({100: 3, 101: 1, 103: 2, 140: 5}, scale=1)
+    assert gappy.to_wire() == [1, 100, 3, 1, 0, 2, -36, 5]
+    assert LatencyHistogram.from_wire(gappy.to_wire()).to_json() == gappy.to_json()
+    for bad in ([1, 2], [9, 0, 1], [1, -1, 1], [1, 1249, 1, 1, 1]):
         with pytest.raises(ValueError):
             LatencyHistogram.from_wire(bad)

@@ -14,6 +14,7 @@ scale) make about four times smaller. :meth:`LatencyHistogram.from_wire` reads b
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Iterable, Mapping
 
@@ -25,7 +26,6 @@ _MAX_BUCKET = {COARSE: 500, FINE: 1250}  # ~40 minutes: anything slower lands in
 SCALE_KEY = "s"
 
 CONFIDENCE_BINS = 20
-_DENSE_BYTES, _SPARSE_BYTES = 2, 9  # about what one bucket costs in JSON: ``0,`` against ``"1234":5,``
 
 
 class LatencyHistogram:
@@ -88,13 +88,25 @@ class LatencyHistogram:
         return out
 
     def to_wire(self) -> dict[str, int] | list[int]:
-        """The shorter of the sparse map (:meth:`to_json`) and the dense run ``[scale, first, counts...]``."""
+        """The shorter of the sparse map (:meth:`to_json`) and the dense run ``[scale, first, counts...]`` (``-k``:
+        ``k`` empty buckets)."""
         if not self.buckets:
             return {}
         first, last = min(self.buckets), max(self.buckets)
-        if (last - first + 3) * _DENSE_BYTES >= len(self.buckets) * _SPARSE_BYTES:
-            return self.to_json()
-        return [self.scale, first, *(self.buckets.get(i, 0) for i in range(first, last + 1))]
+        out: list[int] = [self.scale, first]
+        gap = 0
+        for i in range(first, last + 1):
+            n = self.buckets.get(i, 0)
+            if not n:
+                gap += 1
+                continue
+            if gap:
+                out.append(0 if gap == 1 else -gap)
+                gap = 0
+            out.append(n)
+        sparse = self.to_json()
+        return out if len(json.dumps(out, separators=(",", ":"))) < len(json.dumps(sparse, separators=(",", ":"))) \
+            else sparse
 
     @classmethod
     def from_wire(cls, data: Mapping[str, int] | list[int]) -> LatencyHistogram:
@@ -103,10 +115,20 @@ class LatencyHistogram:
             return cls.from_json(data)
         if len(data) < 3 or not all(isinstance(v, int) for v in data):
             raise ValueError("a dense histogram is [scale, first index, counts...] of integers")
-        scale, first, counts = data[0], data[1], data[2:]
-        if scale not in _GROWTH or first < 0 or first + len(counts) - 1 > _MAX_BUCKET[scale] or min(counts) < 0:
+        scale, index = data[0], data[1]
+        if scale not in _GROWTH or index < 0:
             raise ValueError(f"dense histogram {data[:3]}... is out of range")
-        return cls({first + i: n for i, n in enumerate(counts) if n}, scale)
+        buckets: dict[int, int] = {}
+        for n in data[2:]:
+            if n < 0:  # a run of -n empty buckets
+                index -= n
+                continue
+            if index > _MAX_BUCKET[scale]:
+                raise ValueError(f"dense histogram {data[:3]}... runs past the last bucket")
+            if n:
+                buckets[index] = n
+            index += 1
+        return cls(buckets, scale)
 
     @classmethod
     def from_json(cls, data: Mapping[str, int]) -> LatencyHistogram:

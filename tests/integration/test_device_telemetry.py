@@ -173,7 +173,7 @@ def test_the_agent_sends_its_last_batch_when_it_stops(started: LocalFleet, tap_f
         fleet.provision(device)
     api.deploy(MODEL, devices)
     tap = tap_factory(devices)
-    timed = fleet.start_agent("cam-duration", duration_s=15, telemetry_interval_s=3600)
+    timed = fleet.start_agent("cam-duration", duration_s=30, telemetry_interval_s=3600)  # update + restart first
     running = fleet.start_agent("cam-sigterm", telemetry_interval_s=3600)
     wait_until(lambda: (api.device("cam-sigterm")["reported"] or {}).get("active") == MODEL, 40,
                "cam-sigterm to activate the model")

@@ -26,6 +26,7 @@ from edgefleet.bundle.signing import SigningKey
 from edgefleet.data.basicmotions import Recordings, save_npz
 from edgefleet.processes import ManagedProcess, wait_until
 from edgefleet.testing import synthetic
+from edgefleet.testing.agent_rig import read_agent_db
 from edgefleet.testing.agents import model_ref, signed_bundle
 from edgefleet.testing.artifacts import ArtifactServer
 from edgefleet.testing.mosquitto import Mosquitto
@@ -96,16 +97,8 @@ class AgentRig:
 
     def state(self) -> dict[str, object]:
         """The agent's slots and update state, read straight from its database (read-only)."""
-        path = self.data_dir / "agent.db"
-        if not path.exists():
-            return {}
-        try:
-            with sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=5) as db:
-                slots = dict(db.execute("SELECT name, ref FROM slots").fetchall())
-                kv = {k: json.loads(v) for k, v in db.execute("SELECT key, value FROM kv").fetchall()}
-        except sqlite3.OperationalError:  # the agent is still creating its schema
-            return {}
-        return {**slots, **kv}
+        db = read_agent_db(self.data_dir)
+        return {} if db is None else {**db[0], **db[1]}
 
     def desire(self, target: ModelRef) -> None:
         client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"operator-{self.device}")

@@ -15,21 +15,16 @@ by the agent for its trust decisions only; libfaketime is not installed where th
 
 from __future__ import annotations
 
-import base64
 import json
-import sqlite3
 import subprocess
 import sys
-import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-import paho.mqtt.client as mqtt
 import pytest
-from paho.mqtt.enums import CallbackAPIVersion
 
 from edgefleet.agent.accepted import FAKE_CLOCK_ENV
 from edgefleet.bundle.pack import BundleSpec, pack_bundle
@@ -38,11 +33,10 @@ from edgefleet.core.keys import revocation_statement
 from edgefleet.data.basicmotions import save_npz
 from edgefleet.processes import ManagedProcess, wait_until
 from edgefleet.testing import synthetic
+from edgefleet.testing.agent_rig import Watcher, read_agent_db
 from edgefleet.testing.agents import model_ref
 from edgefleet.testing.artifacts import ArtifactServer
 from edgefleet.testing.fleet import LocalFleet
-from edgefleet.transport import topics
-from edgefleet.transport.messages import DesiredState, ModelRef
 from edgefleet.transport.mqtt_url import MqttEndpoint
 
 pytestmark = pytest.mark.integration
@@ -64,46 +58,6 @@ V2 = bundle(A, "2.0.0", 2)
 STALE = bundle(A, "3.0.0", 3, created=(NOW - timedelta(days=730)).isoformat(),
                expires=(NOW - timedelta(days=365)).isoformat())  # signed two years ago, expired last year
 REFS = {"1.0.0": model_ref(V1, "1.0.0", 1), "2.0.0": model_ref(V2, "2.0.0", 2), "3.0.0": model_ref(STALE, "3.0.0", 3)}
-
-
-class Watcher:
-    """Subscribes to one device's reported state and events (connected before the agent starts)."""
-
-    def __init__(self, broker: MqttEndpoint, device: str) -> None:
-        self.device = device
-        self.events: list[dict[str, Any]] = []
-        self.reported: dict[str, Any] = {}
-        self._lock = threading.Lock()
-        self.client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"watcher-{device}")
-        self.client.on_message = self._on_message
-        subscribed = threading.Event()
-        self.client.on_subscribe = lambda *_args: subscribed.set()
-        self.client.connect(broker.host, broker.port)
-        self.client.loop_start()
-        self.client.subscribe([(topics.reported(device), 1), (topics.events(device), 1)])
-        assert subscribed.wait(10), "the watcher could not subscribe"
-
-    def _on_message(self, _client: mqtt.Client, _userdata: object, message: mqtt.MQTTMessage) -> None:
-        payload = json.loads(message.payload)
-        with self._lock:
-            if message.topic == topics.events(self.device):
-                self.events.append(payload)
-            else:
-                self.reported = payload
-
-    def named(self, name: str) -> list[dict[str, Any]]:
-        with self._lock:
-            return [e["detail"] for e in self.events if e["name"] == name]
-
-    def publish_desired(self, target: ModelRef | None, statements: Sequence[bytes] = ()) -> None:
-        message = DesiredState(device=self.device, model=target,
-                               statements=[base64.b64encode(s).decode() for s in statements])
-        self.client.publish(topics.desired(self.device), message.to_bytes(), qos=1, retain=True).wait_for_publish(10)
-
-    def close(self) -> None:
-        self.client.publish(topics.desired(self.device), b"", qos=1, retain=True).wait_for_publish(10)
-        self.client.disconnect()
-        self.client.loop_stop()
 
 
 class Device:
@@ -145,16 +99,8 @@ class Device:
 
 
 def read_state(data_dir: Path) -> dict[str, Any]:
-    path = data_dir / "agent.db"
-    if not path.exists():
-        return {}
-    try:
-        with sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=5) as db:
-            slots = {name: ref for name, ref in db.execute("SELECT name, ref FROM slots").fetchall()}
-            kv = {k: json.loads(v) for k, v in db.execute("SELECT key, value FROM kv").fetchall()}
-    except sqlite3.OperationalError:  # the agent is still creating its schema
-        return {}
-    return {"slots": slots, **kv}
+    db = read_agent_db(data_dir)
+    return {} if db is None else {"slots": db[0], **db[1]}
 
 
 def agent_status(data_dir: Path) -> dict[str, Any]:
@@ -203,14 +149,14 @@ def test_a_clock_years_behind_cannot_install_an_expired_bundle_and_the_old_model
         tmp_path: Path, embedded_broker: MqttEndpoint, artifacts: ArtifactServer,
         rig: tuple[Device, Watcher]) -> None:
     device, watcher = rig
-    watcher.publish_desired(REFS["1.0.0"])
+    watcher.desire(REFS["1.0.0"])
     first = device.start()
     wait_until(lambda: device.state().get("running") == "clf@1.0.0", 60, "version 1 to run")
     assert device.state()["time_floor"] is not None  # V1's signed creation time, kept
     assert first.stop() == 0
 
     behind = device.start(clock_offset_s=-3 * YEAR_S, log="behind")
-    watcher.publish_desired(REFS["3.0.0"])
+    watcher.desire(REFS["3.0.0"])
     wait_until(lambda: any(e.get("refused") == "clf@3.0.0" for e in watcher.named("refused")), 60,
                "the expired bundle to be refused")
     assert watcher.named("refused")[-1]["reason"] == "expired"
@@ -222,7 +168,7 @@ def test_a_clock_years_behind_cannot_install_an_expired_bundle_and_the_old_model
     fresh = Device(tmp_path, embedded_broker, artifacts.url, artifacts.token, device.name + "-fresh")
     fresh_watcher = Watcher(embedded_broker, fresh.name)
     try:
-        fresh_watcher.publish_desired(REFS["3.0.0"])
+        fresh_watcher.desire(REFS["3.0.0"])
         control = fresh.start(clock_offset_s=-3 * YEAR_S)
         wait_until(lambda: fresh.state().get("running") == "clf@3.0.0", 60, "the clock-behind device to take it")
         control.stop()
@@ -242,11 +188,11 @@ def test_a_model_whose_key_was_revoked_is_refused_at_restart_and_the_agent_says_
     device, watcher = rig
     agent = device.start()
     if with_previous:
-        watcher.publish_desired(REFS["1.0.0"])
+        watcher.desire(REFS["1.0.0"])
         wait_until(lambda: device.state().get("running") == "clf@1.0.0", 60, "version 1 to run")
-    watcher.publish_desired(REFS["2.0.0"])
+    watcher.desire(REFS["2.0.0"])
     wait_until(lambda: device.state().get("running") == "clf@2.0.0", 60, "version 2 (signed by A) to run")
-    watcher.publish_desired(REFS["2.0.0"], [revocation_statement(A.public.key_id, B)])
+    watcher.desire(REFS["2.0.0"], [revocation_statement(A.public.key_id, B)])
     wait_until(lambda: A.public.key_id in json.loads(device.state().get("keyring") or "{}").get("revoked", []), 30,
                "the revocation to reach the keyring")
     assert agent.stop() == 0
@@ -271,7 +217,7 @@ def test_a_model_whose_key_was_revoked_is_refused_at_restart_and_the_agent_says_
 
 def test_a_second_agent_on_the_same_data_directory_exits_with_one_line(rig: tuple[Device, Watcher]) -> None:
     device, watcher = rig
-    watcher.publish_desired(REFS["1.0.0"])
+    watcher.desire(REFS["1.0.0"])
     first = device.start()
     wait_until(lambda: device.state().get("running") == "clf@1.0.0", 60, "version 1 to run")
     second = device.start(log="second")

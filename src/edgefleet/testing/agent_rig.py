@@ -3,9 +3,11 @@ and a watcher on its MQTT topics (reported state, events, telemetry) that also p
 
 from __future__ import annotations
 
+import base64
 import json
 import sqlite3
 import threading
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -63,8 +65,10 @@ class Watcher:
         with self._lock:
             return sum(1 for t in self.telemetry if t.get("windows") and (model is None or t.get("model") == model))
 
-    def desire(self, target: ModelRef | None) -> None:
-        payload = DesiredState(device=self.device, model=target).to_bytes()
+    def desire(self, target: ModelRef | None, statements: Sequence[bytes] = ()) -> None:
+        """Publish the device's retained desired state (with signed key statements, when given)."""
+        payload = DesiredState(device=self.device, model=target,
+                               statements=[base64.b64encode(st).decode() for st in statements]).to_bytes()
         self.client.publish(topics.desired(self.device), payload, qos=1, retain=True).wait_for_publish(10)
 
     def close(self) -> None:
@@ -102,13 +106,19 @@ class DeviceRig:
 
     def state(self) -> dict[str, Any]:
         """Slots and key-value entries, read straight from the agent's database (read-only; {} while absent)."""
-        path = self.data_dir / "agent.db"
-        if not path.exists():
-            return {}
-        try:
-            with sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=5) as db:
-                slots = dict(db.execute("SELECT name, ref FROM slots").fetchall())
-                kv = {k: json.loads(v) for k, v in db.execute("SELECT key, value FROM kv").fetchall()}
-        except sqlite3.OperationalError:  # the agent is still creating its schema
-            return {}
-        return {**slots, **kv}
+        db = read_agent_db(self.data_dir)
+        return {} if db is None else {**db[0], **db[1]}
+
+
+def read_agent_db(data_dir: Path) -> tuple[dict[str, str], dict[str, Any]] | None:
+    """An agent's slots (name -> ref) and key-value entries, read-only; None while its database is not there."""
+    path = data_dir / "agent.db"
+    if not path.exists():
+        return None
+    try:
+        with sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=5) as db:
+            slots = dict(db.execute("SELECT name, ref FROM slots").fetchall())
+            kv = {k: json.loads(v) for k, v in db.execute("SELECT key, value FROM kv").fetchall()}
+    except sqlite3.OperationalError:  # the agent is still creating its schema
+        return None
+    return slots, kv

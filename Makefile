@@ -9,7 +9,7 @@ PYTEST_ARGS ?=
 BENCHES := $(patsubst bench/bench_%.py,%,$(wildcard bench/bench_*.py))
 comma  := ,
 # Every extra `make demo`, `make test`, `make lint` and `make bench` use (the base install is only the device's).
-EXTRAS := server+build+train+data+camera+coap+dev
+EXTRAS := server+build+train+data+camera+coap+kafka+openvino+litert+dev
 
 .PHONY: demo test bench lint services venv clean $(addprefix bench-,$(BENCHES))
 

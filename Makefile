@@ -5,6 +5,8 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 SUDO   := $(shell [ "$$(id -u)" = "0" ] || echo sudo)
 PYTEST_ARGS ?=
+# most tests wait on real processes (servers, brokers, agents), so several workers share 2 cores well
+TEST_WORKERS ?= 3
 
 BENCHES := $(patsubst bench/bench_%.py,%,$(wildcard bench/bench_*.py))
 comma  := ,
@@ -33,14 +35,16 @@ venv: $(VENV)/.installed-$(EXTRAS)
 demo: $(VENV)/.installed-$(EXTRAS)
 	$(BIN)/edgefleet demo
 
-# Debian's Mosquitto and libcoap's coap-client (coap-client-notls) for the integration tests; the tests start the broker themselves on
+# Debian's Mosquitto, libcoap's coap-client (coap-client-notls) and chromium (dashboard tests) for the
+# integration tests; the tests start the broker themselves on
 # free loopback ports.
 services:
 	@{ command -v mosquitto >/dev/null 2>&1 || [ -x /usr/sbin/mosquitto ]; } && command -v mosquitto_pub >/dev/null 2>&1 \
-	  && command -v coap-client-notls >/dev/null 2>&1 && [ -x /usr/lib/postgresql/15/bin/postgres ] || { \
+	  && command -v coap-client-notls >/dev/null 2>&1 && [ -x /usr/lib/postgresql/15/bin/postgres ] \
+	  && [ -x /usr/bin/chromium ] || { \
 	  $(SUDO) apt-get update -qq && \
 	  DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq mosquitto mosquitto-clients postgresql-15 \
-	    libcoap3-bin >/dev/null; }
+	    libcoap3-bin chromium >/dev/null; }
 	@# the package may start a system broker on 1883; the tests never use it, and it must not hold the port
 	@-$(SUDO) service mosquitto stop >/dev/null 2>&1 || true
 
@@ -50,7 +54,7 @@ $(FL_VENV)/.installed: pyproject.toml
 	touch $@
 
 test: $(VENV)/.installed-$(EXTRAS) $(FL_VENV)/.installed services
-	EDGEFLEET_FL_PYTHON=$(CURDIR)/$(FL_VENV)/bin/python $(BIN)/pytest -q $(PYTEST_ARGS)
+	EDGEFLEET_FL_PYTHON=$(CURDIR)/$(FL_VENV)/bin/python $(BIN)/pytest -q -n $(TEST_WORKERS) --durations=25 $(PYTEST_ARGS)
 
 lint: $(VENV)/.installed-$(EXTRAS)
 	$(BIN)/ruff check src tests bench

@@ -139,7 +139,11 @@ class Client:
             time.sleep(0.5)
 
     def publish(self, topic: str, payload: bytes, retain: bool = False) -> None:
+        """Publish at QoS 1; a broker may close the connection after a refused publish, so reconnect once."""
         info = self.client.publish(topic, payload, qos=1, retain=retain)
+        if info.rc == mqtt.MQTT_ERR_NO_CONN:
+            assert self.connected.get(timeout=15) == ""  # paho's loop reconnects by itself
+            info = self.client.publish(topic, payload, qos=1, retain=retain)
         info.wait_for_publish(5)
 
     def quiet(self, seconds: float = QUIET_S) -> list[tuple[str, bytes]]:

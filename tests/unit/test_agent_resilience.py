@@ -120,3 +120,28 @@ def test_a_message_larger_than_the_outbox_is_dropped_not_stuck(tmp_path: Path, l
     state.enqueue("t", "telemetry", lambda seq: b"x" * 100)
     assert state.pending_count() == 0 and state.counter("outbox_dropped") == 1
     state.close()
+
+
+def test_stopping_offline_keeps_the_queue_on_disk_and_ends_the_sender_cleanly(tmp_path: Path) -> None:
+    """An agent stopped while its broker is unreachable: the outbox thread ends before the database closes (no
+    'closed database' error in that thread) and what was queued is still there at the next start."""
+    import threading
+
+    errors: list[BaseException] = []
+    previous = threading.excepthook
+    threading.excepthook = lambda args: errors.append(args.exc_value)  # type: ignore[assignment,misc]
+    try:
+        config = AgentConfig(device_id="d1", server_url="http://127.0.0.1:9", mqtt=MqttEndpoint("127.0.0.1", 9),
+                             token="t", trusted_keys={KEY.public.key_id: KEY.public}, data_dir=tmp_path)
+        agent = Agent(config, fetcher=InMemoryFetcher())
+        agent.start(connect_timeout_s=0.2)
+        agent.event("alert", {"why": "kept"})
+        queued = agent.state.pending_count()
+        agent.stop(drain_timeout_s=0.3)
+        assert not agent._outbox_thread.is_alive()
+    finally:
+        threading.excepthook = previous
+    assert errors == []
+    reopened = AgentState(tmp_path)
+    assert queued >= 1 and reopened.pending_count() == queued
+    reopened.close()

@@ -72,6 +72,7 @@ class Agent:
         self.public_key = self._device_key()
         self._stop = threading.Event()
         self._outbox_wake = threading.Event()
+        self._outbox_exit = threading.Event()
         self._held_events: deque[tuple[str, dict[str, Any], float]] = deque(maxlen=HELD_EVENTS)
         self._skipped_reported = 0
         self._consecutive_failures = 0
@@ -120,6 +121,7 @@ class Agent:
         self.report()
         time.sleep(0.1)
         self.link.stop()
+        self._outbox_exit.set()  # nothing more can be delivered: what is left stays queued on disk for the next start
         self._outbox_wake.set()
         self._outbox_thread.join(timeout=5)
         self._record_wire()
@@ -307,6 +309,8 @@ class Agent:
         while True:
             self._outbox_wake.wait(timeout=1.0)
             self._outbox_wake.clear()
+            if self._outbox_exit.is_set():
+                return
             try:
                 if self._stop.is_set() and not self.state.pending_count():
                     return

@@ -6,6 +6,7 @@ a user who may ``su postgres``. A role ``edgefleet`` with a password connects ov
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import shutil
@@ -45,7 +46,8 @@ def ensure_running(cluster: Cluster, timeout_s: float = 60.0) -> None:
     """Start the cluster if it is down and wait until it accepts connections."""
     status = _run(["pg_lsclusters", "--no-header", cluster.version, cluster.name])
     if "online" not in status:
-        _run(["pg_ctlcluster", cluster.version, cluster.name, "start"])
+        with contextlib.suppress(StoreError):  # another test process may have just started it: the wait decides
+            _run(["pg_ctlcluster", cluster.version, cluster.name, "start"])
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if subprocess.run(["pg_isready", "-q", "-h", "127.0.0.1", "-p", str(cluster.port)],
@@ -70,9 +72,9 @@ def create_database(cluster: Cluster, name: str | None = None) -> str:
     name = name or f"ef_{uuid.uuid4().hex[:12]}"
     if not _NAME.match(name):
         raise ConfigError(f"bad database name {name!r}")
-    exists = psql(f"SELECT 1 FROM pg_roles WHERE rolname = '{ROLE}'")
-    if not exists.strip():
-        psql(f"CREATE ROLE {ROLE} LOGIN PASSWORD '{PASSWORD}'")
+    # several test processes may get here at once: creating the role must not fail when another one just did
+    psql(f"DO $$ BEGIN CREATE ROLE {ROLE} LOGIN PASSWORD '{PASSWORD}'; "
+         "EXCEPTION WHEN duplicate_object OR unique_violation THEN NULL; END $$")
     psql(f"CREATE DATABASE {name} OWNER {ROLE}")
     return f"postgresql+psycopg://{ROLE}:{PASSWORD}@127.0.0.1:{cluster.port}/{name}"
 

@@ -64,7 +64,8 @@ HAND_OVER_WAIT_S = 5.0
 class Agent:
     """One device. ``run`` blocks on the sensor loop; MQTT, the outbox and updates run on their own threads."""
 
-    def __init__(self, config: AgentConfig, fetcher: Fetcher | None = None) -> None:
+    def __init__(self, config: AgentConfig, fetcher: Fetcher | None = None, *,
+                 link_factory: Callable[..., MqttLink] = MqttLink) -> None:
         self.config = config
         config.data_dir.mkdir(parents=True, exist_ok=True)
         self.state = AgentState(config.data_dir, outbox_max_bytes=config.outbox_max_bytes)
@@ -79,8 +80,8 @@ class Agent:
         self.telemetry_hint_s: float | None = None
         """The interval a rollout asks for in the desired state (None: none does); see telemetry_interval_s."""
         self.restart_requested = False
-        self.link = MqttLink(config.mqtt, f"ef-agent-{self.device}", clean_session=False,
-                             subscriptions=[(topics.desired(self.device), 1)], on_message=self._on_message)
+        self.link = link_factory(config.mqtt, f"ef-agent-{self.device}", clean_session=False,
+                              subscriptions=[(topics.desired(self.device), 1)], on_message=self._on_message)
         fetcher = fetcher or ArtifactFetcher(config.server_url, config.token, limits=config.downloads,
                                              tls=config.tls)
         self.updater = Updater(self.state, fetcher, self.trust, self._activate, self.event, self.report,

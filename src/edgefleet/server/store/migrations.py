@@ -8,7 +8,8 @@ replicas starting together migrate once. A fresh database is created at the newe
 Versions: 1 = the walking skeleton (models, devices, telemetry, events); 2 = rollouts, waves, decisions,
 telemetry roll-ups, and the devices' broker password hash, shadow and desired-revision columns; 3 = the trust
 log (pinned keys, key statements, rollback orders); 4 = encrypted models: a model's sealed key and a device's
-public key; 5 = a device's hardware id; 6 = monitors, alerts and hard examples with their labels.
+public key; 5 = a device's hardware id; 6 = monitors, alerts and hard examples with their labels; 7 = the Kafka
+export's outbox, its shared state and the triggers that queue rows into it (:mod:`.export_tables`).
 """
 
 from __future__ import annotations
@@ -21,8 +22,9 @@ from sqlalchemy.engine import Engine
 
 from edgefleet.server.schema import Base, SchemaVersion
 from edgefleet.server.store import learn_tables  # noqa: F401  (registers the version 6 tables)
+from edgefleet.server.store.export_tables import install_triggers
 
-LATEST = 6
+LATEST = 7
 _LOCK_KEY = 0x45460005  # pg_advisory_lock key: "EF" and issue 5
 
 
@@ -54,7 +56,12 @@ def _v6(conn: Connection) -> None:
     Base.metadata.create_all(conn)  # monitors, alerts, hard examples; existing tables are left alone
 
 
-STEPS: dict[int, Callable[[Connection], None]] = {2: _v2, 3: _v3, 4: _v4, 5: _v5, 6: _v6}
+def _v7(conn: Connection) -> None:
+    Base.metadata.create_all(conn)  # the export's outbox and state; existing tables are left alone
+    install_triggers(conn)
+
+
+STEPS: dict[int, Callable[[Connection], None]] = {2: _v2, 3: _v3, 4: _v4, 5: _v5, 6: _v6, 7: _v7}
 
 
 def current_version(conn: Connection) -> int:
@@ -73,6 +80,7 @@ def migrate(engine: Engine) -> int:
         found = current_version(conn)
         if found == 0:
             Base.metadata.create_all(conn)
+            install_triggers(conn)
             conn.execute(insert(SchemaVersion), [{"version": LATEST, "applied": time.time()}])
             return 0
         for version in range(found + 1, LATEST + 1):

@@ -2,8 +2,8 @@
 
 Golden samples (inputs and the outputs the model gave for them at pack time, with a tolerance) ride
 inline in the manifest, so they are covered by the signature and never extracted as a file. Optional
-fields added after the first format (``golden``, ``encryption``, ``postprocess``) are left out of the canonical bytes
-while unset, so bundles signed before they existed keep verifying.
+fields added after the first format (``golden``, ``encryption``, ``postprocess``, ``runtime``) are left out of the
+canonical bytes while unset, so bundles signed before they existed keep verifying.
 """
 
 from __future__ import annotations
@@ -26,7 +26,12 @@ SHA256_HEX = re.compile(r"^[0-9a-f]{64}$")
 MANIFEST_FORMAT = 1
 MAX_GOLDEN_SAMPLES = 16
 MAX_GOLDEN_VALUES = 16384  # per tensor: golden samples are small probes, not a test set
-_UNSET_WHEN_NONE = ("golden", "encryption", "postprocess")
+_UNSET_WHEN_NONE = ("golden", "encryption", "postprocess", "runtime")
+RUNTIMES = ("onnxruntime", "openvino", "litert")
+"""The runtimes the agent can run a model on (``runtime.runner``)."""
+DEFAULT_RUNTIME = "onnxruntime"
+MODEL_FORMATS = {"onnxruntime": "onnx", "openvino": "onnx", "litert": "tflite"}
+"""The model file each runtime reads: ONNX for ONNX Runtime and OpenVINO, a ``.tflite`` flatbuffer for LiteRT."""
 _DTYPES: dict[str, type[np.generic]] = {
     "float": np.float32, "double": np.float64, "float16": np.float16, "int64": np.int64, "int32": np.int32,
     "int8": np.int8, "uint8": np.uint8, "bool": np.bool_,
@@ -124,6 +129,9 @@ class Manifest(BaseModel):
     min_agent_version: str = "0.1.0"
     golden: GoldenSet | None = None
     encryption: Encryption | None = None
+    runtime: str | None = Field(default=None, pattern=r"^[a-z0-9][a-z0-9._-]{0,31}$",
+                                description="the runtime the model needs (None: onnxruntime); a device without it "
+                                "refuses the bundle")
 
     @field_validator("name")
     @classmethod
@@ -150,6 +158,11 @@ class Manifest(BaseModel):
     def ref(self) -> str:
         """``name@version``, the way operators name a model."""
         return f"{self.name}@{self.version}"
+
+    @property
+    def needs_runtime(self) -> str:
+        """The runtime the model runs on (``onnxruntime`` when the manifest names none)."""
+        return self.runtime or DEFAULT_RUNTIME
 
     def canonical_bytes(self) -> bytes:
         """The exact bytes that are signed: sorted keys, no spaces, UTF-8; unset optional fields left out."""

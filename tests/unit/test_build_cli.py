@@ -81,7 +81,8 @@ def test_nothing_passes_exits_non_zero_without_a_bundle(workdir: Path, monkeypat
 
     model = outlier_model()
     x = np.random.default_rng(1).normal(size=(400, FEATURES)).astype(np.float32)
-    (workdir / "fast.yaml").write_text(FAST + "rescue: {enabled: false}\ncandidates: [{pass: static_int8}]\n")
+    (workdir / "fast.yaml").write_text(FAST + "rescue: {enabled: false}\noutlier_candidates: []\n"
+                                        "candidates: [{pass: static_int8}]\n")
     args = _write(workdir, model, calib_x=x[:100], test_x=x[100:], test_y=predict(model, x[100:]).argmax(axis=1))
     code, out = run_cli([*args, "--report", str(workdir / "r.json")], monkeypatch, capsys)
     assert code == 4 and "no bundle written" in out and "Traceback" not in out

@@ -55,9 +55,11 @@ FAST = "latency: {budget_s: 0.05, min_runs: 3, max_runs: 20, warmup: 1, batches:
 
 def test_gate_rescues_an_outlier_model_by_keeping_sensitive_nodes_in_float() -> None:
     """Every default int8 candidate loses most of the accuracy; the rescue keeps the outlier tensor's nodes in
-    float, meets the 1-point gate, and is chosen because it is smaller than fp16."""
+    float, meets the 1-point gate, and is chosen because it is smaller than fp16 (outlier-robust candidates off:
+    they would pass first, see test_outlier_ptq)."""
     model = outlier_model()
-    outcome = BuildSearch(model, outlier_data(model), load_recipe(FAST), [BUILTIN_PROFILES["raspberry-pi"]]).run()
+    recipe = load_recipe(FAST + "outlier_candidates: []\n")
+    outcome = BuildSearch(model, outlier_data(model), recipe, [BUILTIN_PROFILES["raspberry-pi"]]).run()
     int8 = [c for c in outcome.candidates if c.pass_name == "static_int8" and not c.config["nodes_to_exclude"]]
     assert len(int8) == 8
     measured = [c for c in int8 if c.error is None]  # the rest produced a model identical to an earlier one
@@ -78,8 +80,8 @@ def test_gate_rescues_an_outlier_model_by_keeping_sensitive_nodes_in_float() -> 
 def test_nothing_passes_without_rescue_or_fallback() -> None:
     """With only per-tensor int8 and no rescue the gate rejects everything: no choice, and the reason says so."""
     model = outlier_model()
-    recipe = load_recipe(FAST + "rescue: {enabled: false}\ncandidates:\n  - pass: static_int8\n"
-                         "    options: {per_channel: false}\n")
+    recipe = load_recipe(FAST + "rescue: {enabled: false}\noutlier_candidates: []\ncandidates:\n"
+                         "  - pass: static_int8\n    options: {per_channel: false}\n")
     outcome = BuildSearch(model, outlier_data(model), recipe, []).run()
     assert outcome.chosen is None
     assert "no candidate met the gate" in outcome.reason
@@ -97,8 +99,8 @@ def test_statistics_are_collected_once_per_calibration_method(monkeypatch: pytes
         return original(self, *args)  # type: ignore[arg-type]
 
     monkeypatch.setattr(static, "collect", counting)
-    recipe = load_recipe(FAST + "rescue: {enabled: false}\ncandidates:\n  - pass: static_int8\n"
-                         "    grid: {per_channel: [false, true]}\n")
+    recipe = load_recipe(FAST + "rescue: {enabled: false}\noutlier_candidates: []\ncandidates:\n"
+                         "  - pass: static_int8\n    grid: {per_channel: [false, true]}\n")
     outcome = BuildSearch(model, outlier_data(model), recipe, []).run()
     assert len(outcome.candidates) == 2 and calls == ["collect"]
 

@@ -1,4 +1,5 @@
-"""The build search: candidates from a recipe, an accuracy gate, a rescue that keeps sensitive nodes in float,
+"""The build search: candidates from a recipe, an accuracy gate, outlier-robust int8 candidates (channel scaling
+and bias correction) when no plain int8 one meets the gate, then a rescue that keeps sensitive nodes in float,
 and a choice (smallest passing candidate, then fastest), every step recorded for the report.
 
 A pass output that computes nothing in a lower precision (ONNX Runtime's quantizer leaves a tree ensemble, an
@@ -161,19 +162,13 @@ class BuildSearch:
         baseline.passed = True
         candidates: list[Candidate] = []
         for pass_name, config in self.recipe.configs():
-            cand = self.quantize(pass_name, config)
-            twin = next((c for c in candidates if c.model is not None and c.model == cand.model), None)
-            if twin is not None:
-                cand.error, cand.model = f"identical to {twin.label}", None
-            self.progress(f"candidate {cand.label}" + (f": {cand.error}" if cand.error else ""))
-            if cand.model is not None:
-                try:
-                    self.measure(cand)
-                except EdgefleetError as exc:
-                    cand.error, cand.model = str(exc), None
-            candidates.append(cand)
+            self.try_candidate(pass_name, config, candidates)
+        if not any(c.passed and c.pass_name in INT8_PASSES for c in candidates) and self.recipe.outlier_candidates:
+            self.progress("no int8 candidate meets the gate: trying outlier-robust int8 (channel scaling)")
+            for pass_name, config in self.recipe.outlier_configs():
+                self.try_candidate(pass_name, config, candidates)
         trials: list[dict[str, Any]] = []
-        if self.recipe.rescue.enabled and not any(c.passed and c.pass_name == "static_int8" for c in candidates):
+        if self.recipe.rescue.enabled and not any(c.passed and c.pass_name in INT8_PASSES for c in candidates):
             rescued = self.rescue(candidates, trials)
             if rescued is not None:
                 candidates.append(rescued)
@@ -195,6 +190,20 @@ class BuildSearch:
                                 self.recipe.latency_tolerance)
         return BuildOutcome(baseline=baseline, candidates=candidates, chosen=chosen, reason=reason,
                             max_accuracy_drop=self.recipe.max_accuracy_drop, rescue_trials=trials)
+
+    def try_candidate(self, pass_name: str, config: PassConfig, candidates: list[Candidate]) -> None:
+        """Run one pass, measure its model unless an earlier candidate made the same one, append it."""
+        cand = self.quantize(pass_name, config)
+        twin = next((c for c in candidates if c.model is not None and c.model == cand.model), None)
+        if twin is not None:
+            cand.error, cand.model = f"identical to {twin.label}", None
+        self.progress(f"candidate {cand.label}" + (f": {cand.error}" if cand.error else ""))
+        if cand.model is not None:
+            try:
+                self.measure(cand)
+            except EdgefleetError as exc:
+                cand.error, cand.model = str(exc), None
+        candidates.append(cand)
 
     def float_candidate(self, baseline: Candidate, candidates: list[Candidate]) -> Candidate:
         """The float model as the one candidate (compacted like every shipped model), measured as the baseline."""
@@ -273,6 +282,8 @@ class BuildSearch:
 
 
 FLOAT_SHIPPED = "no pass quantizes this model: float model shipped"
+INT8_PASSES = ("static_int8", "robust_int8")
+"""Passes whose passing candidate makes the outlier-robust candidates and the rescue unnecessary."""
 _LOWERED_OPS = {"QuantizeLinear", "DynamicQuantizeLinear", "QLinearConv", "QLinearMatMul", "ConvInteger",
                 "MatMulInteger", "QGemm", "MatMulNBits", "MatMulIntegerToFloat", "DynamicQuantizeMatMul"}
 _LOW_TYPES = {onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16, onnx.TensorProto.INT8, onnx.TensorProto.UINT8,

@@ -11,6 +11,9 @@ A recipe is YAML validated by pydantic; every field has a default, so an empty f
         options: {float_stem: true}
         grid: {per_channel: [false, true]}
       - pass: fp16
+    outlier_candidates:           # tried when no int8 candidate above meets the gate, before the rescue
+      - pass: robust_int8         # channel scaling, then int8, then bias correction
+        grid: {equalize: [cle, smooth_quant], per_channel: [false, true]}
     rescue: {enabled: true, max_float_fraction: 0.5, samples: 64}
     size_tolerance: 0.05          # sizes within 5% of the smallest count as equal; then the fastest wins
     latency_tolerance: 0.05       # times within 5% of the fastest count as equal; then the most accurate wins
@@ -77,12 +80,20 @@ def _default_candidates() -> list[CandidateSpec]:
     ]
 
 
+def _default_outlier_candidates() -> list[CandidateSpec]:
+    return [CandidateSpec.model_validate({"pass": "robust_int8", "grid": {
+        "equalize": ["cle", "smooth_quant"], "per_channel": [False, True]}})]
+
+
 class Recipe(_Frozen):
     """What a build tries and how it decides."""
 
     max_accuracy_drop: float = Field(default=1.0, ge=0, description="percentage points, absolute")
     calibration_samples: int = Field(default=256, ge=1)
     candidates: list[CandidateSpec] = Field(default_factory=_default_candidates)
+    outlier_candidates: list[CandidateSpec] = Field(
+        default_factory=_default_outlier_candidates,
+        description="tried when no int8 candidate meets the gate, before the rescue keeps nodes in float")
     rescue: RescueSpec = RescueSpec()
     size_tolerance: float = Field(default=0.05, ge=0)
     latency_tolerance: float = Field(default=0.05, ge=0, description="timings this close count as equal")
@@ -93,11 +104,15 @@ class Recipe(_Frozen):
         """(pass name, config) of every candidate, in recipe order."""
         return [(spec.pass_name, config) for spec in self.candidates for config in spec.expand()]
 
+    def outlier_configs(self) -> list[tuple[str, PassConfig]]:
+        """(pass name, config) of every outlier-robust candidate, in recipe order."""
+        return [(spec.pass_name, config) for spec in self.outlier_candidates for config in spec.expand()]
+
 
 def describe(pass_name: str, config: PassConfig) -> str:
     """A short human label for one candidate, e.g. ``int8 entropy per-channel``."""
     options = config.model_dump()
-    if pass_name == "static_int8":
+    if pass_name in ("static_int8", "robust_int8"):
         label = f"int8 {options['calibration']} {'per-channel' if options['per_channel'] else 'per-tensor'}"
         if options["activation_type"] != "uint8":
             label += " s8-act"
@@ -105,6 +120,10 @@ def describe(pass_name: str, config: PassConfig) -> str:
             label += " float-stem"
         if options["nodes_to_exclude"]:
             label += f" +{len(options['nodes_to_exclude'])} float"
+        if pass_name == "robust_int8":
+            scaling = {"cle": " +cle", "smooth_quant": f" +smoothquant({options['alpha']:g})"}
+            label += scaling.get(options["equalize"], "")
+            label += " +bias-corr" if options["bias_correction"] else ""
         return label
     if pass_name == "dynamic_int8":
         return f"dynamic int8 {'per-channel' if options['per_channel'] else 'per-tensor'}"
@@ -124,7 +143,7 @@ def load_recipe(text: str | None) -> Recipe:
     except ValidationError as exc:
         first = exc.errors()[0]
         raise ConfigError(f"recipe {'.'.join(str(p) for p in first['loc'])}: {first['msg']}") from exc
-    for spec in recipe.candidates:
+    for spec in [*recipe.candidates, *recipe.outlier_candidates]:
         get_pass(spec.pass_name)
         spec.expand()
     return recipe

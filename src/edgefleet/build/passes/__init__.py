@@ -86,4 +86,11 @@ def make_config(name: str, options: dict[str, Any]) -> PassConfig:
 
 
 def _load_builtin() -> None:
-    from edgefleet.build.passes import dynamic_int8, fp16, static_int8  # noqa: F401  (registers them)
+    from edgefleet.build.passes import (  # noqa: F401  (registers them)
+        cle,
+        dynamic_int8,
+        fp16,
+        robust_int8,
+        smooth_quant,
+        static_int8,
+    )

@@ -105,6 +105,12 @@ class ControlPlane:
         return self._call("POST", f"/api/v1/rollouts/{rollout_id}/promote",
                           json={k: v for k, v in options.items() if v is not None})
 
+    def rehearsal_profiles(self, select: dict[str, str] | None = None, profile: str | None = None, *,
+                           limit: int = 100, since_s: float = 3600.0) -> Any:
+        """The devices a rehearsal copies, with their recent inputs (``POST /api/v1/rollouts/rehearsal-profiles``)."""
+        return self._call("POST", "/api/v1/rollouts/rehearsal-profiles",
+                          json={"select": select or {}, "profile": profile, "limit": limit, "since_s": since_s})
+
     def rollout_command(self, rollout_id: str, action: str, note: str = "") -> Any:
         """``action``: pause, resume or abort."""
         return self._call("POST", f"/api/v1/rollouts/{rollout_id}/{action}", json={"note": note})

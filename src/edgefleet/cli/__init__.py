@@ -142,6 +142,7 @@ def _register_groups() -> None:
     __import__("edgefleet.cli.learn", fromlist=["register"]).register(app)
     __import__("edgefleet.cli.fl", fromlist=["register"]).register(app)
     __import__("edgefleet.cli.retrain", fromlist=["register"]).register(app)
+    __import__("edgefleet.cli.twin", fromlist=["register"]).register(app)
 
 
 _register_groups()

@@ -153,10 +153,16 @@ class Step:
 
 
 # -- target selection ----------------------------------------------------------------------------------------
+TWIN_TAG = "twin"
+"""The tag of a digital twin (``edgefleet twin``, rehearsals): only a plan that selects it reaches twins."""
+
+
 def select_targets(plan: RolloutPlan, devices: Iterable[DeviceView], salt: str) -> list[str]:
-    """Devices that match the plan's tags and profile, in a stable pseudo-random order seeded by ``salt``."""
+    """Devices that match the plan's tags and profile, in a stable pseudo-random order seeded by ``salt``; twins
+    (tagged :data:`TWIN_TAG`) only for a plan that selects that tag."""
     chosen = [d.id for d in devices if not d.revoked and (plan.profile is None or d.profile == plan.profile)
-              and all(d.tags.get(k) == v for k, v in plan.select.items())]
+              and all(d.tags.get(k) == v for k, v in plan.select.items())
+              and (TWIN_TAG not in d.tags or TWIN_TAG in plan.select)]
     return sorted(chosen, key=lambda d: hashlib.sha256(f"{salt}/{d}".encode()).hexdigest())
 
 

@@ -7,6 +7,7 @@ from fastapi import APIRouter, HTTPException
 from pydantic import BaseModel, Field
 
 from edgefleet.server.orchestrator import Orchestrator, rollout_json
+from edgefleet.server.rehearsal_api import rehearsal_router
 from edgefleet.server.store import Store
 from edgefleet.server.trust import rollback_admitted
 
@@ -92,4 +93,5 @@ def rollout_router(orchestrator: Orchestrator, store: Store) -> APIRouter:
         row = orchestrator.command(rollout_id, action, "operator", body.note if body else "")
         return rollout_json(row, store)
 
+    router.include_router(rehearsal_router(store))  # POST /rehearsal-profiles: edgefleet.server.rehearsal_api
     return router

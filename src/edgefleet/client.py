@@ -50,6 +50,22 @@ class ControlPlane:
     def models(self) -> Any:
         return self._call("GET", "/api/v1/models")
 
+    def put_report(self, model: str, report: Any) -> Any:
+        """Attach a build report (REPORT.json's content) to model version NAME@VERSION."""
+        name, _, version = model.partition("@")
+        return self._call("PUT", f"/api/v1/models/{name}/{version}/report", json=report)
+
+    def bundle(self, sha256: str) -> bytes:
+        """A stored bundle's bytes, by its sha256 (as ``models()`` lists it)."""
+        try:
+            response = self._http.get(f"/api/v1/artifacts/{sha256}")
+        except httpx.HTTPError as exc:
+            raise TransportError(f"GET bundle {sha256[:12]} failed: {exc}") from exc
+        if response.status_code != 200:
+            raise TransportError(f"GET bundle {sha256[:12]} refused: HTTP {response.status_code}: "
+                                 f"{response.text[:200]}")
+        return response.content
+
     def add_device(self, device_id: str, tags: dict[str, str] | None = None,
                    profile: str | None = None, hardware: str | None = None) -> Any:
         body: dict[str, Any] = {"id": device_id, "tags": tags or {}, "profile": profile}
@@ -114,6 +130,53 @@ class ControlPlane:
     def rollout_command(self, rollout_id: str, action: str, note: str = "") -> Any:
         """``action``: pause, resume or abort."""
         return self._call("POST", f"/api/v1/rollouts/{rollout_id}/{action}", json={"note": note})
+
+    # the learning loop: monitors, alerts, field data ------------------------------------------------------
+    def create_monitor(self, expr: str, model: str, *, select: dict[str, str] | None = None,
+                       webhook: str | None = None, pause_rollouts: bool = False, window_s: float = 300.0) -> Any:
+        """Watch model NAME's fleet with a gate expression (drift_psi, accuracy, silent_for, ...)."""
+        return self._call("POST", "/api/v1/monitors", json={
+            "expr": expr, "model": model, "select": select or {}, "webhook": webhook,
+            "pause_rollouts": pause_rollouts, "window_s": window_s})
+
+    def monitors(self) -> Any:
+        return self._call("GET", "/api/v1/monitors")
+
+    def monitor(self, monitor_id: str) -> Any:
+        return self._call("GET", f"/api/v1/monitors/{monitor_id}")
+
+    def delete_monitor(self, monitor_id: str) -> Any:
+        return self._call("DELETE", f"/api/v1/monitors/{monitor_id}")
+
+    def alerts(self, *, active: bool = False) -> Any:
+        """Fleet alerts, newest first; with ``active`` only those not cleared."""
+        return self._call("GET", "/api/v1/alerts", params={"active": active})
+
+    def hard_examples(self, model: str, *, version: str | None = None, device: str | None = None,
+                      labelled: bool | None = None, limit: int | None = None) -> Any:
+        """Model NAME's stored hard examples (without their data), oldest first."""
+        params = {"version": version, "device": device, "labelled": labelled, "limit": limit}
+        return self._call("GET", f"/api/v1/fielddata/{model}/examples",
+                          params={k: v for k, v in params.items() if v is not None})
+
+    def label_examples(self, label: str, *, example: int | None = None, device: str | None = None,
+                       start: float | None = None, end: float | None = None, model: str | None = None) -> Any:
+        """A ground-truth label for one hard example, or for every one ``device`` sent from ``start`` to ``end``."""
+        return self._call("POST", "/api/v1/fielddata/labels", json={
+            "label": label, "example": example, "device": device, "start": start, "end": end, "model": model})
+
+    def export_field_data(self, model: str, *, include_upstream: bool = False) -> tuple[bytes, dict[str, Any]]:
+        """Model NAME's field data as ``.npz`` bytes (the ``build --data`` format) and its counts; labels of the
+        upstream model (lower trust) only with ``include_upstream``."""
+        import base64
+
+        answer = dict(self._call("GET", f"/api/v1/fielddata/{model}/export",
+                                 params={"include_upstream": include_upstream}))
+        return base64.b64decode(answer.pop("npz")), answer
+
+    def report_upstream_answers(self, answers: list[dict[str, Any]]) -> Any:
+        """Post the upstream model's answers to escalated windows (kept as labels of lower trust)."""
+        return self._call("POST", "/api/v1/fielddata/upstream", json={"answers": answers})
 
     def metrics(self) -> str:
         try:

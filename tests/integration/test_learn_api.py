@@ -172,7 +172,7 @@ def test_labels_for_hard_examples_turn_an_unknown_accuracy_into_a_decision_and_e
     first = examples[0]["id"]
     assert h.call("POST", "/api/v1/fielddata/labels", json={"example": first, "label": "alpha"}).json() == {
         "labelled": 1, "example": {**examples[0], "label": "alpha", "label_source": "operator",
-                                   "labelled_at": pytest.approx(time.time(), abs=60)}}
+                                   "label_trust": "ground_truth", "labelled_at": pytest.approx(time.time(), abs=60)}}
     ranged = h.call("POST", "/api/v1/fielddata/labels", json={
         "device": "d1", "start": examples[1]["ts"], "end": examples[-1]["ts"] + 1, "label": "beta", "model": "clf"})
     assert ranged.json()["labelled"] == 12  # the range holds the first one too: relabelled
@@ -230,3 +230,59 @@ def test_field_labels_feed_a_rollouts_accuracy_gate(h: Harness) -> None:
     status = h.call("GET", f"/api/v1/rollouts/{rollout}").json()
     assert status["phase"] == "aborted", status
     assert any("accuracy" in d["reason"] for d in status["decisions"])
+
+
+def _answer(x: np.ndarray, ts: float, label: str, *, device: str = "d1", local: str = "alpha") -> dict[str, Any]:
+    """One upstream answer as `edgefleet serve-model --report-to` posts it (the window as the agent escalated it)."""
+    return {"model": "clf@1.0.0", "device": device, "ts": ts, "shape": list(x.shape),
+            "data": base64.b64encode(np.ascontiguousarray(x, "<f4").tobytes()).decode(), "local_label": local,
+            "local_confidence": 0.4, "label": label, "confidence": 0.9, "upstream_model": "big@1.0.0"}
+
+
+def test_upstream_answers_are_labels_of_lower_trust_kept_apart_from_gates_and_exported_only_when_asked(
+        h: Harness) -> None:
+    h.device("d1")
+    rng = np.random.default_rng(7)
+    windows = [rng.normal(size=(synthetic.CHANNELS, synthetic.WINDOW)).astype(np.float32) for _ in range(4)]
+    now = time.time()
+    # the upstream answered windows 0-2; the device's own hard example of window 0 comes later, with its batch
+    posted = h.call("POST", "/api/v1/fielddata/upstream", json={"answers": [
+        _answer(windows[i], now + i * 0.01, "beta") for i in range(3)] + [
+        _answer(windows[3], now, "beta", device="stranger")]})
+    assert posted.status_code == 200, posted.text
+    assert posted.json() == {"stored": 3, "labelled": 0, "kept": 0, "unknown": 1}
+    h.seq += 1
+    same = dataclasses.asdict(encode_example(windows[0], "alpha", 0.4, now))  # int8 on the wire: not bit-equal
+    other = dataclasses.asdict(encode_example(windows[3], "alpha", 0.4, now))
+    batch = TelemetryBatch(device="d1", seq=h.seq, ts=now, model="clf@1.0.0", windows=10, hard_examples=[same, other])
+    h.ingest.handle(topics.telemetry("d1"), batch.model_dump_json(exclude_none=True).encode())
+    examples = h.call("GET", "/api/v1/fielddata/clf/examples").json()
+    assert len(examples) == 4  # window 0 is stored once; window 3 (no answer for d1) is a new example
+    upstream = [e for e in examples if e["label_source"] == "upstream"]
+    assert len(upstream) == 3 and all(e["label"] == "beta" and e["label_trust"] == "low" for e in upstream)
+    assert all(e["predicted"] == "alpha" and e["confidence"] == 0.4 for e in upstream)  # the local answer kept
+
+    monitor = h.call("POST", "/api/v1/monitors", json={"expr": "accuracy < 90%", "model": "clf"}).json()["id"]
+    assert h.runner.run_once() == {monitor: "unknown"}  # upstream labels are never a gate's evidence
+
+    refused = h.call("GET", "/api/v1/fielddata/clf/export")
+    assert refused.status_code == 422 and "upstream labels" in refused.json()["detail"]
+    exported = h.call("GET", "/api/v1/fielddata/clf/export", params={"include_upstream": True}).json()
+    assert (exported["labelled"], exported["upstream_labelled"]) == (3, 3)
+    data = np.load(io.BytesIO(base64.b64decode(exported["npz"])))
+    assert data["test_source"].tolist() == ["upstream"] * 3 and data["test_y"].tolist() == [1, 1, 1]
+    assert np.allclose(data["test_x"][1], windows[1], atol=0.01)  # kept as float16
+
+    # an operator's label replaces the upstream one and is never replaced by a later answer
+    first = upstream[0]["id"]
+    assert h.call("POST", "/api/v1/fielddata/labels", json={"example": first, "label": "gamma"}).status_code == 200
+    again = h.call("POST", "/api/v1/fielddata/upstream", json={"answers": [_answer(windows[0], now, "delta")]})
+    assert again.json() == {"stored": 0, "labelled": 0, "kept": 1, "unknown": 0}
+    row = next(e for e in h.call("GET", "/api/v1/fielddata/clf/examples").json() if e["id"] == first)
+    assert (row["label"], row["label_source"], row["label_trust"]) == ("gamma", "operator", "ground_truth")
+    mixed = h.call("GET", "/api/v1/fielddata/clf/export").json()
+    assert (mixed["labelled"], mixed["upstream_left_out"]) == (1, 2)
+    assert h.store.field_labels("clf") == [("clf@1.0.0", "alpha", "gamma")]  # what gates and monitors count
+    bad = h.call("POST", "/api/v1/fielddata/upstream", json={"answers": [{**_answer(windows[0], now, "beta"),
+                                                                          "data": "AAAA"}]})
+    assert bad.status_code == 422 and "needs" in bad.json()["detail"]

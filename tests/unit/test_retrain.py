@@ -15,7 +15,7 @@ pytest.importorskip("torch")
 
 from edgefleet.bundle.pack import peek_manifest
 from edgefleet.bundle.signing import write_keypair
-from edgefleet.errors import ConfigError
+from edgefleet.errors import ConfigError, DataError
 from edgefleet.learn.retrain import Deployed, load_data, load_model, next_version, retrain
 
 FEATURES = 8
@@ -98,3 +98,22 @@ def test_a_data_file_with_other_shapes_is_one_line(tmp_path: Path) -> None:
     assert done.returncode == 3
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1 and "field rows are [3, 4]; the base data's are [8]" in lines[0]
+
+
+def test_field_rows_labelled_by_the_upstream_model_train_only_when_asked_and_are_never_scored(tmp_path: Path) -> None:
+    rng = np.random.default_rng(3)
+    x, y = _rows(40, rng)
+    np.savez(tmp_path / "base.npz", calib_x=x, test_x=x, test_y=y)
+    fx, fy = _rows(30, rng, drift=True)
+    source = np.array(["range"] * 20 + ["upstream"] * 10)
+    np.savez(tmp_path / "field.npz", calib_x=fx, test_x=fx, test_y=fy, test_source=source)
+    plain = load_data(tmp_path / "base.npz", tmp_path / "field.npz")
+    assert (plain.field_train, plain.field_upstream, plain.upstream_left_out) == (14, 0, 10)
+    assert len(plain.field_y) == 6 and len(plain.train_y) == 20 + 14
+    asked = load_data(tmp_path / "base.npz", tmp_path / "field.npz", include_upstream=True)
+    assert (asked.field_train, asked.field_upstream, asked.upstream_left_out) == (24, 10, 0)
+    assert len(asked.field_y) == 6 and len(asked.train_y) == 20 + 24  # the scored rows stay ground truth
+    assert any(np.array_equal(asked.train_x[-1], row) for row in fx[20:])
+    np.savez(tmp_path / "bad.npz", test_x=fx, test_y=fy, test_source=source[:5])
+    with pytest.raises(DataError, match="one label source per test row"):
+        load_data(tmp_path / "base.npz", tmp_path / "bad.npz")

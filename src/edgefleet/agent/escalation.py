@@ -104,13 +104,17 @@ class HttpUpstream:
         self._client.close()
 
 
-def encode_request(x: np.ndarray, model: str, local_label: str, local_confidence: float) -> bytes:
-    """The JSON body of ``/v1/infer``: the model input as little-endian float32 in base64, and the local answer."""
+def encode_request(x: np.ndarray, model: str, local_label: str, local_confidence: float, device: str = "") -> bytes:
+    """The JSON body of ``/v1/infer``: the model input as little-endian float32 in base64, the local answer, the
+    time and the device (the upstream reports its answer for that device's window: a label of lower trust)."""
     data = np.ascontiguousarray(x, dtype="<f4")
-    return json.dumps({"model": model, "shape": list(data.shape), "dtype": "float32",
-                       "data": base64.b64encode(data.tobytes()).decode("ascii"),
-                       "local": {"label": local_label, "confidence": round(local_confidence, 5)},
-                       "ts": round(time.time(), 3)}, separators=(",", ":")).encode()
+    body: dict[str, Any] = {"model": model, "shape": list(data.shape), "dtype": "float32",
+                            "data": base64.b64encode(data.tobytes()).decode("ascii"),
+                            "local": {"label": local_label, "confidence": round(local_confidence, 5)},
+                            "ts": round(time.time(), 3)}
+    if device:
+        body["device"] = device
+    return json.dumps(body, separators=(",", ":")).encode()
 
 
 class TokenBucket:
@@ -207,8 +211,9 @@ class Escalator:
     """Sends uncertain windows upstream within a deadline and a budget; queues them while it is down."""
 
     def __init__(self, upstream: Upstream, data_dir: Path, policy: EscalationPolicy = EscalationPolicy(), *,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic, device: str = "") -> None:
         self.upstream = upstream
+        self.device = device
         self.policy = policy
         self.queue = EscalationQueue(data_dir / QUEUE_FILE, policy.queue_max)
         self._bucket = TokenBucket(policy.rate_per_s, policy.burst, clock)
@@ -236,7 +241,7 @@ class Escalator:
         if not self._bucket.take():
             self._count("dropped_budget")
             return None
-        body = encode_request(x, model, local_label, local_confidence)
+        body = encode_request(x, model, local_label, local_confidence, self.device)
         if not self._up:
             self._enqueue(body)
             return None
@@ -356,4 +361,4 @@ def open_escalator(config: AgentConfig) -> Escalator | None:
                               burst=config.escalation_burst, queue_max=config.escalation_queue_max,
                               escalate_below=config.escalate_below)
     upstream = HttpUpstream(config.upstream_url, tls=config.tls, token=config.token)  # the device's identity
-    return Escalator(upstream, config.data_dir, policy)
+    return Escalator(upstream, config.data_dir, policy, device=config.device_id)

@@ -3,7 +3,6 @@ alerts they raise, and field data (hard examples, their labels, datasets made of
 
 from __future__ import annotations
 
-import base64
 import os
 import tempfile
 from datetime import datetime
@@ -26,10 +25,6 @@ def register(app: typer.Typer) -> None:
     app.add_typer(data_app, name="data")
 
 
-def _call(api: Any, method: str, path: str, **kwargs: Any) -> Any:
-    return api._call(method, path, **kwargs)
-
-
 # -- monitors ------------------------------------------------------------------------------------------------
 @monitor_app.command("create")
 def monitor_create(expr: Annotated[str, typer.Argument(help="e.g. 'drift_psi > 0.2 OR silent_for > 15m'")],
@@ -41,10 +36,10 @@ def monitor_create(expr: Annotated[str, typer.Argument(help="e.g. 'drift_psi > 0
                    window: Annotated[float, typer.Option(help="seconds of telemetry judged")] = 300.0,
                    as_json: Json = False) -> None:
     """Watch a model's fleet with a gate expression; it raises an alert while the expression holds."""
-    body = {"expr": expr, "model": model, "select": _pairs(select, "--select"), "webhook": webhook,
-            "pause_rollouts": pause_rollouts, "window_s": window}
+    tags = _pairs(select, "--select")
     with _api(server, token) as api:
-        row = _call(api, "POST", "/api/v1/monitors", json=body)
+        row = api.create_monitor(expr, model, select=tags, webhook=webhook, pause_rollouts=pause_rollouts,
+                                 window_s=window)
     _emit(row, as_json, f"monitor {row['id']} watches {row['model']}: {row['expr']}")
 
 
@@ -52,7 +47,7 @@ def monitor_create(expr: Annotated[str, typer.Argument(help="e.g. 'drift_psi > 0
 def monitor_list(server: Server = "", token: Token = "", as_json: Json = False) -> None:
     """Every monitor with its state (ok, firing, unknown) and why."""
     with _api(server, token) as api:
-        rows = _call(api, "GET", "/api/v1/monitors")
+        rows = api.monitors()
     lines = [f"{r['id']}  {r['state']:8}  {r['model']}  {r['expr']}  ({r['explanation']})" for r in rows]
     _emit(rows, as_json, "\n".join(lines) or "no monitors")
 
@@ -62,7 +57,7 @@ def monitor_delete(monitor_id: Annotated[str, typer.Argument(help="monitor id")]
                    token: Token = "") -> None:
     """Stop watching; the monitor's open alerts are cleared."""
     with _api(server, token) as api:
-        _call(api, "DELETE", f"/api/v1/monitors/{monitor_id}")
+        api.delete_monitor(monitor_id)
     typer.echo(f"monitor {monitor_id} deleted")
 
 
@@ -72,7 +67,7 @@ def alert_list(server: Server = "", token: Token = "",
                as_json: Json = False) -> None:
     """Fleet alerts, newest first."""
     with _api(server, token) as api:
-        rows = _call(api, "GET", "/api/v1/alerts", params={"active": active})
+        rows = api.alerts(active=active)
     lines = [f"{r['id']}  {'FIRING ' if r['active'] else 'cleared'}  {r['model']}  monitor {r['monitor']}: "
              f"{r['explanation']}" for r in rows]
     _emit(rows, as_json, "\n".join(lines) or "no alerts")
@@ -86,12 +81,10 @@ def data_examples(model: Annotated[str, typer.Option(help="model NAME")], server
                                                                 help="only labelled (unlabelled) examples")] = None,
                   as_json: Json = False) -> None:
     """The hard examples devices sent for a model (without their data)."""
-    params: dict[str, Any] = {"device": device, "labelled": labelled}
     with _api(server, token) as api:
-        rows = _call(api, "GET", f"/api/v1/fielddata/{model}/examples",
-                     params={k: v for k, v in params.items() if v is not None})
+        rows = api.hard_examples(model, device=device, labelled=labelled)
     lines = [f"{r['id']}  {r['model']}  {r['device']}  {r['ts']:.0f}  predicted {r['predicted']} "
-             f"({r['confidence']:.2f})  label {r['label'] or '-'}" for r in rows]
+             f"({r['confidence']:.2f})  label {_label(r)}" for r in rows]
     _emit(rows, as_json, "\n".join(lines) or "no hard examples")
 
 
@@ -126,23 +119,25 @@ def data_label(label: Annotated[str, typer.Argument(help="the ground-truth class
     """Post a ground-truth label for one hard example, or for a device's time range."""
     if (example is None) == (device is None):
         raise ConfigError("give --example ID, or --device DEVICE with --start and --end")
-    body: dict[str, Any] = {"label": label, "example": example, "device": device,
-                            "start": _when(start, "--start"), "end": _when(end, "--end"), "model": model}
-    if device is not None and (body["start"] is None or body["end"] is None):
+    since, until = _when(start, "--start"), _when(end, "--end")
+    if device is not None and (since is None or until is None):
         raise ConfigError("--device needs --start and --end")
     with _api(server, token) as api:
-        answer = _call(api, "POST", "/api/v1/fielddata/labels", json=body)
+        answer = api.label_examples(label, example=example, device=device, start=since, end=until, model=model)
     _emit(answer, as_json, f"labelled {answer['labelled']} hard example(s) {label!r}")
 
 
 @data_app.command("export")
 def data_export(model: Annotated[str, typer.Option(help="model NAME")],
                 out: Annotated[Path, typer.Option(help=".npz to write (the format `edgefleet build --data` reads)")],
-                server: Server = "", token: Token = "", as_json: Json = False) -> None:
+                server: Server = "", token: Token = "",
+                include_upstream: Annotated[bool, typer.Option(
+                    help="also the examples labelled only by the upstream model (lower trust; marked in "
+                         "test_source)")] = False,
+                as_json: Json = False) -> None:
     """Write the model's field data as a dataset: calib_x (every example), test_x/test_y (the labelled ones)."""
     with _api(server, token) as api:
-        answer = _call(api, "GET", f"/api/v1/fielddata/{model}/export")
-    data = base64.b64decode(answer.pop("npz"))
+        data, answer = api.export_field_data(model, include_upstream=include_upstream)
     out.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=out.name, suffix=".tmp", dir=out.parent)
     try:
@@ -154,5 +149,16 @@ def data_export(model: Annotated[str, typer.Option(help="model NAME")],
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+    upstream = (f" ({answer['upstream_labelled']} by the upstream model, lower trust)"
+                if answer.get("upstream_labelled") else "")
+    left = (f"; {answer['upstream_left_out']} with upstream labels only left out (--include-upstream)"
+            if answer.get("upstream_left_out") else "")
     _emit({**answer, "out": str(out)}, as_json,
-          f"wrote {out}: {answer['examples']} example(s), {answer['labelled']} labelled")
+          f"wrote {out}: {answer['examples']} example(s), {answer['labelled']} labelled{upstream}{left}")
+
+
+def _label(row: dict[str, Any]) -> str:
+    """An example's label as listed: the upstream model's marked as such (lower trust)."""
+    if row.get("label") is None:
+        return "-"
+    return f"{row['label']} (upstream)" if row.get("label_trust") == "low" else str(row["label"])

@@ -53,11 +53,17 @@ def serve_model(bundle: Annotated[Path, typer.Argument(help="signed bundle to se
                     help="file of allowed device tokens (one a line, or sha256:HEX); re-read when it changes")]
                 = None,
                 insecure: Annotated[bool, typer.Option(
-                    help="allow plain HTTP on a non-loopback address")] = False) -> None:
+                    help="allow plain HTTP on a non-loopback address")] = False,
+                report_to: Annotated[str | None, typer.Option(
+                    help="control plane URL: report each answer with its window there (kept as a label of lower "
+                         "trust, `edgefleet data examples`)")] = None,
+                report_token: Annotated[str, typer.Option(envvar="EDGEFLEET_TOKEN",
+                                                          help="operator token for --report-to")] = "") -> None:
     """Serve a verified bundle (POST /v1/infer) for agents started with --upstream URL."""
     from edgefleet.cli import setup_logging
     from edgefleet.errors import ConfigError
     from edgefleet.upstream.auth import DeviceTokens, check_exposure, tls_from_files
+    from edgefleet.upstream.report import control_plane_reporter
     from edgefleet.upstream.service import load_upstream, serve
 
     setup_logging()
@@ -66,7 +72,11 @@ def serve_model(bundle: Annotated[Path, typer.Argument(help="signed bundle to se
     tls = tls_from_pki(pki, host) if pki is not None else tls_from_files(cert, key, client_ca)
     check_exposure(host, tls, insecure)
     tokens = DeviceTokens(device_tokens) if device_tokens is not None else None
-    serve(load_upstream(bundle, pub), host=host, port=port, info_file=info_file, tls=tls, tokens=tokens)
+    if report_to and not report_token:
+        raise ConfigError("--report-to needs the operator token: --report-token or EDGEFLEET_TOKEN")
+    model = load_upstream(bundle, pub)
+    reporter = control_plane_reporter(report_to, report_token) if report_to else None
+    serve(model, host=host, port=port, info_file=info_file, tls=tls, tokens=tokens, reporter=reporter)
 
 
 def register(app: typer.Typer) -> None:

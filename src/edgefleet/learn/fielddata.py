@@ -4,11 +4,20 @@ Hard examples arrive inside telemetry batches (``TelemetryBatch.hard_examples``:
 :func:`example_rows` turns a batch into store rows. Labelled examples count as labelled windows of the model
 that predicted them (:func:`label_stats`: delayed labels for accuracy gates and monitors), and
 :func:`export_dataset` writes them in the format ``edgefleet build --data`` reads.
+
+Labels have a source and a trust: an operator's label (one example, ``operator``, or a device's time range,
+``range``) is ground truth; the upstream model's answer to an escalated window (``upstream``: what
+``edgefleet serve-model --report-to`` posts, answers to queued escalations included) is a label of lower trust.
+Upstream labels never feed accuracy gates or monitors, and datasets carry them only when asked
+(``include_upstream``), marked in ``test_source``.
 """
 
 from __future__ import annotations
 
+import base64
+import binascii
 import io
+import math
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
@@ -18,6 +27,43 @@ import numpy as np
 from edgefleet.core.cohorts import CohortStats
 from edgefleet.errors import DataError
 from edgefleet.transport.messages import TelemetryBatch
+
+OPERATOR, RANGE, UPSTREAM = "operator", "range", "upstream"
+GROUND_TRUTH_SOURCES = (OPERATOR, RANGE)
+"""Label sources that are ground truth; anything else (``upstream``) is of lower trust."""
+UPSTREAM_ENCODING = "f16"
+MAX_UPSTREAM_VALUES = 1 << 20
+
+
+def label_trust(source: str | None) -> str | None:
+    """``ground_truth`` for an operator's label, ``low`` for the upstream model's, None without a label."""
+    if source is None:
+        return None
+    return "ground_truth" if source in GROUND_TRUTH_SOURCES else "low"
+
+
+def upstream_row(answer: Mapping[str, Any]) -> dict[str, Any]:
+    """A store row (labelled ``upstream``) from one upstream answer: model ref, device, ts, shape, float32 data in
+    base64 (the window as escalated), the local label and confidence, the upstream label. DataError when the
+    window cannot be read; it is kept as float16 (the hard examples' ``f16`` encoding)."""
+    shape = [int(d) for d in answer["shape"]]
+    if not shape or any(d < 1 for d in shape) or math.prod(shape) > MAX_UPSTREAM_VALUES:
+        raise DataError(f"an upstream answer's shape {shape} is empty or too large")
+    try:
+        raw = base64.b64decode(str(answer["data"]), validate=True)
+    except (binascii.Error, ValueError) as exc:
+        raise DataError("an upstream answer's data is not base64") from exc
+    if len(raw) != 4 * math.prod(shape):
+        raise DataError(f"an upstream answer holds {len(raw)} bytes; shape {shape} needs {4 * math.prod(shape)}")
+    x = np.frombuffer(raw, dtype="<f4")
+    if not np.all(np.isfinite(x)):
+        raise DataError("an upstream answer's window holds NaN or infinity")
+    model = str(answer["model"])
+    return {"name": model.partition("@")[0], "model": model, "device": str(answer["device"]),
+            "ts": float(answer["ts"]), "predicted": str(answer["local_label"])[:128],
+            "confidence": float(answer["local_confidence"]), "shape": shape, "encoding": UPSTREAM_ENCODING,
+            "data": base64.b64encode(x.astype("<f2").tobytes()).decode("ascii"), "scale": None,
+            "label": str(answer["label"])[:128]}
 
 
 def example_rows(batch: TelemetryBatch) -> list[dict[str, Any]]:
@@ -70,10 +116,12 @@ def decode(row: Any) -> np.ndarray:
         raise DataError(f"hard example {getattr(row, 'id', '?')} cannot be decoded: {exc}") from exc
 
 
-def export_dataset(rows: Sequence[Any], labels: Sequence[str], preprocess: Mapping[str, Any] | None = None
-                   ) -> tuple[bytes, dict[str, int]]:
-    """An ``.npz`` (calib_x: every example; test_x, test_y: the labelled ones; labels: class names) of hard
-    examples of one shape (the most common one), and counts; DataError when none is labelled.
+def export_dataset(rows: Sequence[Any], labels: Sequence[str], preprocess: Mapping[str, Any] | None = None, *,
+                   include_upstream: bool = False) -> tuple[bytes, dict[str, int]]:
+    """An ``.npz`` (calib_x: every example; test_x, test_y: the labelled ones; test_source: each one's label
+    source; labels: class names) of hard examples of one shape (the most common one), and counts; DataError when
+    none is labelled. Examples labelled only by the upstream model count as labelled with ``include_upstream``,
+    else they are left out of test_x (and counted as ``upstream_left_out``).
 
     A hard example is the model's input: with a sliding-window ``preprocess`` (the model's manifest) it is scaled
     by the training statistics, so it is scaled back into raw readings (one row per window, ``sample_rate_hz``
@@ -84,21 +132,27 @@ def export_dataset(rows: Sequence[Any], labels: Sequence[str], preprocess: Mappi
     kept = [r for r in rows if tuple(r.shape) == shape]
     names = list(labels) or sorted({str(r.label) for r in kept if r.label is not None})
     index = {name: i for i, name in enumerate(names)}
-    labelled = [r for r in kept if r.label is not None and r.label in index]
+    named = [r for r in kept if r.label is not None and r.label in index]
+    labelled = [r for r in named if include_upstream or r.label_source in GROUND_TRUTH_SOURCES]
+    upstream = sum(1 for r in labelled if r.label_source not in GROUND_TRUTH_SOURCES)
     if not labelled:
-        raise DataError("no labelled hard examples for this model: post labels first (edgefleet data label)")
+        hint = " (some have upstream labels: include them to use those)" if named else ""
+        raise DataError(f"no labelled hard examples for this model: post labels first (edgefleet data label){hint}")
     unscale = _unscaler(shape, preprocess or {})
     calib = np.stack([unscale(decode(r)) for r in kept]).astype(np.float32)
     test_x = np.stack([unscale(decode(r)) for r in labelled]).astype(np.float32)
     test_y = np.array([index[str(r.label)] for r in labelled], dtype=np.int64)
     arrays: dict[str, Any] = {"calib_x": calib, "test_x": test_x, "test_y": test_y,
+                              "test_source": np.array([str(r.label_source or OPERATOR) for r in labelled],
+                                                      dtype=np.str_),
                               "labels": np.array(names, dtype=np.str_)}
     rate = (preprocess or {}).get("sample_rate_hz")
     if isinstance(rate, int | float) and rate > 0:
         arrays["sample_rate_hz"] = np.float64(rate)
     buffer = io.BytesIO()
     np.savez(buffer, **arrays)
-    return buffer.getvalue(), {"examples": len(kept), "labelled": len(labelled), "left_out": len(rows) - len(kept)}
+    return buffer.getvalue(), {"examples": len(kept), "labelled": len(labelled), "upstream_labelled": upstream,
+                               "upstream_left_out": len(named) - len(labelled), "left_out": len(rows) - len(kept)}
 
 
 def _unscaler(shape: tuple[int, ...], preprocess: Mapping[str, Any]) -> Callable[[np.ndarray], np.ndarray]:

@@ -3,11 +3,14 @@ through the accuracy-gated pipeline (build.product.build_bundle) and sign it as 
 
 * The factory (``module:function``) returns the architecture: a ``torch.nn.Module`` (or ``(module, data)`` as
   ``edgefleet build`` factories do). When the function takes a ``deployed`` argument it is called with the
-  deployed version (:class:`Deployed`: name, version, release, the bundle's ONNX bytes) so that it can load that
-  version's float weights; otherwise its own initialization is the starting point.
+  deployed version (:class:`Deployed`: name, version, release, the bundle's manifest and ONNX bytes, fetched
+  from the server) so that it can load that version's weights; otherwise its own initialization is the starting
+  point. The new version keeps the deployed version's input pipeline (window, hop, scaling) and class names.
 * Base data: an ``.npz`` with calib_x, test_x, test_y and optionally train_x/train_y (without them, half of the
   test rows train and the other half stay held out). Field data: what ``edgefleet data export`` writes (the
-  labelled field examples in test_x/test_y); a seeded 70/30 split trains and scores.
+  labelled field examples in test_x/test_y); a seeded 70/30 split trains and scores. Rows its ``test_source``
+  marks as labelled by the upstream model (lower trust) are used only when asked (``include_upstream``), and then
+  only for training: the field score stays on ground-truth labels.
 * Accuracy before (the starting model) and after, on the held-out base rows and the held-out field examples.
 """
 
@@ -40,6 +43,25 @@ class Deployed:
     version: str
     release: int
     model: bytes | None = None
+    sha256: str = ""
+    manifest: dict[str, Any] | None = None
+    """The deployed bundle's manifest (preprocess, postprocess, labels...), when it was fetched."""
+
+
+def with_bundle(deployed: Deployed, bundle: bytes) -> Deployed:
+    """``deployed`` with its bundle's manifest and ONNX model (no model when the bundle is encrypted)."""
+    from dataclasses import replace
+
+    from edgefleet.bundle.container import MODEL, read_container
+    from edgefleet.bundle.pack import peek_manifest
+    from edgefleet.errors import BundleError
+
+    try:
+        manifest = peek_manifest(bundle)
+        model = None if manifest.encryption is not None else read_container(bundle).get(MODEL)
+    except (BundleError, ValueError) as exc:
+        raise DataError(f"the deployed bundle of {deployed.name}@{deployed.version} cannot be read: {exc}") from exc
+    return replace(deployed, model=model, manifest=manifest.model_dump(mode="json"))
 
 
 @dataclass(frozen=True)
@@ -55,6 +77,10 @@ class RetrainData:
     calib_x: np.ndarray
     labels: list[str]
     field_train: int
+    field_upstream: int = 0
+    """Of the field training rows, how many carry the upstream model's label (lower trust)."""
+    upstream_left_out: int = 0
+    """Field rows with only an upstream label that were not used (not asked for)."""
 
 
 @dataclass(frozen=True)
@@ -72,7 +98,8 @@ def next_version(models: list[dict[str, Any]], name: str) -> tuple[Deployed | No
         return None, "1.0.0", 1
     latest = max(mine, key=lambda m: int(m["release"]))
     major, minor, patch = (int(p) for p in str(latest["version"]).split("+")[0].split("-")[0].split("."))
-    current = Deployed(name=name, version=str(latest["version"]), release=int(latest["release"]))
+    current = Deployed(name=name, version=str(latest["version"]), release=int(latest["release"]),
+                       sha256=str(latest.get("sha256", "")))
     return current, f"{major}.{minor}.{patch + 1}", current.release + 1
 
 
@@ -101,14 +128,15 @@ def _read(path: Path, required: tuple[str, ...]) -> dict[str, Any]:
 
     out = read_npz(path, required)
     with np.load(path, allow_pickle=False) as npz:
-        for extra in ("train_x", "train_y"):
+        for extra in ("train_x", "train_y", "test_source"):
             if extra in npz.files:
                 out[extra] = npz[extra]
     return out
 
 
-def load_data(base: Path, field: Path | None, seed: int = 0) -> RetrainData:
-    """Base and field rows, split and checked: one DataError line when shapes or labels disagree."""
+def load_data(base: Path, field: Path | None, seed: int = 0, *, include_upstream: bool = False) -> RetrainData:
+    """Base and field rows, split and checked: one DataError line when shapes or labels disagree. Field rows
+    labelled by the upstream model train only with ``include_upstream`` and are never scored."""
     arrays = _read(base, ("calib_x", "test_x", "test_y"))
     rng = np.random.default_rng(seed)
     test_x, test_y = np.asarray(arrays["test_x"], np.float32), np.asarray(arrays["test_y"]).astype(np.int64)
@@ -126,7 +154,7 @@ def load_data(base: Path, field: Path | None, seed: int = 0) -> RetrainData:
             raise DataError(f"{base}: {what} rows are {list(x.shape[1:])}, train rows {list(row)}")
     field_x = np.zeros((0, *row), np.float32)
     field_y = np.zeros(0, np.int64)
-    field_train = 0
+    field_train = upstream_used = upstream_left = 0
     if field is not None:
         fa = _read(field, ("test_x", "test_y"))
         fx, fy = np.asarray(fa["test_x"], np.float32), np.asarray(fa["test_y"]).astype(np.int64)
@@ -134,14 +162,36 @@ def load_data(base: Path, field: Path | None, seed: int = 0) -> RetrainData:
             raise DataError(f"{field}: field rows are {list(fx.shape[1:])}; the base data's are {list(row)}")
         if fy.shape != (len(fx),):
             raise DataError(f"{field}: test_y has shape {fy.shape}; expected ({len(fx)},)")
+        upstream = _upstream_rows(fa.get("test_source"), len(fx), field)
+        ux, uy = fx[upstream], fy[upstream]
+        fx, fy = fx[~upstream], fy[~upstream]
+        if include_upstream:
+            upstream_used = len(uy)
+        else:
+            upstream_left = len(uy)
         order = rng.permutation(len(fx))
         field_train = round(len(fx) * FIELD_TRAIN_FRACTION) if len(fx) > 1 else len(fx)
-        train_x = np.concatenate([train_x, fx[order[:field_train]]])
-        train_y = np.concatenate([train_y, fy[order[:field_train]]])
+        train_x = np.concatenate([train_x, fx[order[:field_train]], ux[:upstream_used]])
+        train_y = np.concatenate([train_y, fy[order[:field_train]], uy[:upstream_used]])
         field_x, field_y = fx[order[field_train:]], fy[order[field_train:]]
+        field_train += upstream_used
     return RetrainData(train_x=train_x, train_y=train_y, holdout_x=hold_x, holdout_y=hold_y, field_x=field_x,
                        field_y=field_y, calib_x=np.asarray(arrays["calib_x"], np.float32),
-                       labels=list(arrays.get("labels", [])), field_train=field_train)
+                       labels=list(arrays.get("labels", [])), field_train=field_train, field_upstream=upstream_used,
+                       upstream_left_out=upstream_left)
+
+
+def _upstream_rows(source: Any, rows: int, path: Path) -> np.ndarray:
+    """A mask of the rows a dataset's ``test_source`` marks as labelled by the upstream model (none without one)."""
+    from edgefleet.learn.fielddata import GROUND_TRUTH_SOURCES
+
+    if source is None:
+        return np.zeros(rows, dtype=bool)
+    names = np.asarray(source)
+    if names.dtype.kind not in "US" or names.shape != (rows,):
+        raise DataError(f"{path}: test_source must hold one label source per test row, got {names.dtype} "
+                        f"{names.shape}")
+    return ~np.isin(names.astype(str), list(GROUND_TRUTH_SOURCES))
 
 
 def fine_tune(model: torch.nn.Module, x: np.ndarray, y: np.ndarray, *, epochs: int, lr: float = 1e-3,
@@ -190,7 +240,7 @@ def scores(model: bytes, data: RetrainData, postprocess: dict[str, Any] | None) 
 
 
 def retrain(factory: str, data: RetrainData, *, name: str, previous: Deployed | None, version: str, release: int,
-            key: Any, epochs: int = 20, max_accuracy_drop: float | None = None, show: bool = True,
+            key: Any, epochs: int = 20, lr: float = 1e-3, max_accuracy_drop: float | None = None, show: bool = True,
             progress: Callable[[str], None] | None = None) -> RetrainResult:
     """Fine-tune, then build and sign through build_bundle (the accuracy gate compares the compressed candidates
     with the fine-tuned float model on the held-out base rows plus field examples)."""
@@ -204,14 +254,17 @@ def retrain(factory: str, data: RetrainData, *, name: str, previous: Deployed | 
     net = load_model(factory, previous)
     sample = tuple(int(d) for d in data.train_x.shape[1:])
     before_model = export_classifier(net, sample)
-    post = resolve_pipeline(before_model, PipelineOptions(), base_labels=data.labels).postprocess
+    deployed = (previous.manifest if previous is not None else None) or {}
+    base = dict(deployed["preprocess"]) if deployed.get("preprocess") else None
+    labels = data.labels or list(deployed.get("labels") or [])
+    post = resolve_pipeline(before_model, PipelineOptions(), base=base, base_labels=labels).postprocess
     before = scores(before_model, data, post)
-    tuned = fine_tune(net, data.train_x, data.train_y, epochs=epochs, show=show)
+    tuned = fine_tune(net, data.train_x, data.train_y, epochs=epochs, lr=lr, show=show)
     after_model = export_classifier(tuned, sample)
     test_x = np.concatenate([data.holdout_x, data.field_x])
     test_y = np.concatenate([data.holdout_y, data.field_y])
     arrays: Mapping[str, Any] = {"calib_x": data.calib_x, "test_x": test_x, "test_y": test_y}
-    pipeline = resolve_pipeline(after_model, PipelineOptions(), base_labels=data.labels)
+    pipeline = resolve_pipeline(after_model, PipelineOptions(), base=base, base_labels=labels)
     inputs = prepare(after_model, arrays, pipeline, source=factory, name=name)
     recipe = load_recipe(None)
     if max_accuracy_drop is not None:

@@ -1,5 +1,6 @@
 """REST endpoints for field data: the hard examples devices sent (list), ground-truth labels for one example or
-a device's time range (post), and a dataset of them in the ``edgefleet build --data`` format (export)."""
+a device's time range (post), the upstream model's answers to escalated windows (labels of lower trust, posted by
+``edgefleet serve-model --report-to``), and a dataset of them in the ``edgefleet build --data`` format (export)."""
 
 import base64
 from typing import Any
@@ -7,7 +8,7 @@ from typing import Any
 from fastapi import APIRouter, HTTPException, Query
 from pydantic import BaseModel, Field, model_validator
 
-from edgefleet.learn.fielddata import export_dataset
+from edgefleet.learn.fielddata import MAX_UPSTREAM_VALUES, export_dataset, label_trust, upstream_row
 from edgefleet.server.store import Store
 from edgefleet.server.store.learn_tables import HardExampleRow
 
@@ -31,9 +32,29 @@ class LabelIn(BaseModel):
         return self
 
 
+class UpstreamAnswerIn(BaseModel):
+    """One escalated window and the upstream model's answer (``edgefleet.upstream.report``)."""
+
+    model: str = Field(min_length=3, max_length=140, pattern=r"^[^@]+@[^@]+$", description="NAME@VERSION")
+    device: str = Field(min_length=1, max_length=64)
+    ts: float = Field(allow_inf_nan=False, ge=0, le=1e12)
+    shape: list[int] = Field(min_length=1, max_length=8)
+    data: str = Field(max_length=MAX_UPSTREAM_VALUES * 4 * 4 // 3 + 4, description="float32, base64")
+    local_label: str = Field(max_length=128)
+    local_confidence: float = Field(allow_inf_nan=False, ge=0, le=1)
+    label: str = Field(min_length=1, max_length=128, description="the upstream model's answer")
+    confidence: float = Field(allow_inf_nan=False, ge=0, le=1)
+    upstream_model: str = Field(default="", max_length=140)
+
+
+class UpstreamAnswersIn(BaseModel):
+    answers: list[UpstreamAnswerIn] = Field(max_length=500)
+
+
 def example_json(row: HardExampleRow) -> dict[str, Any]:
     return {"id": row.id, "model": row.model, "device": row.device, "ts": row.ts, "predicted": row.predicted,
             "confidence": row.confidence, "shape": row.shape, "label": row.label, "label_source": row.label_source,
+            "label_trust": label_trust(row.label_source if row.label is not None else None),
             "labelled_at": row.labelled_at}
 
 
@@ -78,12 +99,26 @@ def fielddata_router(store: Store) -> APIRouter:
         if labels and label not in labels:
             raise HTTPException(422, f"label {label!r} is not a class of {name} ({', '.join(labels)})")
 
+    @router.post("/upstream")
+    def upstream(body: UpstreamAnswersIn) -> dict[str, Any]:
+        """Keep the upstream model's answers as labels of lower trust (``label_source`` upstream); answers for a
+        model or device the server does not know are left out and counted."""
+        known = {f"{m.name}@{m.version}" for m in store.list_models()}
+        rows, unknown = [], 0
+        for answer in body.answers:
+            if answer.model not in known or store.get_device(answer.device) is None:
+                unknown += 1
+                continue
+            rows.append(upstream_row(answer.model_dump()))  # DataError: 422 with one line
+        return {**store.add_upstream_answers(rows), "unknown": unknown}
+
     @router.get("/{name}/export")
-    def export(name: str) -> dict[str, Any]:
-        """The model's field data as an ``.npz`` (base64): calib_x, test_x, test_y, labels."""
+    def export(name: str, include_upstream: bool = False) -> dict[str, Any]:
+        """The model's field data as an ``.npz`` (base64): calib_x, test_x, test_y, test_source, labels; labels of
+        the upstream model only with ``include_upstream``."""
         manifest = latest_manifest(name)
         data, counts = export_dataset(store.hard_examples(name), list(manifest.get("labels") or []),
-                                      manifest.get("preprocess"))  # DataError: 422 with one line
+                                      manifest.get("preprocess"), include_upstream=include_upstream)
         return {"model": name, **counts, "npz": base64.b64encode(data).decode("ascii")}
 
     return router

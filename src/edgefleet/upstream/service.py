@@ -3,11 +3,12 @@
 Request (what ``agent.escalation.encode_request`` sends)::
 
     {"model": "name@version", "shape": [1, C, W], "dtype": "float32", "data": BASE64 little-endian float32,
-     "local": {"label": "...", "confidence": 0.41}, "ts": 1700000000.0}
+     "local": {"label": "...", "confidence": 0.41}, "ts": 1700000000.0, "device": "dev-1"}
 
 Response: ``{"label": str, "index": int, "confidence": float, "probs": [...], "model": "name@version"}``.
 The bundle is verified with ``core.update.decide`` against the given public key before the model is parsed.
-Who may ask (mutual TLS with the fleet CA, device tokens) is :mod:`edgefleet.upstream.auth`.
+Who may ask (mutual TLS with the fleet CA, device tokens) is :mod:`edgefleet.upstream.auth`. With a reporter
+(:mod:`edgefleet.upstream.report`) every answer goes to the control plane as a label of lower trust.
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ from edgefleet.runtime.runner import OnnxRuntimeRunner, Runner
 from edgefleet.storage import atomic_write
 from edgefleet.transport.ports import free_port
 from edgefleet.upstream.auth import DeviceTokens, UpstreamTls
+from edgefleet.upstream.report import AnswerReporter
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +56,8 @@ class InferRequest(BaseModel):
     dtype: Literal["float32"] = "float32"
     data: str = Field(max_length=MAX_VALUES * 4 * 4 // 3 + 4)
     local: dict[str, Any] | None = None
-    ts: float | None = None
+    ts: float | None = Field(default=None, allow_inf_nan=False, ge=0, le=1e12)
+    device: str | None = Field(default=None, max_length=64)
 
 
 @dataclass(frozen=True)
@@ -104,9 +107,10 @@ def decode_window(request: InferRequest, expected: list[int | None]) -> np.ndarr
     return x
 
 
-def create_app(model: UpstreamModel, tokens: DeviceTokens | None = None) -> FastAPI:
+def create_app(model: UpstreamModel, tokens: DeviceTokens | None = None,
+               reporter: AnswerReporter | None = None) -> FastAPI:
     """The service's FastAPI app around one loaded model; with ``tokens``, ``/v1/infer`` wants a listed device
-    token (401 without one, 403 with another)."""
+    token (401 without one, 403 with another); with ``reporter``, each answer is reported with its window."""
     app = FastAPI(title="edgefleet upstream model", version="1")
     labels = model.manifest.labels
     expected = model.expected_shape()
@@ -141,8 +145,11 @@ def create_app(model: UpstreamModel, tokens: DeviceTokens | None = None) -> Fast
             return {"label": "score", "index": 0, "confidence": float(probs[0]), "probs": [float(probs[0])],
                     "model": model.ref}
         best = int(probs.argmax())
-        return {"label": labels[best] if best < len(labels) else str(best), "index": best,
-                "confidence": float(probs[best]), "probs": [round(float(p), 6) for p in probs], "model": model.ref}
+        answer = {"label": labels[best] if best < len(labels) else str(best), "index": best,
+                  "confidence": float(probs[best]), "probs": [round(float(p), 6) for p in probs], "model": model.ref}
+        if reporter is not None:
+            reporter.add(request, answer)
+        return answer
 
     return app
 
@@ -161,7 +168,7 @@ class _Server(uvicorn.Server):
 
 
 def uvicorn_config(model: UpstreamModel, host: str, port: int, tls: UpstreamTls | None,
-                   tokens: DeviceTokens | None) -> uvicorn.Config:
+                   tokens: DeviceTokens | None, reporter: AnswerReporter | None = None) -> uvicorn.Config:
     """The app on ``host:port``; with ``tls``, HTTPS that requires a client certificate of ``tls.client_ca``."""
     extra: dict[str, Any] = {}
     if tls is not None:
@@ -169,8 +176,8 @@ def uvicorn_config(model: UpstreamModel, host: str, port: int, tls: UpstreamTls 
 
         extra = {"ssl_certfile": str(tls.cert_file), "ssl_keyfile": str(tls.key_file),
                  "ssl_ca_certs": str(tls.client_ca), "ssl_cert_reqs": ssl.CERT_REQUIRED}
-    return uvicorn.Config(create_app(model, tokens), host=host, port=port, log_level="warning", access_log=False,
-                          **extra)
+    return uvicorn.Config(create_app(model, tokens, reporter), host=host, port=port, log_level="warning",
+                          access_log=False, **extra)
 
 
 def service_url(host: str, port: int, tls: UpstreamTls | None) -> str:
@@ -178,8 +185,10 @@ def service_url(host: str, port: int, tls: UpstreamTls | None) -> str:
 
 
 def serve(model: UpstreamModel, host: str = "127.0.0.1", port: int = 8090, info_file: Path | None = None, *,
-          tls: UpstreamTls | None = None, tokens: DeviceTokens | None = None) -> None:
-    """Serve ``model`` until interrupted; ``port`` 0 picks a free one; ``info_file`` gets ``{"url": ...}``."""
+          tls: UpstreamTls | None = None, tokens: DeviceTokens | None = None,
+          reporter: AnswerReporter | None = None) -> None:
+    """Serve ``model`` until interrupted; ``port`` 0 picks a free one; ``info_file`` gets ``{"url": ...}``;
+    ``reporter`` is flushed and closed on the way out."""
     port = port or free_port(host)
     url = service_url(host, port, tls)
 
@@ -188,19 +197,25 @@ def serve(model: UpstreamModel, host: str = "127.0.0.1", port: int = 8090, info_
         if info_file is not None:
             atomic_write(info_file, json.dumps({"url": url, "model": model.ref}).encode())
 
-    _Server(uvicorn_config(model, host, port, tls, tokens), started).run()
+    try:
+        _Server(uvicorn_config(model, host, port, tls, tokens, reporter), started).run()
+    finally:
+        if reporter is not None:
+            reporter.close()
 
 
 class BackgroundService:
     """The service on a thread of this process (tests, benchmarks): ``start`` returns its URL, ``stop`` ends it."""
 
     def __init__(self, model: UpstreamModel, host: str = "127.0.0.1", port: int = 0, *,
-                 tls: UpstreamTls | None = None, tokens: DeviceTokens | None = None) -> None:
+                 tls: UpstreamTls | None = None, tokens: DeviceTokens | None = None,
+                 reporter: AnswerReporter | None = None) -> None:
         self.host = host
         self.port = port or free_port(host)
         self.url = service_url(host, self.port, tls)
         self._ready = threading.Event()
-        self._server = _Server(uvicorn_config(model, host, self.port, tls, tokens), self._ready.set)
+        self._server = _Server(uvicorn_config(model, host, self.port, tls, tokens, reporter), self._ready.set)
+        self._reporter = reporter
         self._thread: threading.Thread | None = None
 
     def start(self, timeout_s: float = 10.0) -> str:
@@ -214,3 +229,5 @@ class BackgroundService:
         self._server.should_exit = True
         if self._thread is not None:
             self._thread.join(timeout_s)
+        if self._reporter is not None:
+            self._reporter.close()

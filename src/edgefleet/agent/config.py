@@ -44,6 +44,8 @@ DOWNLOAD_ENV: dict[str, tuple[str, type[int] | type[float]]] = {
     "EDGEFLEET_DOWNLOAD_READ_TIMEOUT_S": ("read_timeout_s", float),
 }
 """The environment variables that set the agent's :class:`DownloadLimits` (each field's default otherwise)."""
+RUNTIMES_ENV = "EDGEFLEET_AGENT_RUNTIMES"
+"""Comma-separated runtimes the agent may run models on (default: every one installed); others are refused."""
 
 
 @dataclass(frozen=True)
@@ -79,6 +81,20 @@ class AgentConfig:
     """Where outcomes and alerts go on the device itself (a Unix socket, a local broker, a hook): none by default."""
     tls: MqttTls | None = None
     """The fleet CA to trust and the device's certificate to present (credentials of a TLS server), else None."""
+    runtimes: tuple[str, ...] = ("onnxruntime",)
+    """The runtimes this agent runs models on (:func:`agent_runtimes`); a bundle for another one is refused."""
+
+
+def agent_runtimes(environ: Mapping[str, str]) -> tuple[str, ...]:
+    """The runtimes installed here, limited to those :data:`RUNTIMES_ENV` names when it is set."""
+    from edgefleet.runtime.runner import installed_runtimes, parse_runtimes
+
+    text = environ.get(RUNTIMES_ENV, "").strip()
+    installed = installed_runtimes()
+    if not text:
+        return installed
+    allowed = parse_runtimes(text)
+    return tuple(name for name in installed if name in allowed)
 
 
 def download_limits(environ: Mapping[str, str]) -> DownloadLimits:
@@ -134,7 +150,8 @@ def load_config(credentials: Path, data_dir: Path, *, device_id: str | None = No
                        trusted_keys={k.key_id: k for k in keys}, data_dir=data_dir, hardware=hardware, profile=profile,
                        telemetry_interval_s=telemetry_interval_s, tls=tls,
                        downloads=download_limits(os.environ if environ is None else environ),
-                       local_action=LocalActionConfig.from_environ(os.environ if environ is None else environ))
+                       local_action=LocalActionConfig.from_environ(os.environ if environ is None else environ),
+                       runtimes=agent_runtimes(os.environ if environ is None else environ))
 
 
 def tls_files(raw: dict[str, Any], base: Path, data_dir: Path) -> MqttTls | None:

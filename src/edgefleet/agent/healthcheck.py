@@ -64,11 +64,11 @@ def check_model(model: bytes, manifest_json: bytes, runs: int = 20) -> float:
     """Load and run the model through its manifest's pipeline: the pipeline fits the model, golden samples within
     tolerance, finite scores for a neutral input; the median latency in ms."""
     from edgefleet.bundle.manifest import Manifest, check_golden
-    from edgefleet.runtime.runner import OnnxRuntimeRunner
+    from edgefleet.runtime.runner import make_runner
     from edgefleet.runtime.spec import ModelPipeline
 
     manifest = Manifest.model_validate_json(manifest_json)
-    runner = OnnxRuntimeRunner(model)
+    runner = make_runner(model, manifest.runtime)
     pipeline = ModelPipeline.from_manifest(manifest.preprocess, manifest.postprocess)
     pipeline.check(manifest.inputs, manifest.outputs, manifest.labels)
     score = pipeline.outputs.scorer(runner)

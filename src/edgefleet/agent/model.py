@@ -14,7 +14,7 @@ from edgefleet.errors import BundleError
 from edgefleet.runtime.inputs import SeriesInput
 from edgefleet.runtime.outputs import Scorer
 from edgefleet.runtime.preprocess import WindowSpec
-from edgefleet.runtime.runner import OnnxRuntimeRunner, Runner
+from edgefleet.runtime.runner import Runner, make_runner
 from edgefleet.runtime.spec import ModelPipeline
 
 if TYPE_CHECKING:
@@ -32,6 +32,8 @@ class ModelInfo:
     preprocess: dict[str, Any] = field(default_factory=dict)
     postprocess: dict[str, Any] | None = None
     thresholds: dict[str, float] = field(default_factory=dict)
+    runtime: str | None = None
+    """The runtime the bundle names (None: ONNX Runtime)."""
 
     @property
     def ref(self) -> str:
@@ -46,7 +48,8 @@ class ModelInfo:
                        labels=[str(label) for label in data.get("labels", [])],
                        preprocess=dict(data.get("preprocess", {})),
                        postprocess=dict(data["postprocess"]) if data.get("postprocess") else None,
-                       thresholds={str(k): float(v) for k, v in dict(data.get("thresholds", {})).items()})
+                       thresholds={str(k): float(v) for k, v in dict(data.get("thresholds", {})).items()},
+                       runtime=str(data["runtime"]) if data.get("runtime") else None)
         except (ValueError, KeyError, TypeError) as exc:
             raise BundleError(f"manifest is malformed: {exc}", reason="malformed") from exc
 
@@ -81,5 +84,5 @@ def load_model(accepted: AcceptedBundle) -> LoadedModel:
 def make_model(info: ModelInfo, sha256: str, model: bytes) -> LoadedModel:
     """Build the runner and the input and output pipeline for verified model bytes and their manifest."""
     pipeline = ModelPipeline.from_manifest(info.preprocess, info.postprocess)
-    runner = OnnxRuntimeRunner(model)
+    runner = make_runner(model, info.runtime)
     return LoadedModel(info, sha256, runner, pipeline, pipeline.outputs.scorer(runner))

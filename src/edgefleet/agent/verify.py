@@ -33,7 +33,7 @@ from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
 from edgefleet.agent.model import ModelInfo
-from edgefleet.bundle.container import MANIFEST, MODEL, Limits, read_container
+from edgefleet.bundle.container import MANIFEST, MODEL, MODEL_TFLITE, Limits, read_container
 from edgefleet.bundle.signing import PublicKey
 from edgefleet.errors import BundleError, EdgefleetError
 
@@ -60,13 +60,16 @@ class TrustSpec:
     """ISO time: the newest signed time the device has verified."""
     now: str | None = None
     """ISO time: the device's clock when the spec was made (None: the system clock at the decision)."""
+    runtimes: tuple[str, ...] | None = None
+    """The runtimes the device runs models on; None: not judged."""
 
     def to_json(self) -> dict[str, Any]:
         return {"pinned": [k.to_text() for k in self.pinned], "keyring": self.keyring,
                 "highest_release": dict(self.highest_release), "hardware": self.hardware,
                 "agent_version": self.agent_version, "device_id": self.device_id,
                 "accepted_versions": {k: list(v) for k, v in self.accepted_versions.items()},
-                "time_floor": self.time_floor, "now": self.now}
+                "time_floor": self.time_floor, "now": self.now,
+                "runtimes": None if self.runtimes is None else list(self.runtimes)}
 
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> TrustSpec:
@@ -76,7 +79,8 @@ class TrustSpec:
                    hardware=str(data.get("hardware", "generic")),
                    agent_version=str(data.get("agent_version", "0.1.0")), device_id=data.get("device_id"),
                    accepted_versions=versions, time_floor=_optional_text(data.get("time_floor")),
-                   now=_optional_text(data.get("now")))
+                   now=_optional_text(data.get("now")),
+                   runtimes=None if data.get("runtimes") is None else tuple(str(r) for r in data["runtimes"]))
 
 
 def trust_state(spec: TrustSpec, *, accepted_before: bool = False) -> TrustState:
@@ -91,7 +95,8 @@ def trust_state(spec: TrustSpec, *, accepted_before: bool = False) -> TrustState
                                     agent_version=spec.agent_version, device_id=spec.device_id,
                                     accepted_versions=dict(spec.accepted_versions),
                                     time_floor=parse_time(spec.time_floor) if spec.time_floor else None,
-                                    now=parse_time(spec.now) if spec.now else None)
+                                    now=parse_time(spec.now) if spec.now else None,
+                                    runtimes=None if spec.runtimes is None else frozenset(spec.runtimes))
     return replace(state, keys=ring.accepted_keys()) if accepted_before else state
 
 
@@ -173,7 +178,8 @@ def verify_stored(data: bytes, spec: TrustSpec, *, in_process: bool | None = Non
     if report.get("sha256") != digest:
         raise BundleError("the verified bundle is not the one loaded", reason="hash_mismatch")
     members = read_container(data, Limits())
-    model = members[MODEL] if MODEL in members else _decrypted(head, report, members[MANIFEST])
+    clear = next((members[name] for name in (MODEL, MODEL_TFLITE) if name in members), None)
+    model = clear if clear is not None else _decrypted(head, report, members[MANIFEST])
     return Verified(ModelInfo.from_bytes(members[MANIFEST]), digest, model,
                     expired=report.get("expired") is True, created=created_time(members[MANIFEST]))
 

@@ -8,7 +8,8 @@ Layout (all integers big-endian)::
 Members are never written to disk by name. The reader accepts only the known member names, each at
 most once, caps every size before reading it, and requires the file to end exactly after the last
 member, so a truncated, padded or spliced file is refused. A bundle holds the manifest, the signatures
-and exactly one model member: ``model.onnx`` in the clear or ``model.onnx.enc`` (AES-256-GCM).
+and exactly one model member: ``model.onnx`` in the clear or ``model.onnx.enc`` (AES-256-GCM), or, for a bundle
+whose manifest names the LiteRT runtime, ``model.tflite`` (in the clear).
 """
 
 from __future__ import annotations
@@ -25,8 +26,9 @@ MANIFEST = "manifest.json"
 SIGNATURES = "signatures.json"
 MODEL = "model.onnx"
 MODEL_ENC = "model.onnx.enc"
+MODEL_TFLITE = "model.tflite"
 REQUIRED = (MANIFEST, SIGNATURES, MODEL)
-ORDER = (MANIFEST, SIGNATURES, MODEL, MODEL_ENC)
+ORDER = (MANIFEST, SIGNATURES, MODEL, MODEL_ENC, MODEL_TFLITE)
 KNOWN = frozenset(ORDER)
 
 _HEADER = struct.Struct(">8sBH")
@@ -90,17 +92,17 @@ def read_container(data: bytes, limits: Limits = Limits()) -> dict[str, bytes]:
     for name in (MANIFEST, SIGNATURES):
         if name not in members:
             raise BundleError(f"bundle member {name!r} is missing", reason="missing_member")
-    models = [name for name in (MODEL, MODEL_ENC) if name in members]
+    models = [name for name in (MODEL, MODEL_ENC, MODEL_TFLITE) if name in members]
     if not models:
         raise BundleError(f"bundle member {MODEL!r} is missing", reason="missing_member")
     if len(models) > 1:
-        raise BundleError("bundle holds both a clear and an encrypted model", reason="unexpected_member")
+        raise BundleError(f"bundle holds more than one model ({', '.join(models)})", reason="unexpected_member")
     return members
 
 
 def model_member(members: Mapping[str, bytes]) -> str:
     """The name of the model member a parsed container holds."""
-    return MODEL_ENC if MODEL_ENC in members else MODEL
+    return next((name for name in (MODEL_ENC, MODEL_TFLITE) if name in members), MODEL)
 
 
 def _read_name(view: memoryview, offset: int) -> tuple[str, int]:

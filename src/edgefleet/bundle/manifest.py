@@ -18,6 +18,7 @@ from typing import Any, Literal
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from edgefleet.bundle.runtimes import DEFAULT_RUNTIME
 from edgefleet.errors import BundleError, ModelError
 
 SEMVER = re.compile(r"^(0|[1-9]\d*)\.(0|[1-9]\d*)\.(0|[1-9]\d*)(?:-[0-9A-Za-z.-]+)?(?:\+[0-9A-Za-z.-]+)?$")
@@ -27,11 +28,6 @@ MANIFEST_FORMAT = 1
 MAX_GOLDEN_SAMPLES = 16
 MAX_GOLDEN_VALUES = 16384  # per tensor: golden samples are small probes, not a test set
 _UNSET_WHEN_NONE = ("golden", "encryption", "postprocess", "runtime")
-RUNTIMES = ("onnxruntime", "openvino", "litert")
-"""The runtimes the agent can run a model on (``runtime.runner``)."""
-DEFAULT_RUNTIME = "onnxruntime"
-MODEL_FORMATS = {"onnxruntime": "onnx", "openvino": "onnx", "litert": "tflite"}
-"""The model file each runtime reads: ONNX for ONNX Runtime and OpenVINO, a ``.tflite`` flatbuffer for LiteRT."""
 _DTYPES: dict[str, type[np.generic]] = {
     "float": np.float32, "double": np.float64, "float16": np.float16, "int64": np.int64, "int32": np.int32,
     "int8": np.int8, "uint8": np.uint8, "bool": np.bool_,

@@ -1,8 +1,9 @@
 """Pack a model into a signed bundle (build plane) and read a bundle's manifest without trusting it.
 
 The packer refuses what a device would refuse (external data, pickles, models that fail
-``onnx.checker``), computes the golden samples' expected outputs itself by running the model with
-ONNX Runtime, and optionally encrypts the model member (AES-256-GCM, see ``bundle.encrypt``).
+``onnx.checker``), computes the golden samples' expected outputs itself by running the model on the runtime the
+bundle names (ONNX Runtime by default), and optionally encrypts the model member (AES-256-GCM, see
+``bundle.encrypt``). A bundle for LiteRT carries a ``.tflite`` model (``model.tflite``, never encrypted).
 """
 
 from __future__ import annotations
@@ -18,7 +19,15 @@ from typing import Any
 import numpy as np
 from pydantic import ValidationError
 
-from edgefleet.bundle.container import MANIFEST, MODEL, MODEL_ENC, SIGNATURES, read_container, write_container
+from edgefleet.bundle.container import (
+    MANIFEST,
+    MODEL,
+    MODEL_ENC,
+    MODEL_TFLITE,
+    SIGNATURES,
+    read_container,
+    write_container,
+)
 from edgefleet.bundle.encrypt import ModelKey, encrypt_model, release_aad
 from edgefleet.bundle.manifest import (
     MAX_GOLDEN_SAMPLES,
@@ -30,7 +39,9 @@ from edgefleet.bundle.manifest import (
     TensorSpec,
     numpy_dtype,
 )
+from edgefleet.bundle.runtimes import MODEL_FORMATS
 from edgefleet.bundle.safe_onnx import check_onnx
+from edgefleet.bundle.safe_tflite import check_tflite
 from edgefleet.bundle.signing import SigningKey
 from edgefleet.errors import BundleError, ConfigError, ModelError
 from edgefleet.storage import atomic_write
@@ -61,14 +72,24 @@ class BundleSpec:
     created: str | None = None
     """Creation time (ISO 8601); now when None."""
     encrypt_key: ModelKey | None = None
+    runtime: str | None = None
+    """The runtime the device must run the model on (None: ONNX Runtime); ``litert`` takes a ``.tflite`` model."""
 
 
 def pack_bundle(model: bytes, key: SigningKey, spec: BundleSpec) -> bytes:
     """Describe, sign and serialize ``model`` as one bundle file's bytes."""
-    check_onnx(model)
-    inputs, outputs = model_schema(model)
+    tflite = MODEL_FORMATS.get(spec.runtime or "") == "tflite"
+    if spec.runtime is not None and spec.runtime not in MODEL_FORMATS:
+        raise ConfigError(f"unknown runtime {spec.runtime!r} (known: {', '.join(MODEL_FORMATS)})")
+    if tflite and spec.encrypt_key is not None:
+        raise ConfigError("a LiteRT bundle cannot be encrypted (only ONNX model members are)")
+    if tflite:
+        check_tflite(model)
+    else:
+        check_onnx(model)
+    inputs, outputs = tflite_schema(model) if tflite else model_schema(model)
     preprocess, postprocess = model_pipeline(model, inputs, outputs, spec)
-    member, payload, encryption = MODEL, model, None
+    member, payload, encryption = (MODEL_TFLITE if tflite else MODEL), model, None
     if spec.encrypt_key is not None:
         member, payload = MODEL_ENC, encrypt_model(model, spec.encrypt_key,
                                                    release_aad(spec.name, spec.version, spec.release))
@@ -76,7 +97,7 @@ def pack_bundle(model: bytes, key: SigningKey, spec: BundleSpec) -> bytes:
                       "plaintext_sha256": hashlib.sha256(model).hexdigest()}
     try:
         golden = None if spec.golden is None else golden_set(model, spec.golden, inputs[0], spec.golden_atol,
-                                                              spec.golden_rtol, postprocess)
+                                                              spec.golden_rtol, postprocess, spec.runtime)
         optional: dict[str, Any] = {"created": spec.created} if spec.created else {}
         manifest = Manifest(
             name=spec.name, version=spec.version, release=spec.release, expires=spec.expires,
@@ -84,7 +105,8 @@ def pack_bundle(model: bytes, key: SigningKey, spec: BundleSpec) -> bytes:
             inputs=inputs, outputs=outputs, labels=spec.labels, preprocess=preprocess, postprocess=postprocess,
             thresholds=spec.thresholds, metrics=spec.metrics, profiles=spec.profiles, hardware=spec.hardware,
             min_agent_version=spec.min_agent_version, golden=golden,
-            encryption=None if encryption is None else Encryption.model_validate(encryption), **optional,
+            encryption=None if encryption is None else Encryption.model_validate(encryption), runtime=spec.runtime,
+            **optional,
         )
         manifest_bytes = manifest.canonical_bytes()
     except ValidationError as exc:
@@ -114,11 +136,13 @@ def model_pipeline(model: bytes, inputs: list[TensorSpec], outputs: list[TensorS
 
 
 def golden_set(model: bytes, golden: np.ndarray | Sequence[np.ndarray], first_input: TensorSpec,
-               atol: float = 1e-3, rtol: float = 1e-3, postprocess: dict[str, Any] | None = None) -> GoldenSet:
-    """Run each golden input through ``model`` (ONNX Runtime) and record its scores (as ``postprocess`` reads the
-    outputs; the first output without one) as expected."""
+               atol: float = 1e-3, rtol: float = 1e-3, postprocess: dict[str, Any] | None = None,
+               runtime: str | None = None) -> GoldenSet:
+    """Run each golden input through ``model`` (on ``runtime`` where it is installed here, else ONNX Runtime for an
+    ONNX model) and record its scores (as ``postprocess`` reads the outputs; the first output without one) as
+    expected."""
     from edgefleet.runtime.outputs import output_step
-    from edgefleet.runtime.runner import OnnxRuntimeRunner
+    from edgefleet.runtime.runner import installed_runtimes, make_runner
 
     rank = len(first_input.shape)
     if isinstance(golden, np.ndarray) and golden.ndim == rank:
@@ -127,7 +151,8 @@ def golden_set(model: bytes, golden: np.ndarray | Sequence[np.ndarray], first_in
         arrays = [np.asarray(x) for x in golden]
     if not 1 <= len(arrays) <= MAX_GOLDEN_SAMPLES:
         raise ConfigError(f"give 1 to {MAX_GOLDEN_SAMPLES} golden samples, got {len(arrays)}")
-    runner = OnnxRuntimeRunner(model)
+    here = runtime if runtime in installed_runtimes() or MODEL_FORMATS.get(runtime or "") == "tflite" else None
+    runner = make_runner(model, here)
     score = output_step(postprocess).scorer(runner)
     samples = []
     for index, array in enumerate(arrays):
@@ -161,6 +186,22 @@ def write_bundle(path: Path, data: bytes) -> None:
 def peek_manifest(data: bytes) -> Manifest:
     """Parse a bundle's manifest WITHOUT checking its signature: for display and routing only."""
     return Manifest.from_bytes(read_container(data)[MANIFEST])
+
+
+def tflite_schema(model: bytes) -> tuple[list[TensorSpec], list[TensorSpec]]:
+    """Input and output specs of a ``.tflite`` model as the LiteRT runner takes and gives them (floats where the
+    model's own tensors are int8: the runner quantizes and dequantizes)."""
+    from edgefleet.runtime.litert_runner import LiteRtRunner
+
+    inputs, outputs = LiteRtRunner(model).tensor_details()
+
+    def spec(detail: dict[str, Any]) -> TensorSpec:
+        quantized = detail["quantization"][0] != 0.0
+        kind = np.dtype(detail["dtype"])
+        dtype = "float" if quantized or kind == np.float32 else str(kind)
+        return TensorSpec(name=str(detail["name"]), dtype=dtype, shape=[int(d) for d in detail["shape"]])
+
+    return [spec(d) for d in inputs], [spec(d) for d in outputs]
 
 
 def model_schema(model: bytes) -> tuple[list[TensorSpec], list[TensorSpec]]:

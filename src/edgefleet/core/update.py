@@ -17,7 +17,7 @@ device already runs (see :mod:`edgefleet.agent.restore` for the start-up policy)
 applies, and the accepted bundle says it expired.
 
 Refusal reasons: bad_signature, unknown_key, revoked_key, hash_mismatch, rollback, release_reused,
-wrong_hardware, expired, agent_too_old, missing_member, unexpected_member, duplicate_member, truncated,
+wrong_hardware, missing_runtime, expired, agent_too_old, missing_member, unexpected_member, duplicate_member, truncated,
 oversized, malformed, decrypt_failed, unsafe_format, external_data, invalid_model.
 """
 
@@ -32,11 +32,22 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
-from edgefleet.bundle.container import MANIFEST, MODEL, MODEL_ENC, SIGNATURES, Limits, model_member, read_container
+from edgefleet.bundle.container import (
+    MANIFEST,
+    MODEL,
+    MODEL_ENC,
+    MODEL_TFLITE,
+    SIGNATURES,
+    Limits,
+    model_member,
+    read_container,
+)
 from edgefleet.bundle.delta import apply as apply_delta
 from edgefleet.bundle.encrypt import ModelKey, decrypt_model, release_aad
 from edgefleet.bundle.manifest import SEMVER, Manifest
+from edgefleet.bundle.runtimes import MODEL_FORMATS
 from edgefleet.bundle.safe_onnx import check_onnx, sniff_model
+from edgefleet.bundle.safe_tflite import check_tflite
 from edgefleet.bundle.signing import PublicKey, verify_any
 from edgefleet.core.keys import Keyring, parse_time, verify_rollback_order
 from edgefleet.errors import BundleError
@@ -52,6 +63,8 @@ class TrustState:
     highest_release: dict[str, int] = field(default_factory=dict)
     hardware: str | None = "generic"
     """The device's hardware id; None: not judged (the server accepts bundles for any hardware)."""
+    runtimes: frozenset[str] | None = None
+    """The runtimes the device can run models on; None: not judged (relays, and callers that run nothing)."""
     agent_version: str = "0.1.0"
     limits: Limits = field(default_factory=Limits)
     revoked: frozenset[str] = frozenset()
@@ -111,7 +124,9 @@ def decide(bundle: bytes, state: TrustState, *, now: datetime | None = None, all
         return AcceptedBundle(manifest, members[MODEL_ENC], key_id, digest, encrypted=True, expired=expired)
     model = _plaintext(manifest, members, decryption_key)
     sniff_model(model, state.limits.max_member_bytes)
-    if model_check is not None:
+    if model_member(members) == MODEL_TFLITE:
+        check_tflite(model, state.limits.max_member_bytes)
+    elif model_check is not None:
         model_check(model)
     return AcceptedBundle(manifest, model, key_id, digest, expired=expired)
 
@@ -155,11 +170,17 @@ def _ordered(manifest: Manifest, state: TrustState, now: datetime, order: bytes 
 
 def _plaintext(manifest: Manifest, members: dict[str, bytes], key: ModelKey | None) -> bytes:
     """The model bytes: the member itself, or its decryption checked against the signed plaintext digest."""
-    if model_member(members) == MODEL:
+    member = model_member(members)
+    expected_format = MODEL_FORMATS.get(manifest.needs_runtime)
+    member_format = "tflite" if member == MODEL_TFLITE else "onnx"
+    if expected_format is not None and expected_format != member_format:
+        raise BundleError(f"runtime {manifest.needs_runtime} reads a {expected_format} model, the bundle holds "
+                          f"{member}", reason="malformed")
+    if member in (MODEL, MODEL_TFLITE):
         if manifest.encryption is not None:
             raise BundleError("manifest says the model is encrypted, the bundle holds it in the clear",
                               reason="malformed")
-        return members[MODEL]
+        return members[member]
     if manifest.encryption is None:
         raise BundleError("bundle holds an encrypted model its manifest does not describe", reason="malformed")
     model = decrypt_model(members[MODEL_ENC], key, release_aad(manifest.name, manifest.version, manifest.release))
@@ -194,6 +215,9 @@ def _check_policy(manifest: Manifest, state: TrustState, now: datetime, allow_ro
     if manifest.hardware and state.hardware is not None and state.hardware not in manifest.hardware:
         raise BundleError(f"bundle is for hardware {manifest.hardware}, this device is {state.hardware!r}",
                           reason="wrong_hardware")
+    if state.runtimes is not None and manifest.needs_runtime not in state.runtimes:
+        raise BundleError(f"bundle needs runtime {manifest.needs_runtime}, this device has "
+                          f"{', '.join(sorted(state.runtimes)) or 'none'}", reason="missing_runtime")
     expired = manifest.expires is not None and now >= parse_time(manifest.expires)
     if expired and not allow_expired:
         raise BundleError(f"bundle expired at {manifest.expires}", reason="expired")

@@ -52,6 +52,10 @@ class LiteRtRunner(BaseRunner):
         """The shape the interpreter is allocated for now."""
         return self._shape
 
+    def tensor_details(self) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+        """The interpreter's details (name, dtype, shape, quantization) of the first input and of every output."""
+        return [self._input], list(self._outputs.values())
+
     @property
     def quantized_input(self) -> bool:
         """Whether the model takes integer tensors that the runner quantizes from floats."""

@@ -21,7 +21,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from edgefleet.bundle.manifest import DEFAULT_RUNTIME, RUNTIMES
+from edgefleet.bundle.runtimes import DEFAULT_RUNTIME, RUNTIMES
 from edgefleet.errors import ConfigError, ModelError
 
 _MODULES = {"onnxruntime": "onnxruntime", "openvino": "openvino", "litert": "ai_edge_litert"}

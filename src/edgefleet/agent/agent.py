@@ -159,7 +159,7 @@ class Agent:
                          agent_version=__version__, device_id=self.device,
                          accepted_versions=accepted_versions(self.state),
                          time_floor=floor.isoformat() if floor is not None else None,
-                         now=device_clock().isoformat())
+                         now=device_clock().isoformat(), runtimes=self.config.runtimes)
 
     def trust(self, *, accepted_before: bool = False) -> TrustState:
         """What new bundles are checked against; ``accepted_before`` admits retired keys for the device's own."""
@@ -286,6 +286,7 @@ class Agent:
                            "shadow": shadow.ref if shadow else None,
                            "running": running, "active_expired": expired,
                            "hardware": self.config.hardware, "profile": self.config.profile,
+                           "runtimes": list(self.config.runtimes),
                            "update_state": self.state.get(STEP_KEY, "idle"),
                            "last_error": self.state.get(ERROR_KEY), "public_key": self.public_key,
                            "ts": time.time()})

@@ -81,6 +81,8 @@ class ReportedState(_Message):
     last_error: str | None = None
     hardware: str | None = Field(default=None, max_length=64, description="its hardware id (from provisioning)")
     profile: str | None = Field(default=None, max_length=64, description="its device profile (from provisioning)")
+    runtimes: list[str] | None = Field(default=None, max_length=8, description="the runtimes it runs models on; a "
+                                       "bundle for another is left out of rollouts to it")
     public_key: str | None = Field(default=None, max_length=64,
                                    description="the device's X25519 public key (base64): model keys are wrapped for it")
     ts: float = Field(default_factory=time.time)

@@ -80,6 +80,8 @@ class DeviceView:
     revoked: bool = False
     hardware: str = "generic"
     """Its hardware id (provisioned, or as it reports it); see :mod:`edgefleet.core.targeting`."""
+    runtimes: frozenset[str] | None = None
+    """The runtimes it reports it can run models on; None: not reported (not judged)."""
 
 
 @dataclass(frozen=True)

@@ -7,6 +7,8 @@ candidate does not fit are left out of the rollout and listed with the reason (t
   empty list fits any); the device refuses it anyway (``core.update``, reason ``wrong_hardware``).
 - profile: a manifest naming the profiles it fits (``build`` signs them) fits only devices of one of them (an
   empty list is not judged); a device provisioned without a profile is judged on its hardware only.
+- runtime: a manifest naming a runtime (``onnxruntime`` when it names none) fits only devices that report that
+  runtime (a device that reports none is not judged); the device refuses it anyway (reason ``missing_runtime``).
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from edgefleet.bundle.runtimes import DEFAULT_RUNTIME
 from edgefleet.core.rollout import DeviceView, RolloutPlan, select_targets
 from edgefleet.errors import ConfigError
 
@@ -21,12 +24,17 @@ GENERIC_HARDWARE = "generic"
 """The hardware id of a device provisioned without one."""
 
 
-def misfit(device: DeviceView, hardware: Sequence[str], profiles: Sequence[str]) -> str | None:
-    """Why a bundle for ``hardware`` that fits ``profiles`` does not fit ``device``; None when it fits."""
+def misfit(device: DeviceView, hardware: Sequence[str], profiles: Sequence[str], runtime: str | None = None
+           ) -> str | None:
+    """Why a bundle for ``hardware`` that fits ``profiles`` and runs on ``runtime`` does not fit ``device``; None
+    when it fits."""
     if hardware and device.hardware not in hardware:
         return f"hardware {device.hardware} is not among the bundle's ({', '.join(hardware)})"
     if profiles and device.profile is not None and device.profile not in profiles:
         return f"profile {device.profile} is not among those the bundle fits ({', '.join(profiles)})"
+    needed = runtime or DEFAULT_RUNTIME
+    if device.runtimes is not None and needed not in device.runtimes:
+        return f"runtime {needed} is not among the device's ({', '.join(sorted(device.runtimes)) or 'none'})"
     return None
 
 
@@ -36,9 +44,10 @@ def fit_targets(plan: RolloutPlan, devices: Mapping[str, DeviceView], manifest: 
     ``{device, reason}``. ConfigError when the plan selects devices and the candidate fits none of them."""
     hardware = [str(h) for h in manifest.get("hardware") or []]
     profiles = [str(p) for p in manifest.get("profiles") or []]
+    runtime = str(manifest["runtime"]) if manifest.get("runtime") else None
     skipped = []
     for device_id in sorted(select_targets(plan, devices.values(), "")):
-        reason = misfit(devices[device_id], hardware, profiles)
+        reason = misfit(devices[device_id], hardware, profiles, runtime)
         if reason is not None:
             skipped.append({"device": device_id, "reason": reason})
     left_out = {s["device"] for s in skipped}

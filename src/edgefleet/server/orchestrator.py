@@ -314,9 +314,11 @@ class Orchestrator:
             reported = d.reported or {}
             shadow = reported.get("shadow")
             running = reported["running"] if "running" in reported else reported.get("active")
+            runtimes = reported.get("runtimes")
             views[d.id] = DeviceView(d.id, dict(d.tags or {}), d.profile, ref(d.desired_model_id),
                                      running, shadow if isinstance(shadow, str) else None, frozenset(), d.revoked,
-                                     str(reported.get("hardware") or d.hardware or GENERIC_HARDWARE))
+                                     str(reported.get("hardware") or d.hardware or GENERIC_HARDWARE),
+                                     frozenset(map(str, runtimes)) if isinstance(runtimes, list) else None)
         return views, models
 
     def _maintenance(self) -> None:

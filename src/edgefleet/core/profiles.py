@@ -3,6 +3,11 @@
 Pure: values in, verdicts out. The built-in figures are order-of-magnitude descriptions of device classes
 (the low end of each class's memory, a sustained multiply-accumulate rate for int8 and float kernels, a typical
 power draw in use), not measurements of one product. Latency from MACs is an estimate and says so.
+
+A profile lists only runtimes the agent has (:data:`~edgefleet.bundle.runtimes.RUNTIMES`: ``onnxruntime``,
+``openvino``, ``litert``) and, for ONNX Runtime, the execution providers to prefer where the device's ONNX Runtime
+build has them (``runtime.runner.onnxruntime_providers``; the CPU provider is always the fallback). Microcontroller
+classes list ``litert``: their model is the int8 ``.tflite`` that TFLite Micro runs, checked on the build host.
 """
 
 from __future__ import annotations
@@ -10,8 +15,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from edgefleet.bundle.runtimes import RUNTIMES
 from edgefleet.errors import ConfigError
 
 KB, MB, GB = 1024, 1024**2, 1024**3
@@ -31,32 +37,43 @@ class DeviceProfile(BaseModel):
     float_macs_per_s: float = Field(gt=0, description="sustained float32 multiply-accumulates per second")
     latency_budget_ms: float = Field(gt=0)
     power_w: float = Field(gt=0, description="typical power while computing")
-    runtimes: tuple[str, ...] = ("onnxruntime",)
+    runtimes: tuple[str, ...] = Field(default=("onnxruntime",), min_length=1)
+    providers: tuple[str, ...] = Field(default=(), description="ONNX Runtime execution providers to prefer, in order")
+
+    @field_validator("runtimes")
+    @classmethod
+    def _known_runtimes(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        unknown = [name for name in value if name not in RUNTIMES]
+        if unknown:
+            raise ValueError(f"unknown runtime {unknown[0]!r} (known: {', '.join(RUNTIMES)})")
+        return value
 
 
 def _p(name: str, description: str, ram: int, storage: int, int8: float, fp32: float, budget: float, power: float,
-       runtimes: tuple[str, ...], usable: float = 0.5) -> DeviceProfile:
+       runtimes: tuple[str, ...], usable: float = 0.5, providers: tuple[str, ...] = ()) -> DeviceProfile:
     return DeviceProfile(name=name, description=description, ram_bytes=ram, usable_ram_fraction=usable,
                          storage_bytes=storage, int8_macs_per_s=int8, float_macs_per_s=fp32,
-                         latency_budget_ms=budget, power_w=power, runtimes=runtimes)
+                         latency_budget_ms=budget, power_w=power, runtimes=runtimes, providers=providers)
 
 
-_MCU_RUNTIMES = ("tflite-micro", "cmsis-nn")
+_MCU_RUNTIMES = ("litert",)
+_ARM_RUNTIMES = ("onnxruntime", "litert")
+_X86_OR_ARM_RUNTIMES = ("onnxruntime", "litert", "openvino")
 BUILTIN_PROFILES: dict[str, DeviceProfile] = {p.name: p for p in (
     _p("heart-monitor", "embedded heart monitor: 256 KB-1 MB RAM, 10-50 MHz MCU, 0.1-0.5 W", 256 * KB, 1 * MB,
        2e7, 2e6, 1000.0, 0.3, _MCU_RUNTIMES, usable=0.75),
     _p("microcontroller", "Cortex-M class (M4/M7, ESP32, RP2040): 256 KB-2 MB RAM, milliwatts", 256 * KB, 2 * MB,
        2e8, 2.5e7, 100.0, 0.1, _MCU_RUNTIMES, usable=0.75),
     _p("smartwatch", "smartwatch: 0.5-1 GB RAM, 100-500 MHz ARM Cortex-A, 1-2 W", 512 * MB, 4 * GB,
-       1e9, 2.5e8, 50.0, 1.5, ("onnxruntime", "tflite")),
+       1e9, 2.5e8, 50.0, 1.5, _ARM_RUNTIMES),
     _p("smart-camera", "smart camera: 256 MB-2 GB RAM, 0.5-1.5 GHz SoC/ASIC, 5-10 W", 256 * MB, 1 * GB,
-       4e9, 1e9, 33.0, 7.5, ("onnxruntime", "tflite", "openvino")),
+       4e9, 1e9, 33.0, 7.5, _X86_OR_ARM_RUNTIMES),
     _p("drone", "drone: 1-2 GB RAM, 1-2 GHz quad-core ARM, 20-50 W in flight", 1 * GB, 8 * GB,
-       1.5e10, 4e9, 20.0, 35.0, ("onnxruntime", "tflite")),
+       1.5e10, 4e9, 20.0, 35.0, _ARM_RUNTIMES),
     _p("raspberry-pi", "Raspberry-Pi class application processor: 1-8 GB RAM, quad Cortex-A, 2-15 W", 1 * GB,
-       16 * GB, 2e10, 5e9, 100.0, 6.0, ("onnxruntime", "tflite", "openvino")),
+       16 * GB, 2e10, 5e9, 100.0, 6.0, _X86_OR_ARM_RUNTIMES),
     _p("jetson-orin-nano", "Jetson-Orin-Nano class edge accelerator: 4-16 GB, 5-25 W", 4 * GB, 64 * GB,
-       1e12, 2e11, 10.0, 15.0, ("onnxruntime", "tensorrt", "tflite")),
+       1e12, 2e11, 10.0, 15.0, _ARM_RUNTIMES, providers=("TensorrtExecutionProvider", "CUDAExecutionProvider")),
 )}
 
 

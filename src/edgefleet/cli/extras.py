@@ -28,6 +28,7 @@ EXTRA_MODULES: dict[str, tuple[str, ...]] = {
     "data": ("sktime", "sklearn"),
     "camera": ("PIL", "cv2"),
     "coap": ("aiocoap",),
+    "kafka": ("aiokafka",),
 }
 """The top-level modules each extra brings (the ones edgefleet imports)."""
 

@@ -29,6 +29,7 @@ from edgefleet.server.artifacts import ArtifactStore
 from edgefleet.server.broker_auth import BrokerAccess, hash_password
 from edgefleet.server.broker_sync import BrokerSync
 from edgefleet.server.certificates_api import certificates_router, device_certificate
+from edgefleet.server.export.api import export_router
 from edgefleet.server.fielddata_api import fielddata_router
 from edgefleet.server.keys_api import keys_router
 from edgefleet.server.limits import Limits, RequestLimits
@@ -299,6 +300,7 @@ def create_app(ctx: ServerContext) -> FastAPI:
     app.include_router(monitors_router(ctx.store, ctx.orchestrator, ctx.metrics), dependencies=[Operator])
     app.include_router(fielddata_router(ctx.store), dependencies=[Operator])
     app.include_router(keys_router(ctx.store, ctx.orchestrator, ctx.trusted_keys), dependencies=[Operator])
+    app.include_router(export_router(ctx.store, ctx.metrics.export_status), dependencies=[Operator])
     if ctx.pki is not None:
         app.include_router(certificates_router(ctx.pki, ctx.store, ctx.sync_broker), dependencies=[Operator])
     return app

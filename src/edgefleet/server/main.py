@@ -25,6 +25,7 @@ import socket
 from collections.abc import Callable, Generator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import uvicorn
 
@@ -34,6 +35,7 @@ from edgefleet.server.app import ServerContext, create_app
 from edgefleet.server.artifacts import ArtifactStore
 from edgefleet.server.broker import BrokerTls, EmbeddedBroker, stable_port
 from edgefleet.server.broker_auth import SERVER_USER, BrokerAccess
+from edgefleet.server.export.settings import KafkaSettings
 from edgefleet.server.ingest import Ingest
 from edgefleet.server.limits import MIB, Limits
 from edgefleet.server.metrics import Metrics
@@ -46,6 +48,9 @@ from edgefleet.server.trust import trust_delivery
 from edgefleet.storage import atomic_write
 from edgefleet.transport.mqtt_url import MqttEndpoint, MqttTls, parse_mqtt_url
 from edgefleet.transport.ports import free_port
+
+if TYPE_CHECKING:
+    from edgefleet.server.export.exporter import KafkaExporter
 
 log = logging.getLogger(__name__)
 
@@ -104,6 +109,8 @@ class ServerSettings:
     """More host names or addresses for the server certificate (besides --host, localhost and 127.0.0.1)."""
     insecure: bool = False
     """Allow plain HTTP and MQTT on a non-loopback address."""
+    kafka: KafkaSettings | None = None
+    """Export telemetry, events, alerts, rollout decisions and hard examples to this Kafka cluster."""
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:
@@ -255,6 +262,7 @@ def run_server(settings: ServerSettings) -> None:
     metrics = Metrics()
     orchestrator = Orchestrator(store, publisher.publish_many, replica=replica, interval_s=settings.tick_s)
     orchestrator.model_keys = model_keys = ModelKeys.load(settings.data_dir)  # encrypted models' keys, sealed
+    exporter = _exporter(store, settings, metrics)
     try:
         ingest.start()
         publisher.start()
@@ -281,9 +289,24 @@ def run_server(settings: ServerSettings) -> None:
         orchestrator.stop()
         ingest.stop()
         publisher.stop()
+        if exporter is not None:
+            exporter.stop()
         if broker is not None:
             broker.stop()
         store.close()
+
+
+def _exporter(store: Store, settings: ServerSettings, metrics: Metrics) -> KafkaExporter | None:
+    """With ``--kafka``: the export to Kafka, started (it retries until the cluster answers), its figures in
+    ``/metrics`` and its status in ``GET /api/v1/export/status``."""
+    if settings.kafka is None:
+        return None
+    from edgefleet.server.export.exporter import KafkaExporter
+
+    exporter = KafkaExporter(store, settings.kafka, settings.replica)
+    exporter.start()
+    metrics.export, metrics.export_status = exporter.figures, exporter.status
+    return exporter
 
 
 def _secret(path: Path) -> str:

@@ -1,4 +1,4 @@
-"""Prometheus metrics for one server process: HTTP requests, rejected input, ingest, rollouts.
+"""Prometheus metrics for one server process: HTTP requests, rejected input, ingest, rollouts, the Kafka export.
 
 Each server has its own registry (two apps in one test process do not collide). Figures owned by other
 parts (the ingest's counters, the orchestrator's steps) are read at scrape time through callbacks.
@@ -7,6 +7,7 @@ parts (the ingest's counters, the orchestrator's steps) are read at scrape time 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
@@ -32,6 +33,7 @@ class _Callbacks(Collector):
         for what, value in sorted(self.metrics.state().items()):
             gauges.add_metric([what], float(value))
         yield gauges
+        yield from _export_metrics(self.metrics.export())
 
 
 class Metrics:
@@ -47,6 +49,10 @@ class Metrics:
                               registry=self.registry)
         self.ingest_counts: Callable[[], Mapping[str, int]] = dict
         self.state: Callable[[], Mapping[str, float]] = dict
+        self.export: Callable[[], Mapping[str, float]] = dict
+        """The Kafka export's figures (:meth:`edgefleet.server.export.exporter.KafkaExporter.figures`), if it runs."""
+        self.export_status: Callable[[], dict[str, Any]] | None = None
+        """The Kafka export's status (``GET /api/v1/export/status``), if it runs here."""
         self.registry.register(_Callbacks(self))
 
     def http(self, method: str, route: str, status: int) -> None:
@@ -56,3 +62,21 @@ class Metrics:
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+
+def _export_metrics(figures: Mapping[str, float]) -> Iterable[Metric]:
+    """The Kafka export: lag and backlog (shared by the replicas), lease, and this replica's message counts."""
+    if not figures:
+        return
+    for name, help_text in (("lag_seconds", "Age of the oldest stored message Kafka has not acknowledged"),
+                            ("pending", "Stored messages waiting for Kafka's acknowledgement"),
+                            ("lease_held", "1 while this replica holds the export lease"),
+                            ("broker_up", "1 while the last export round was acknowledged")):
+        yield GaugeMetricFamily(f"edgefleet_export_{name}", help_text, value=float(figures.get(name, 0.0)))
+    messages = CounterMetricFamily("edgefleet_export_messages", "Messages Kafka acknowledged, by outcome",
+                                   labels=["outcome"])
+    for outcome in ("exported", "nonconforming"):
+        messages.add_metric([outcome], float(figures.get(outcome, 0.0)))
+    yield messages
+    yield CounterMetricFamily("edgefleet_export_failed_rounds", "Export rounds that failed and were retried",
+                              value=float(figures.get("failed_rounds", 0.0)))

@@ -1,6 +1,9 @@
 """From build inputs to a signed bundle: the build search under the accuracy gate, the chosen model's metrics,
 its golden samples and input/output pipeline, packed and signed. ``edgefleet build`` and ``edgefleet demo`` both
 build through :func:`build_bundle`, so what the demo ships is what a user's build ships.
+
+The bundle names the runtime it runs on: ONNX Runtime by default (every agent has it), another one when asked,
+or with ``auto`` the fastest measured runtime of every target profile (:func:`edgefleet.build.runtimes.bundle_runtime`).
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ from edgefleet.build.inputs import BuildInputs
 from edgefleet.build.io_pipeline import golden_tolerance
 from edgefleet.build.pipeline import BuildOutcome, BuildSearch, Candidate, Progress
 from edgefleet.build.recipe import Recipe
+from edgefleet.build.runtimes import bundle_runtime, runtime_per_profile
 from edgefleet.bundle.pack import BundleSpec, pack_bundle
 from edgefleet.bundle.signing import SigningKey
 from edgefleet.core.profiles import DeviceProfile
@@ -32,6 +36,11 @@ class BuiltBundle:
     """The device profiles the shipped model fits."""
     labels: list[str] = field(default_factory=list)
     preprocess: dict[str, Any] = field(default_factory=dict)
+    runtime: str = "onnxruntime"
+    """The runtime the bundle names."""
+    runtime_reason: str = ""
+    runtimes_by_profile: dict[str, str | None] = field(default_factory=dict)
+    """Each target profile's fastest measured runtime (None: none it lists was measured here)."""
 
     @property
     def ref(self) -> str:
@@ -53,8 +62,10 @@ class BuiltBundle:
 def build_bundle(inputs: BuildInputs, recipe: Recipe, profiles: list[DeviceProfile], key: SigningKey, *,
                  name: str | None = None, version: str = "1.0.0", release: int = 1,
                  progress: Progress | None = None,
-                 on_outcome: Callable[[BuildOutcome], None] | None = None) -> BuiltBundle:
-    """Run the build search on ``inputs`` and sign the chosen model as a bundle (``name`` defaults to the inputs').
+                 on_outcome: Callable[[BuildOutcome], None] | None = None, runtime: str = "onnxruntime"
+                 ) -> BuiltBundle:
+    """Run the build search on ``inputs`` and sign the chosen model as a bundle (``name`` defaults to the inputs')
+    for ``runtime`` (a runtime name, or ``auto``).
 
     ``on_outcome`` sees the outcome before the gate's verdict is applied (the CLI prints and reports it, also
     when nothing passes); ModelError with the reason when no candidate passes the gate.
@@ -68,13 +79,19 @@ def build_bundle(inputs: BuildInputs, recipe: Recipe, profiles: list[DeviceProfi
     name = name or inputs.name
     metrics = bundle_metrics(outcome, chosen)
     fitting = [v.profile for v in chosen.verdicts if v.fits]
+    targets = [p for p in profiles if p.name in fitting] or list(profiles)
+    chosen_runtime, why = bundle_runtime(runtime, targets, chosen.runtime_latency)
+    metrics.update({f"latency_b1_ms_{n}": s.median_ms for n, s in sorted(chosen.runtime_latency.items())})
     tolerance = golden_tolerance(chosen.pass_name)
     bundle = pack_bundle(chosen.model, key, BundleSpec(
         name=name, version=version, release=release, labels=inputs.labels, preprocess=inputs.preprocess,
         postprocess=inputs.postprocess, thresholds=inputs.thresholds, metrics=metrics, profiles=fitting,
-        golden=inputs.golden, golden_atol=tolerance, golden_rtol=tolerance))
+        golden=inputs.golden, golden_atol=tolerance, golden_rtol=tolerance,
+        runtime=None if chosen_runtime == "onnxruntime" else chosen_runtime))
     return BuiltBundle(outcome=outcome, bundle=bundle, name=name, version=version, metrics=metrics,
-                       profiles=fitting, labels=list(inputs.labels), preprocess=dict(inputs.preprocess))
+                       profiles=fitting, labels=list(inputs.labels), preprocess=dict(inputs.preprocess),
+                       runtime=chosen_runtime, runtime_reason=why,
+                       runtimes_by_profile=runtime_per_profile(targets, chosen.runtime_latency))
 
 
 def bundle_metrics(outcome: BuildOutcome, chosen: Candidate) -> dict[str, float]:

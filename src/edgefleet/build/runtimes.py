@@ -43,14 +43,20 @@ def open_runners(onnx_model: bytes, runtimes: Sequence[str] | None = None, *, tf
 
 def time_runners(runners: Mapping[str, BaseRunner], x: np.ndarray, batch: int = 1, *, rounds: int = 5,
                  runs: int = 10, warmup: int = 3) -> dict[str, LatencyStats]:
-    """Median latency per runner on ``batch`` samples of ``x``, in ``rounds`` interleaved rounds of ``runs``."""
+    """Median latency per runner on ``batch`` samples of ``x``, in ``rounds`` interleaved rounds of ``runs`` (a
+    runner that fails on the batch is left out)."""
     feed = batch_of(x, batch)
-    samples: dict[str, list[float]] = {name: [] for name in runners}
-    for runner in runners.values():
-        for _ in range(warmup):
-            runner.run(feed)
+    working = {}
+    for name, runner in runners.items():
+        try:
+            for _ in range(warmup):
+                runner.run(feed)
+        except EdgefleetError:
+            continue  # this runtime cannot run the model: it has no latency
+        working[name] = runner
+    samples: dict[str, list[float]] = {name: [] for name in working}
     for _ in range(rounds):
-        for name, runner in runners.items():
+        for name, runner in working.items():
             for _ in range(runs):
                 start = time.perf_counter()
                 runner.run(feed)
@@ -83,6 +89,10 @@ def bundle_runtime(requested: str, profiles: Sequence[DeviceProfile], latency: M
     if requested != AUTO:
         if requested not in RUNTIMES:
             raise ConfigError(f"unknown runtime {requested!r} (known: {AUTO}, {', '.join(RUNTIMES)})")
+        if MODEL_FORMATS[requested] != model_format:
+            raise ConfigError(f"runtime {requested} reads a {MODEL_FORMATS[requested]} model and the build ships "
+                              f"{model_format}: pack a {MODEL_FORMATS[requested]} export with `edgefleet bundle pack "
+                              f"--runtime {requested}`")
         return requested, "asked for"
     choices = set(runtime_per_profile(profiles, latency).values())
     if len(choices) == 1:

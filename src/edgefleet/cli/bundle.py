@@ -135,22 +135,32 @@ def bundle_pack(model: Annotated[Path, typer.Argument(help="an ONNX model file")
                 = None,
                 sample_rate: Annotated[float | None, typer.Option(help="time series: samples per second")] = None,
                 window: Annotated[int | None, typer.Option(help="time series: samples per window")] = None,
-                hop: Annotated[int | None, typer.Option(help="time series: samples between windows")] = None) -> None:
+                hop: Annotated[int | None, typer.Option(help="time series: samples between windows")] = None,
+                runtime: Annotated[str, typer.Option(help="runtime the device must run it on: onnxruntime, openvino "
+                                                     "or litert (with --tflite)")] = "onnxruntime",
+                tflite: Annotated[Path | None, typer.Option(help="the .tflite export of MODEL, shipped for --runtime "
+                                                            "litert")] = None) -> None:
     """Sign an already built ONNX model as a bundle (no compression).
 
     The input pipeline and output interpretation are inferred from the model (and the --golden data file), then
     set by --pipeline and the flags; a bundle the agent could not run is refused here, and nothing is written.
+    With --runtime litert the bundle ships the --tflite export of MODEL instead (golden outputs from LiteRT).
     """
     from edgefleet.build.inputs import default_name, read_npz
     from edgefleet.build.io_pipeline import GOLDEN_ROWS, options_from_flags, resolve_pipeline
     from edgefleet.bundle.encrypt import load_model_key
     from edgefleet.bundle.pack import BundleSpec, pack_bundle, write_bundle
+    from edgefleet.bundle.runtimes import MODEL_FORMATS
     from edgefleet.bundle.safe_onnx import check_onnx
     from edgefleet.bundle.signing import load_signing_key
     from edgefleet.cli.build import check_name_version
     from edgefleet.core.keys import parse_time
 
     check_name_version(name, version)
+    if runtime not in MODEL_FORMATS:
+        raise ConfigError(f"--runtime {runtime!r}: known runtimes are {', '.join(MODEL_FORMATS)}")
+    if (MODEL_FORMATS[runtime] == "tflite") != (tflite is not None):
+        raise ConfigError("--tflite goes with --runtime litert, and --runtime litert needs --tflite")
     if expires is not None:
         try:
             parse_time(expires)
@@ -170,10 +180,12 @@ def bundle_pack(model: Annotated[Path, typer.Argument(help="an ONNX model file")
     spec = BundleSpec(name=name or default_name(model.stem), version=version, release=release, expires=expires,
                       hardware=hardware or [], labels=resolved.labels, preprocess=resolved.preprocess,
                       postprocess=resolved.postprocess, thresholds=resolved.thresholds,
-                      encrypt_key=None if encrypt_key is None else load_model_key(encrypt_key), golden=golden_inputs)
-    bundle = pack_bundle(model_bytes, load_signing_key(key), spec)
+                      encrypt_key=None if encrypt_key is None else load_model_key(encrypt_key), golden=golden_inputs,
+                      runtime=None if runtime == "onnxruntime" else runtime)
+    shipped = read_file(tflite) if tflite is not None else model_bytes
+    bundle = pack_bundle(shipped, load_signing_key(key), spec)
     write_bundle(out, bundle)
-    typer.echo(f"{spec.name}@{version} -> {out} ({len(bundle)} bytes)")
+    typer.echo(f"{spec.name}@{version} -> {out} ({len(bundle)} bytes, runtime {runtime})")
 
 
 def _golden_rows(model: bytes, calib_x: Any, resolved: ResolvedPipeline,

@@ -60,6 +60,8 @@ class Candidate:
     notes: list[str] = field(default_factory=list)
     error: str | None = None
     verdicts: list[Verdict] = field(default_factory=list)
+    runtime_latency: dict[str, LatencyStats] = field(default_factory=dict)
+    """Batch-1 latency on each runtime installed here, timed side by side (build.runtimes)."""
 
     @property
     def size_bytes(self) -> int:
@@ -122,6 +124,9 @@ class BuildSearch:
                 cand.latency[batch] = measure_latency(cand.model, self.data.test_x, batch, warmup=spec.warmup,
                                                       min_runs=spec.min_runs, max_runs=spec.max_runs,
                                                       budget_s=spec.budget_s, threads=spec.threads)
+            from edgefleet.build.runtimes import time_runtimes
+
+            cand.runtime_latency = time_runtimes(cand.model, self.data.test_x, threads=spec.threads)
         cand.verdicts = [check(p, _footprint(cand.analysis)) for p in self.profiles]
         return cand
 

@@ -28,6 +28,7 @@ def candidate_json(cand: Candidate, baseline_size: int, *, nodes: bool = False) 
         "size_bytes": cand.size_bytes, "size_ratio": cand.size_bytes / baseline_size if baseline_size else None,
         "build_s": round(cand.build_s, 3),
         "latency_ms": {f"b{b}": asdict(s) for b, s in sorted(cand.latency.items())},
+        "runtime_latency_ms": {name: asdict(s) for name, s in sorted(cand.runtime_latency.items())},
         "profiles": [asdict(v) for v in cand.verdicts],
     }
     a = cand.analysis

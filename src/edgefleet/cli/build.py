@@ -38,6 +38,8 @@ def build(
     plot: Annotated[Path | None, typer.Option(help="write the Pareto plot here (default: REPORT.png)")] = None,
     release: Annotated[int, typer.Option(help="monotonic release counter")] = 1,
     epochs: Annotated[int, typer.Option(min=1, help="training epochs with --dataset")] = 60,
+    runtime: Annotated[str, typer.Option(help="runtime the bundle names: onnxruntime, openvino, or auto (the "
+                                               "fastest measured one of every target profile)")] = "onnxruntime",
 ) -> None:
     """Compress MODEL under an accuracy gate, report every candidate, and sign the chosen one as a bundle.
 
@@ -93,11 +95,12 @@ def build(
             draw(outcome, drawing)
 
     built = build_bundle(inputs, the_recipe, profiles, signing_key, name=name, version=version, release=release,
+                         runtime=runtime,
                          progress=lambda msg: console.print(f"[dim]{msg}[/dim]", highlight=False),
                          on_outcome=reported)
     write_bundle(out, built.bundle)
     typer.echo(f"{built.ref} ({built.chosen.label}) -> {out} ({len(built.bundle)} bytes); "
-               f"fits: {', '.join(built.profiles) or 'none'}")
+               f"fits: {', '.join(built.profiles) or 'none'}; runtime {built.runtime} ({built.runtime_reason})")
 
 
 def check_name_version(name: str | None, version: str) -> None:

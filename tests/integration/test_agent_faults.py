@@ -30,7 +30,7 @@ from edgefleet.testing.agent_rig import read_agent_db
 from edgefleet.testing.agents import model_ref, signed_bundle
 from edgefleet.testing.artifacts import ArtifactServer
 from edgefleet.testing.mosquitto import Mosquitto
-from edgefleet.transport import topics
+from edgefleet.transport import compact, topics
 from edgefleet.transport.messages import DesiredState, ModelRef
 from edgefleet.transport.mqtt_url import MqttEndpoint
 
@@ -57,7 +57,7 @@ class Collector:
 
     def _on_message(self, _client: mqtt.Client, _userdata: object, message: mqtt.MQTTMessage) -> None:
         with self.lock:
-            self.seqs.append(int(json.loads(message.payload)["seq"]))
+            self.seqs.append(int(compact.loads(message.topic.rsplit("/", 1)[-1], message.payload)["seq"]))
 
     def connect(self) -> None:
         self.client.connect(self.endpoint.host, self.endpoint.port)

@@ -3,7 +3,6 @@ after a reconnect, a subscriber on a real Mosquitto receives the alert raised of
 
 from __future__ import annotations
 
-import json
 import sqlite3
 import threading
 import time
@@ -26,7 +25,7 @@ from edgefleet.processes import wait_until
 from edgefleet.testing.agents import signed_bundle
 from edgefleet.testing.mosquitto import Mosquitto
 from edgefleet.testing.synthetic import CHANNELS
-from edgefleet.transport import topics
+from edgefleet.transport import compact, topics
 
 pytestmark = pytest.mark.integration
 KEY = SigningKey.generate()
@@ -98,7 +97,8 @@ class Subscriber:
 
     def _on_message(self, _client: mqtt.Client, _userdata: object, message: mqtt.MQTTMessage) -> None:
         with self.lock:
-            self.arrived.append((message.topic.rsplit("/", 1)[-1], json.loads(message.payload)))
+            channel = message.topic.rsplit("/", 1)[-1]
+            self.arrived.append((channel, compact.loads(channel, message.payload)))
 
     def reconnect(self) -> None:
         self.client.connect(self.broker.host, self.broker.endpoint.port)

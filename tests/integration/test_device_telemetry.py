@@ -23,7 +23,7 @@ from edgefleet.core.telemetry import LatencyHistogram
 from edgefleet.processes import wait_until
 from edgefleet.server.broker_auth import SERVER_USER
 from edgefleet.testing.fleet import LocalFleet
-from edgefleet.transport import topics
+from edgefleet.transport import compact, topics
 from edgefleet.transport.messages import TelemetryBatch, parse
 from edgefleet.transport.mqtt_url import parse_mqtt_url
 
@@ -50,7 +50,7 @@ class TelemetryTap:
         assert self._subscribed.wait(15), "the tap never subscribed"
 
     def _on_message(self, _client: mqtt.Client, _userdata: object, message: mqtt.MQTTMessage) -> None:
-        batch = parse(TelemetryBatch, bytes(message.payload))
+        batch = parse(TelemetryBatch, compact.unpack("telemetry", bytes(message.payload)))
         with self._lock:
             self.batches[(batch.device, batch.seq)] = batch
 

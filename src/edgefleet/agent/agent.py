@@ -34,7 +34,7 @@ from edgefleet.agent.state import PRIORITY_ALERT, PRIORITY_NORMAL, AgentState, d
 from edgefleet.agent.updater import ERROR_KEY, STEP_KEY, HealthPolicy, Updater
 from edgefleet.agent.verify import TrustSpec, trust_state
 from edgefleet.errors import BundleError, EdgefleetError, TransportError
-from edgefleet.transport import topics
+from edgefleet.transport import compact, topics
 from edgefleet.transport.link import MqttLink
 from edgefleet.transport.messages import DesiredUpdate, encode, event_detail, parse
 from edgefleet.transport.wire import WIRE
@@ -80,6 +80,7 @@ class Agent:
         self.telemetry_hint_s: float | None = None
         """The interval a rollout asks for in the desired state (None: none does); see telemetry_interval_s."""
         self.restart_requested = False
+        self._report_changes = compact.ReportChanges()
         self.link = link_factory(config.mqtt, f"ef-agent-{self.device}", clean_session=False,
                               subscriptions=[(topics.desired(self.device), 1)], on_message=self._on_message)
         fetcher = fetcher or ArtifactFetcher(config.server_url, config.token, limits=config.downloads,
@@ -264,7 +265,7 @@ class Agent:
         kind = "alert" if name == "alert" else "agent" if name == "outbox_refused" else "update"
         at = time.time() if ts is None else ts
         if self.state.enqueue(topics.events(self.device), "events", lambda seq: encode(
-                {"device": self.device, "seq": seq, "ts": at, "kind": kind, "name": name,
+                {"device": self.device, "seq": seq, "ts": round(at, 3), "kind": kind, "name": name,
                  "detail": event_detail(detail)}), priority=PRIORITY_ALERT if kind == "alert" else PRIORITY_NORMAL
         ) is None:
             self._held_events.append((name, detail, at))
@@ -279,7 +280,7 @@ class Agent:
         """
         active, previous, shadow = self.state.slot("active"), self.state.slot("previous"), self.state.slot("shadow")
         running, expired = self._record_running()
-        reported = encode({"device": self.device, "agent_version": __version__,
+        reported = self._report_changes.encode({"device": self.device, "agent_version": __version__,
                            "active": active.ref if active else None,
                            "active_sha256": active.sha256 if active else None,
                            "previous": previous.ref if previous else None,
@@ -289,8 +290,8 @@ class Agent:
                            "runtimes": list(self.config.runtimes),
                            "update_state": self.state.get(STEP_KEY, "idle"),
                            "last_error": self.state.get(ERROR_KEY), "public_key": self.public_key,
-                           "ts": time.time()})
-        self.link.publish(topics.reported(self.device), reported, qos=1, retain=True)
+                           "ts": round(time.time(), 3)})
+        self.link.publish(topics.reported(self.device), compact.pack("reported", reported), qos=1, retain=True)
 
     def _record_running(self) -> tuple[str | None, bool]:
         """What runs now and whether it runs expired, also kept in the state for ``edgefleet agent status``."""
@@ -320,7 +321,8 @@ class Agent:
                     continue
                 for item in self.state.pending():
                     try:
-                        self.link.publish_and_wait(item.topic, item.payload, qos=1, timeout_s=10.0)
+                        self.link.publish_and_wait(item.topic, compact.pack(item.topic.rsplit("/", 1)[-1],
+                                                                            item.payload), qos=1, timeout_s=10.0)
                     except TransportError as exc:
                         log.info("outbox waits: %s", exc)
                         break

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import threading
 import time
@@ -31,7 +32,7 @@ from edgefleet.errors import EdgefleetError, TransportError
 from edgefleet.learn.fielddata import example_rows
 from edgefleet.server.acks import Ack, DeferredAcks
 from edgefleet.server.store import Store
-from edgefleet.transport import topics
+from edgefleet.transport import compact, topics
 from edgefleet.transport.messages import Event, ReportedState, TelemetryBatch, parse
 from edgefleet.transport.mqtt_url import MqttEndpoint, tls_context
 
@@ -75,6 +76,8 @@ class Ingest:
         self._devices: dict[str, bool] = {}
         self._unknown: dict[str, float] = {}
         self._refreshed = 0.0
+        self._reported: dict[str, dict[str, Any]] = {}
+        """Each device's last reported state seen here: what a report of changes applies to."""
 
     # lifecycle --------------------------------------------------------------------------------
     def start(self, timeout_s: float = 15.0) -> None:
@@ -223,6 +226,12 @@ class Ingest:
             self._count("rejected_topic")
             return None
         try:
+            payload = compact.unpack(channel, payload)
+            if channel == "reported":
+                payload = self._whole_report(device, payload)
+                if not payload:
+                    self._count("reported_changes_without_base")
+                    return None
             message: TelemetryBatch | Event | ReportedState = parse(kind, payload)
         except TransportError as exc:
             reason = "oversized" if "over the" in str(exc) else "malformed"
@@ -232,7 +241,25 @@ class Ingest:
         if message.device != device:
             self._count("rejected_wrong_device")
             return None
+        if isinstance(message, ReportedState):
+            self._reported[device] = message.model_dump(mode="json", exclude_none=True)
         return _Item(channel, device, message, payload)
+
+    def _whole_report(self, device: str, payload: bytes) -> bytes:
+        """A reported state as a whole: a report of changes (:mod:`edgefleet.transport.compact`) applied to the
+        device's last one (b"" when there is none to apply it to); a full report as it came."""
+        try:
+            data = json.loads(payload)
+        except (ValueError, RecursionError) as exc:
+            raise TransportError(f"malformed ReportedState: {exc}") from exc
+        if not isinstance(data, dict) or not compact.is_changes(data):
+            return payload
+        base = self._reported.get(device)
+        if base is None:
+            row = self.store.get_device(device)
+            base = dict(row.reported) if row is not None and isinstance(row.reported, dict) else None
+        merged = compact.merge_changes(base, data)
+        return b"" if merged is None else json.dumps(merged).encode()
 
     def commit(self, batch: list[_Item]) -> None:
         """Store a batch: telemetry in one transaction, then events and reported states."""

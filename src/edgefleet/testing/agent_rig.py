@@ -18,7 +18,7 @@ from edgefleet.bundle.signing import PublicKey
 from edgefleet.data.basicmotions import save_npz
 from edgefleet.processes import ManagedProcess
 from edgefleet.testing import synthetic
-from edgefleet.transport import topics
+from edgefleet.transport import compact, topics
 from edgefleet.transport.messages import DesiredState, ModelRef
 from edgefleet.transport.mqtt_url import MqttEndpoint
 
@@ -46,12 +46,14 @@ class Watcher:
     def _on_message(self, _client: mqtt.Client, _userdata: object, message: mqtt.MQTTMessage) -> None:
         if not message.payload:
             return
-        payload = json.loads(message.payload)
+        payload = compact.loads(message.topic.rsplit("/", 1)[-1], bytes(message.payload))
         with self._lock:
             if message.topic == topics.events(self.device):
                 self.events.append(payload)
             elif message.topic == topics.telemetry(self.device):
                 self.telemetry.append(payload)
+            elif compact.is_changes(payload):  # a report of changes: applied to the last whole one
+                self.reported = compact.merge_changes(self.reported, payload) or self.reported
             else:
                 self.reported = payload
 

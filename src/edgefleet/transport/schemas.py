@@ -170,3 +170,87 @@ class Event(_Message):
     kind: Literal["update", "alert", "agent"]
     name: str
     detail: dict[str, str | int | float | None] = Field(default_factory=dict)
+
+
+# -- the generated wire table (edgefleet.transport.wire_table) -------------------------------------------------
+CHANNEL_MESSAGES: dict[str, tuple[type[BaseModel], ...]] = {
+    "telemetry": (TelemetryBatch, HardExample, DriftStats),
+    "events": (Event,),
+    "reported": (ReportedState,),
+}
+"""The schemas of what a device sends on each channel: their field names make the channel's compact dictionary."""
+
+
+def channel_dictionary(models: tuple[type[BaseModel], ...]) -> bytes:
+    """The deflate dictionary of a channel: each field's JSON key, with its literal values and its scalar default
+    (``"update_state":"idle"``), in declaration order; DEFLATE finds the later entries cheapest."""
+    import json
+    import typing
+
+    parts: list[str] = []
+    for model in models:
+        for name, info in model.model_fields.items():
+            key = f'"{name}":'
+            if typing.get_origin(info.annotation) is Literal:
+                parts.extend(key + json.dumps(value) for value in typing.get_args(info.annotation))
+            elif not info.is_required() and isinstance(info.default, str | bool | int) and info.default is not None:
+                parts.append(key + json.dumps(info.default))
+            else:
+                parts.append(key)
+    return ",".join(parts).encode()
+
+
+def wire_fields(model: type[BaseModel]) -> dict[str, bool]:
+    """A schema's fields and whether each is required."""
+    return {name: info.is_required() for name, info in model.model_fields.items()}
+
+
+def wire_table_source(existing: dict[int, dict[str, bytes]]) -> str:
+    """The text of ``wire_table.py``: the released dictionaries (``existing``) and, when the schemas' current
+    dictionaries differ from the latest, a new version after them; the field table of every message."""
+    from edgefleet.transport.compact import CHANGES_KEY
+
+    current = {channel: channel_dictionary(models) for channel, models in CHANNEL_MESSAGES.items()}
+    current["reported"] += f',"{CHANGES_KEY}":1'.encode()  # a report of changes (compact.ReportChanges)
+    versions = dict(existing)
+    if not versions or versions[max(versions)] != current:
+        versions[max(versions, default=0) + 1] = current
+    lines = ['"""The wire table, generated from :mod:`edgefleet.transport.schemas` by '
+             '``python -m edgefleet.transport.schemas``:', 'do not edit. Released dictionary versions are never '
+             'changed (devices in the field compress with them).', '"""', "",
+             "from __future__ import annotations", "",
+             f"DICTIONARY_VERSION = {max(versions)}",
+             '"""The version this release packs with (:mod:`edgefleet.transport.compact`)."""', "",
+             "DICTIONARIES: dict[int, dict[str, bytes]] = {"]
+    for version, channels in sorted(versions.items()):
+        lines.append(f"    {version}: {{")
+        for channel, data in channels.items():
+            lines.append(f'        "{channel}": (')
+            lines.extend(f"            {data[i:i + 96]!r}" for i in range(0, len(data), 96))
+            lines.append("        ),")
+        lines.append("    },")
+    lines += ["}", "", "FIELDS: dict[str, dict[str, bool]] = {"]
+    tabled: tuple[type[BaseModel], ...] = (*CHANNEL_MESSAGES["telemetry"], Event, ReportedState, DesiredState, ModelRef)
+    for model in tabled:
+        lines.append(f'    "{model.__name__}": {{')
+        row = "       "
+        for name, required in wire_fields(model).items():
+            entry = f' "{name}": {required},'
+            if len(row) + len(entry) > 112:
+                lines.append(row)
+                row = "       "
+            row += entry
+        lines += [row, "    },"]
+    lines += ["}", '"""Every message\'s fields and whether each is required: the agent\'s light twins are held to '
+              'it."""', ""]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":  # regenerate wire_table.py from the schemas
+    from pathlib import Path
+
+    from edgefleet.transport import wire_table
+
+    target = Path(wire_table.__file__)
+    target.write_text(wire_table_source(wire_table.DICTIONARIES))
+    print(f"wrote {target}")

@@ -32,10 +32,15 @@ class OpenVinoRunner(BaseRunner):
         except Exception as exc:  # OpenVINO raises RuntimeError/its own types: all mean the model is unusable
             raise ModelError(f"OpenVINO cannot load the model: {_first_line(exc)}") from exc
         self._request = self._compiled.create_infer_request()
+        self._input_shape = self._compiled.inputs[0].get_partial_shape()
         self.input_name = self._compiled.inputs[0].get_any_name()
         self._outputs = {port.get_any_name(): port for port in self._compiled.outputs}
         self.output_names = tuple(self._outputs)
 
     def _run(self, batch: np.ndarray, names: Sequence[str]) -> list[Any]:
+        import openvino as ov
+
+        if not self._input_shape.compatible(ov.PartialShape(list(batch.shape))):
+            raise ModelError(f"input shape {batch.shape} does not fit the model's {self._input_shape}")
         result = self._request.infer({0: batch})
         return [np.array(result[self._outputs[name]]) for name in names]

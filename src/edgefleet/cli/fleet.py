@@ -194,6 +194,25 @@ def model_list(server: Server = "", token: Token = "", as_json: Json = False) ->
     _emit(models, as_json, "\n".join(lines) or "no models")
 
 
+@model_app.command("report")
+def model_report(model: Annotated[str, typer.Argument(help="NAME@VERSION")],
+                 report: Annotated[Path, typer.Argument(help="REPORT.json written by edgefleet build --report")],
+                 server: Server = "", token: Token = "", as_json: Json = False) -> None:
+    """Attach a build report to a model version: the dashboard shows its candidates and Pareto plot."""
+    if "@" not in model:
+        raise ConfigError(f"{model!r}: give the model as NAME@VERSION")
+    try:
+        data = json.loads(report.read_text())
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"cannot read the build report {report}: {exc}") from exc
+    if not isinstance(data, dict):
+        raise ConfigError(f"{report} is not a build report (a JSON object)")
+    with _api(server, token) as api:
+        stored = api.put_report(model, data)
+    _emit(stored, as_json, f"{stored['model']}: build report with {stored['candidates']} candidates "
+                           f"(chosen: {stored['chosen'] or 'none'})")
+
+
 # -- rollouts ------------------------------------------------------------------------------------------------
 ROLLOUT_MODES = ("canary", "shadow", "ab")
 Window = Annotated[float, typer.Option(help="observation window per wave, seconds")]

@@ -58,40 +58,83 @@ class CommandIn(BaseModel):
     note: str = Field(default="", max_length=500)
 
 
+class DecisionOut(BaseModel):
+    """One entry of a rollout's audit trail."""
+
+    step: int
+    kind: str = Field(description="assign, hold, pause, resume, rollback, done, ...")
+    at: float
+    wave: int
+    reason: str = Field(description="why, in one line")
+    actor: str
+    devices: list[str]
+    model: str | None
+    role: str = Field(description="active or shadow")
+    values: dict[str, Any] = Field(description="what it rests on: metrics, intervals, each gate's verdict")
+
+
+class RolloutOut(BaseModel):
+    """A rollout's status: plan, phase, progress; with the audit trail where asked for (not in lists)."""
+
+    id: str
+    candidate: str
+    phase: str
+    created: float
+    updated: float
+    wave: int = Field(description="the current wave, from 1 (0: none started)")
+    waves: int
+    mode: str | None
+    targets: int
+    control: int
+    moved: int
+    reason: str
+    skipped: list[dict[str, Any]] = Field(description="selected devices left out, each with its reason")
+    plan: dict[str, Any]
+    promoted_from: str | None
+    treatment_devices: list[str] | None = Field(default=None, description="A/B only")
+    control_devices: list[str] | None = Field(default=None, description="A/B only")
+    decisions: list[DecisionOut] | None = None
+    wave_devices: dict[int, list[str]] | None = Field(default=None, description="the devices each wave moved")
+
+
+def rollout_out(data: dict[str, Any]) -> RolloutOut:
+    return RolloutOut.model_validate(data)
+
+
 def rollout_router(orchestrator: Orchestrator, store: Store) -> APIRouter:
     router = APIRouter(prefix="/api/v1/rollouts")
 
-    @router.post("", status_code=201)
-    def create(body: RolloutIn) -> dict[str, Any]:
+    @router.post("", status_code=201, response_model_exclude_unset=True)
+    def create(body: RolloutIn) -> RolloutOut:
         spec = body.model_dump()
         spec["candidate"] = spec.pop("model")
         order = spec.pop("rollback_order")
         with rollback_admitted(store, spec, order):  # an older release needs a signed rollback order
             row = orchestrator.create(spec)
-        return rollout_json(row, store)
+        return rollout_out(rollout_json(row, store))
 
-    @router.get("")
-    def list_rollouts() -> list[dict[str, Any]]:
-        return [rollout_json(r, store, audit=False) for r in store.list_rollouts()]
+    @router.get("", response_model_exclude_unset=True)
+    def list_rollouts() -> list[RolloutOut]:
+        return [rollout_out(rollout_json(r, store, audit=False)) for r in store.list_rollouts()]
 
-    @router.get("/{rollout_id}")
-    def status(rollout_id: str) -> dict[str, Any]:
+    @router.get("/{rollout_id}", response_model_exclude_unset=True)
+    def status(rollout_id: str) -> RolloutOut:
         row = store.get_rollout(rollout_id)
         if row is None:
             raise HTTPException(404, f"unknown rollout {rollout_id!r}")
-        return rollout_json(row, store)
+        return rollout_out(rollout_json(row, store))
 
-    @router.post("/{rollout_id}/promote", status_code=201)
-    def promote(rollout_id: str, body: PromoteIn) -> dict[str, Any]:
+    @router.post("/{rollout_id}/promote", status_code=201, response_model_exclude_unset=True)
+    def promote(rollout_id: str, body: PromoteIn) -> RolloutOut:
         """Start a canary rollout of a shadow-passed rollout's candidate."""
         row = orchestrator.promote(rollout_id, body.model_dump())
-        return rollout_json(row, store)
+        return rollout_out(rollout_json(row, store))
 
-    @router.post("/{rollout_id}/{action}")
+    @router.post("/{rollout_id}/{action}", response_model_exclude_unset=True)
     def command(rollout_id: str, action: Literal["pause", "resume", "abort"], body: CommandIn | None = None
-                ) -> dict[str, Any]:
+                ) -> RolloutOut:
         row = orchestrator.command(rollout_id, action, "operator", body.note if body else "")
-        return rollout_json(row, store)
+        return rollout_out(rollout_json(row, store))
 
     router.include_router(rehearsal_router(store))  # POST /rehearsal-profiles: edgefleet.server.rehearsal_api
     return router

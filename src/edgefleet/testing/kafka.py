@@ -85,6 +85,10 @@ class Relay:
                 client.close()
                 continue
             with self._lock:
+                if stop.is_set():  # closed meanwhile: this connection must not outlive the outage
+                    client.close()
+                    upstream.close()
+                    return
                 self._sockets |= {client, upstream}
             threading.Thread(target=self._pump, args=(client, upstream, stop), daemon=True).start()
 

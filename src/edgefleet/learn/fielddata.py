@@ -117,11 +117,13 @@ def decode(row: Any) -> np.ndarray:
 
 
 def export_dataset(rows: Sequence[Any], labels: Sequence[str], preprocess: Mapping[str, Any] | None = None, *,
-                   include_upstream: bool = False) -> tuple[bytes, dict[str, int]]:
+                   include_upstream: bool = False, input_rank: int | None = None) -> tuple[bytes, dict[str, int]]:
     """An ``.npz`` (calib_x: every example; test_x, test_y: the labelled ones; test_source: each one's label
     source; labels: class names) of hard examples of one shape (the most common one), and counts; DataError when
     none is labelled. Examples labelled only by the upstream model count as labelled with ``include_upstream``,
-    else they are left out of test_x (and counted as ``upstream_left_out``).
+    else they are left out of test_x (and counted as ``upstream_left_out``). Examples are model inputs: with the
+    model's ``input_rank`` (its first input's dimensions, batch included) their batch axis of 1 is dropped, so that
+    a row is one window, as in ``build --data``.
 
     A hard example is the model's input: with a sliding-window ``preprocess`` (the model's manifest) it is scaled
     by the training statistics, so it is scaled back into raw readings (one row per window, ``sample_rate_hz``
@@ -138,9 +140,15 @@ def export_dataset(rows: Sequence[Any], labels: Sequence[str], preprocess: Mappi
     if not labelled:
         hint = " (some have upstream labels: include them to use those)" if named else ""
         raise DataError(f"no labelled hard examples for this model: post labels first (edgefleet data label){hint}")
-    unscale = _unscaler(shape, preprocess or {})
-    calib = np.stack([unscale(decode(r)) for r in kept]).astype(np.float32)
-    test_x = np.stack([unscale(decode(r)) for r in labelled]).astype(np.float32)
+    batched = input_rank is not None and len(shape) == input_rank and len(shape) > 1 and shape[0] == 1
+    row_shape = shape[1:] if batched else shape
+    unscale = _unscaler(row_shape, preprocess or {})
+
+    def row(r: Any) -> np.ndarray:
+        return unscale(decode(r).reshape(row_shape))
+
+    calib = np.stack([row(r) for r in kept]).astype(np.float32)
+    test_x = np.stack([row(r) for r in labelled]).astype(np.float32)
     test_y = np.array([index[str(r.label)] for r in labelled], dtype=np.int64)
     arrays: dict[str, Any] = {"calib_x": calib, "test_x": test_x, "test_y": test_y,
                               "test_source": np.array([str(r.label_source or OPERATOR) for r in labelled],

@@ -239,6 +239,19 @@ def scores(model: bytes, data: RetrainData, postprocess: dict[str, Any] | None) 
     return out
 
 
+def as_model_input(data: RetrainData, step: Any) -> RetrainData:
+    """``data`` with its training and scored rows (raw, as ``build --data`` holds them) turned into model inputs by
+    the pipeline's input ``step`` (a sliding window's scaling by the training statistics, for one)."""
+    from dataclasses import replace
+
+    from edgefleet.build.io_pipeline import model_input
+
+    def fed(x: np.ndarray) -> np.ndarray:
+        return np.asarray(model_input(step, x), np.float32) if len(x) else x
+
+    return replace(data, train_x=fed(data.train_x), holdout_x=fed(data.holdout_x), field_x=fed(data.field_x))
+
+
 def retrain(factory: str, data: RetrainData, *, name: str, previous: Deployed | None, version: str, release: int,
             key: Any, epochs: int = 20, lr: float = 1e-3, max_accuracy_drop: float | None = None, show: bool = True,
             progress: Callable[[str], None] | None = None) -> RetrainResult:
@@ -257,9 +270,10 @@ def retrain(factory: str, data: RetrainData, *, name: str, previous: Deployed | 
     deployed = (previous.manifest if previous is not None else None) or {}
     base = dict(deployed["preprocess"]) if deployed.get("preprocess") else None
     labels = data.labels or list(deployed.get("labels") or [])
-    post = resolve_pipeline(before_model, PipelineOptions(), base=base, base_labels=labels).postprocess
-    before = scores(before_model, data, post)
-    tuned = fine_tune(net, data.train_x, data.train_y, epochs=epochs, lr=lr, show=show)
+    first = resolve_pipeline(before_model, PipelineOptions(), base=base, base_labels=labels)
+    fed = as_model_input(data, first.step)  # the rows through the input step (scaling) as the agent feeds them
+    before = scores(before_model, fed, first.postprocess)
+    tuned = fine_tune(net, fed.train_x, fed.train_y, epochs=epochs, lr=lr, show=show)
     after_model = export_classifier(tuned, sample)
     test_x = np.concatenate([data.holdout_x, data.field_x])
     test_y = np.concatenate([data.holdout_y, data.field_y])
@@ -271,5 +285,5 @@ def retrain(factory: str, data: RetrainData, *, name: str, previous: Deployed | 
         recipe = recipe.model_copy(update={"max_accuracy_drop": max_accuracy_drop})
     built = build_bundle(inputs, recipe, resolve(list(BUILTIN_PROFILES), {}), key, name=name, version=version,
                          release=release, progress=progress)
-    after = scores(built.chosen.model or after_model, data, inputs.postprocess)
+    after = scores(built.chosen.model or after_model, fed, inputs.postprocess)
     return RetrainResult(built=built, before=before, after=after, previous=previous)

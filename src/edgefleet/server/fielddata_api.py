@@ -58,6 +58,13 @@ def example_json(row: HardExampleRow) -> dict[str, Any]:
             "labelled_at": row.labelled_at}
 
 
+def input_rank(manifest: dict[str, Any]) -> int | None:
+    """The dimensions (batch included) of the model's first input, as its manifest lists them."""
+    inputs = manifest.get("inputs") or []
+    shape = inputs[0].get("shape") if inputs and isinstance(inputs[0], dict) else None
+    return len(shape) if isinstance(shape, list) else None
+
+
 def fielddata_router(store: Store) -> APIRouter:
     router = APIRouter(prefix="/api/v1/fielddata")
 
@@ -118,7 +125,8 @@ def fielddata_router(store: Store) -> APIRouter:
         the upstream model only with ``include_upstream``."""
         manifest = latest_manifest(name)
         data, counts = export_dataset(store.hard_examples(name), list(manifest.get("labels") or []),
-                                      manifest.get("preprocess"), include_upstream=include_upstream)
+                                      manifest.get("preprocess"), include_upstream=include_upstream,
+                                      input_rank=input_rank(manifest))
         return {"model": name, **counts, "npz": base64.b64encode(data).decode("ascii")}
 
     return router

@@ -13,7 +13,7 @@ comma  := ,
 # Every extra `make demo`, `make test`, `make lint` and `make bench` use (the base install is only the device's).
 EXTRAS := server+build+train+data+camera+coap+kafka+openvino+litert+dev
 
-.PHONY: demo test bench lint services venv clean $(addprefix bench-,$(BENCHES))
+.PHONY: demo test bench bench-gpu lint services venv litert-venv clean $(addprefix bench-,$(BENCHES))
 
 # Flower (the fl extra) pins protobuf, cryptography and the web stack below the project's versions: the federated
 # learning tests run its processes from a venv of their own (EDGEFLEET_FL_PYTHON), never from .venv.
@@ -53,6 +53,22 @@ $(FL_VENV)/.installed: pyproject.toml
 	$(FL_VENV)/bin/pip install --quiet --disable-pip-version-check "$(FL_PIN)" numpy
 	touch $@
 
+# The TFLite export (edgefleet.build.tflite) runs litert-torch and ai-edge-quantizer from a venv of their own: they
+# pin pydantic and typing-extensions below the project's and pull ~680 MB (jax, jaxlib, the MLIR converter). The
+# venv sees .venv's packages (torch, numpy, ai-edge-litert) through a .pth file; --no-deps installs what they import.
+LITERT_VENV := .venv-litert
+LITERT_PINS := litert-torch==0.10.0 litert-converter==0.5.0 ai-edge-quantizer==0.10.0 jax==0.10.2 jaxlib==0.10.2 \
+               opt_einsum==3.4.0 immutabledict==4.3.1 absl-py==2.5.1
+purelib = $$($(1) -c "import sysconfig; print(sysconfig.get_paths()['purelib'])")
+
+$(LITERT_VENV)/.installed: | $(VENV)/.installed-$(EXTRAS)
+	$(PYTHON) -m venv $(LITERT_VENV)
+	echo "$(call purelib,$(BIN)/python)" > "$(call purelib,$(LITERT_VENV)/bin/python)/edgefleet-base.pth"
+	$(LITERT_VENV)/bin/pip install --quiet --disable-pip-version-check --no-deps $(LITERT_PINS)
+	touch $@
+
+litert-venv: $(LITERT_VENV)/.installed
+
 test: $(VENV)/.installed-$(EXTRAS) $(FL_VENV)/.installed services
 	EDGEFLEET_FL_PYTHON=$(CURDIR)/$(FL_VENV)/bin/python $(BIN)/pytest -q -n $(TEST_WORKERS) --durations=25 $(PYTEST_ARGS)
 
@@ -64,8 +80,12 @@ lint: $(VENV)/.installed-$(EXTRAS)
 bench: $(VENV)/.installed-$(EXTRAS) services
 	@for b in $(BENCHES); do $(MAKE) --no-print-directory bench-$$b || exit 1; done
 
-bench-%: $(VENV)/.installed-$(EXTRAS) services
+bench-%: $(VENV)/.installed-$(EXTRAS) $(LITERT_VENV)/.installed services
 	$(BIN)/python -m bench.bench_$*
 
+# The GPU execution providers (TensorRT, CUDA): needs an NVIDIA GPU and onnxruntime-gpu; says so and exits 0 without.
+bench-gpu: $(VENV)/.installed-$(EXTRAS)
+	$(BIN)/python -m bench.gpu_providers
+
 clean:
-	rm -rf $(VENV) $(FL_VENV) build .pytest_cache .mypy_cache .ruff_cache src/*.egg-info
+	rm -rf $(VENV) $(FL_VENV) $(LITERT_VENV) build .pytest_cache .mypy_cache .ruff_cache src/*.egg-info

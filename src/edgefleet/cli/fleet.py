@@ -104,10 +104,12 @@ def device_renew(device_id: Annotated[str, typer.Argument(help="device id")],
 
 
 @device_app.command("list")
-def device_list(server: Server = "", token: Token = "", as_json: Json = False, ca: Ca = None) -> None:
-    """Every device, its tags, what it should run and what it reported."""
+def device_list(server: Server = "", token: Token = "", as_json: Json = False, ca: Ca = None,
+                twins: Annotated[bool, typer.Option("--twins", help="also list digital twins (tag twin)")] = False
+                ) -> None:
+    """Every device, its tags, what it should run and what it reported (digital twins only with --twins)."""
     with _api(server, token, ca) as api:
-        devices = api.devices()
+        devices = [d for d in api.devices() if twins or "twin" not in d["tags"]]
     lines = [f"{d['id']:<24} {'REVOKED' if d['revoked'] else (d.get('desired') or '-'):<20} "
              f"{((d.get('reported') or {}).get('active') or '-'):<20} "
              f"{','.join(f'{k}={v}' for k, v in sorted(d['tags'].items()))}" for d in devices]
@@ -262,22 +264,57 @@ def rollout_create(model: Annotated[str, typer.Argument(help="candidate NAME@VER
                    rollback: Annotated[Path | None, typer.Option(
                        help="a signed rollback order (bundle rollback-order): send the fleet back to this older "
                             "release")] = None,
+                   rehearse: Annotated[int, typer.Option(
+                       min=0, help="first run the same rollout on N twins of the selected devices (their profiles "
+                                   "and recent inputs); a rehearsal that trips a gate stops here")] = 0,
+                   rehearse_scenario: Annotated[Path | None, typer.Option(
+                       help="the twins' data, rate and telemetry period (a twin scenario; default: synthetic rows)")
+                   ] = None,
+                   rehearse_warmup: Annotated[float, typer.Option(
+                       help="seconds the twins run their device's model before the rehearsal (its baseline)")] = 10.0,
+                   rehearse_timeout: Annotated[float, typer.Option(help="seconds the rehearsal may take")] = 600.0,
+                   force: Annotated[bool, typer.Option(
+                       "--force", help="create the rollout even when its rehearsal trips")] = False,
                    server: Server = "", token: Token = "", as_json: Json = False) -> None:
     """Start a staged rollout; each wave must pass its gates before the next one. A release older than the one
-    its devices run needs --rollback ORDER_FILE."""
+    its devices run needs --rollback ORDER_FILE. With --rehearse N it first runs on N twins (edgefleet twin)."""
     _choice(mode, ROLLOUT_MODES, "--mode")
     _choice(on_inconclusive, ("pause", "abort", "proceed"), "--on-inconclusive")
     order = _rollback_order(rollback) if rollback is not None else None
+    options: dict[str, Any] = dict(
+        waves=[w.strip() for w in waves.split(",")], gates=_gates(gate, pause_gate),
+        select=_pairs(select, "--select"), mode=mode, window_s=window, install_timeout_s=install_timeout,
+        unknown_timeout_s=unknown_timeout, inconclusive_timeout_s=inconclusive_timeout,
+        on_inconclusive=on_inconclusive, baseline_s=baseline, min_windows=min_windows, confidence=confidence,
+        profile=profile, rollback_order=order)
     with _api(server, token) as api:
-        rollout = api.create_rollout(model, waves=[w.strip() for w in waves.split(",")],
-                                     gates=_gates(gate, pause_gate), select=_pairs(select, "--select"), mode=mode,
-                                     window_s=window, install_timeout_s=install_timeout,
-                                     unknown_timeout_s=unknown_timeout, inconclusive_timeout_s=inconclusive_timeout,
-                                     on_inconclusive=on_inconclusive, baseline_s=baseline, min_windows=min_windows,
-                                     confidence=confidence, profile=profile, rollback_order=order)
+        rehearsal = _rehearse(api, model, options, rehearse, rehearse_scenario, rehearse_warmup, rehearse_timeout,
+                              force, as_json) if rehearse else None
+        rollout = api.create_rollout(model, **options)
     skipped = "".join(f"\n  skipped {s['device']}: {s['reason']}" for s in rollout.get("skipped", []))
+    if rehearsal is not None:
+        rollout = {**rollout, "rehearsal": rehearsal}
     _emit(rollout, as_json,
           f"{rollout['id']}: {model} to {rollout['targets']} device(s), {rollout['phase']}{skipped}")
+
+
+def _rehearse(api: Any, model: str, options: dict[str, Any], twins: int, scenario_file: Path | None,
+              warmup_s: float, timeout_s: float, force: bool, as_json: bool) -> dict[str, Any]:
+    """Run the rollout on twins first (edgefleet.twin.rehearsal); RehearsalTripped unless it passed or ``force``."""
+    import tempfile
+
+    from edgefleet.twin.rehearsal import RehearsalTripped, rehearse
+    from edgefleet.twin.scenario import Scenario, load_scenario
+
+    scenario = load_scenario(scenario_file) if scenario_file is not None else Scenario()
+    with tempfile.TemporaryDirectory(prefix="edgefleet-rehearsal-") as root:
+        report = rehearse(api, {"model": model, **options}, twins, Path(root), scenario, warmup_s=warmup_s,
+                          timeout_s=timeout_s, say=lambda line: typer.echo(line, err=True))
+    typer.echo("\n".join(report.lines()), err=True)
+    if not report.passed and not force:
+        detail = json.dumps(report.to_json(), sort_keys=True) if as_json else report.lines()[0]
+        raise RehearsalTripped(f"{detail}; the rollout was not created (--force creates it anyway)")
+    return report.to_json()
 
 
 @rollout_app.command("promote")

@@ -12,6 +12,7 @@ import contextlib
 import json
 import math
 import secrets
+import sqlite3
 import sys
 import time
 from dataclasses import dataclass, field
@@ -26,6 +27,20 @@ from edgefleet.twin.scenario import Scenario
 TWINS_PER_PROCESS = 250
 """Twins one host process runs (one network thread, one thread per twin's sensor loop, outbox and updater)."""
 GROUP_TAG = "twin_group"
+
+
+def running_model(data_dir: Path) -> str | None:
+    """What the agent in ``data_dir`` last recorded it runs (NAME@VERSION; None: nothing, or no state yet)."""
+    path = data_dir / "agent.db"
+    if not path.exists():
+        return None
+    try:
+        with contextlib.closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=2.0)) as db:
+            row = db.execute("SELECT value FROM kv WHERE key = 'running'").fetchone()
+    except sqlite3.Error:
+        return None
+    value = json.loads(row[0]) if row else None
+    return value if isinstance(value, str) else None
 
 
 @dataclass(frozen=True)
@@ -111,14 +126,9 @@ class TwinFleet:
         return time.monotonic() - started
 
     def running(self, model: str | None = None) -> int:
-        """Twins whose reported state says they run ``model`` (any model: None)."""
-        ids = {t.device_id for t in self.twins}
-        count = 0
-        for device in self.api.devices():
-            if device["id"] in ids:
-                running = (device.get("reported") or {}).get("running")
-                count += running is not None and (model is None or running == model)
-        return count
+        """Twins that run ``model`` (any model: None), as each twin's agent recorded it in its own state."""
+        return sum(1 for t in self.twins if (ran := running_model(t.data_dir)) is not None
+                   and (model is None or ran == model))
 
     def wait_running(self, model: str | None, wanted: int, timeout_s: float) -> int:
         """Wait (bounded) until ``wanted`` twins run ``model``; how many do."""
@@ -134,6 +144,13 @@ class TwinFleet:
     def stop(self) -> None:
         """Stop the host processes (each drains its twins' outboxes, bounded)."""
         self.group.stop_all()
+        self.hosts.clear()
+
+    def kill(self) -> None:
+        """SIGKILL every host process, as a power cut would end the devices (start again to resume)."""
+        for host in self.hosts:
+            host.kill()
+            host.wait(10.0)
         self.hosts.clear()
 
     def close(self, *, keep: bool = False) -> None:

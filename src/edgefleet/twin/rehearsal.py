@@ -36,6 +36,10 @@ from edgefleet.twin.sensors import Rows, scenario_rows
 PASSED = ("done", "shadow-passed")
 
 
+class RehearsalTripped(EdgefleetError):
+    """The rehearsal of a rollout did not pass: the real rollout is not created."""
+
+
 @dataclass
 class Rehearsal:
     """What the rehearsal's rollout did."""

@@ -73,13 +73,15 @@ def _per_channel(value: float | list[float], channels: int, what: str) -> np.nda
 
 
 class TwinSource(ReplaySource):
-    """The agent's replay of ``rows`` at ``rate_hz``, looping, with ``variation`` applied (seeded per twin)."""
+    """The agent's replay of ``rows`` at ``rate_hz``, looping from a row chosen by ``seed``, with ``variation``
+    applied (its noise and faults seeded by ``seed`` too)."""
 
     def __init__(self, rows: Rows, rate_hz: float, variation: Variation, *, seed: int,
                  stop: threading.Event | None = None) -> None:
         self._stopping = stop or threading.Event()
-        super().__init__(rows.x, rows.y, rate_hz, loop=True, row_rate_hz=rate_hz, fixed_rate=True,
-                         sleep=self._sleep_unless_stopped)
+        start = int(np.random.default_rng(seed).integers(len(rows.x)))  # devices are not in step: each starts
+        super().__init__(np.roll(rows.x, -start, axis=0), np.roll(rows.y, -start), rate_hz,  # at its own row
+                         loop=True, row_rate_hz=rate_hz, fixed_rate=True, sleep=self._sleep_unless_stopped)
         self.labels = rows.labels
         self.waits_for_model = True
         self.variation = variation

@@ -1,5 +1,5 @@
 """``python -m edgefleet``."""
 
-from edgefleet.cli import main
+from edgefleet.entry import main
 
 main()

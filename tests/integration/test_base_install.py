@@ -8,6 +8,7 @@ Also: a command that needs an extra says which in one line, and the systemd unit
 
 from __future__ import annotations
 
+import json
 import shutil
 import subprocess
 from collections.abc import Iterator
@@ -24,7 +25,8 @@ pytestmark = pytest.mark.integration
 MODEL = "clf@1.0.0"
 CONTROL_PLANE = {"fastapi", "uvicorn", "sqlalchemy", "psycopg", "psycopg-binary", "amqtt", "gmqtt",
                  "prometheus-client", "starlette", "pyyaml", "onnxconverter-common", "torch", "sktime",
-                 "scikit-learn", "aiocoap"}
+                 "scikit-learn", "aiocoap", "onnx", "typer", "rich", "pygments"}
+"""Not on a device: the control plane, the tooling, and the full CLI's toolkit (typer brings rich and pygments)."""
 UNIT = ROOT / "packaging" / "edgefleet-agent.service"
 
 
@@ -52,11 +54,12 @@ def test_a_command_that_needs_an_extra_says_which_in_one_line(base_venv: Path, t
     edgefleet = str(base_venv / "bin" / "edgefleet")
     assert subprocess.run([edgefleet, "--help"], capture_output=True, timeout=60, check=False).returncode == 0
     for args, extra in ((["server", "--data-dir", str(tmp_path)], "server"),
-                        (["coap-gateway", "--mqtt-url", "mqtt://127.0.0.1:1"], "coap")):
+                        (["coap-gateway", "--mqtt-url", "mqtt://127.0.0.1:1"], "coap"),
+                        (["device", "list"], "cli"), (["agent", "status", "--data-dir", str(tmp_path)], "")):
         done = subprocess.run([edgefleet, *args], capture_output=True, text=True, timeout=60, check=False)
         lines = done.stderr.strip().splitlines()
         assert done.returncode == 2 and len(lines) == 1, done.stderr
-        assert f"pip install 'edgefleet[{extra}]'" in lines[0]
+        assert (f"pip install 'edgefleet[{extra}]'" if extra else "holds no agent state") in lines[0]
 
 
 def test_agent_from_the_base_install_updates_and_reports(base_venv: Path, fleet: LocalFleet) -> None:
@@ -80,6 +83,12 @@ def test_agent_from_the_base_install_updates_and_reports(base_venv: Path, fleet:
     wait_until(reported, 90, "the base-install agent to run the model and report")
     windows = sum(m["windows"] for m in fleet.api.telemetry("field-01")["models"] if m["model"] == MODEL)
     assert windows > 0
+    # the device's own status command, from the base install (no typer): what the agent holds
+    status = subprocess.run([str(base_venv / "bin" / "edgefleet"), "agent", "status", "--json", "--data-dir",
+                             str(fleet.root / "agents" / "field-01")], capture_output=True, text=True, timeout=60,
+                            check=False)
+    assert status.returncode == 0, status.stderr
+    assert json.loads(status.stdout)["active"] == MODEL
 
 
 def test_systemd_unit_verifies(tmp_path: Path) -> None:

@@ -56,9 +56,18 @@ def sniff_model(data: bytes, max_bytes: int = MAX_MODEL_BYTES) -> None:
 
 
 def check_onnx(data: bytes, max_bytes: int = MAX_MODEL_BYTES) -> None:
-    """Sniff, parse, refuse external data, then run ``onnx.checker`` on ``data``."""
-    import onnx
-    from google.protobuf.message import DecodeError
+    """Sniff, parse, refuse external data, then run ``onnx.checker`` on ``data``.
+
+    Without the ``onnx`` package (a device's base install, which runs models but does not build them) the model
+    is checked on the protobuf wire instead (:func:`check_onnx_wire`: well-formed, no external data); ONNX
+    Runtime's own graph checks then run when the health check loads it, before the model is activated.
+    """
+    try:
+        import onnx
+        from google.protobuf.message import DecodeError
+    except ImportError:
+        check_onnx_wire(data, max_bytes)
+        return
 
     sniff_model(data, max_bytes)
     proto = onnx.ModelProto()
@@ -74,6 +83,104 @@ def check_onnx(data: bytes, max_bytes: int = MAX_MODEL_BYTES) -> None:
         onnx.checker.check_model(data)
     except (onnx.checker.ValidationError, DecodeError, ValueError, RuntimeError) as exc:
         raise BundleError(f"model fails onnx.checker: {_first_line(exc)}", reason="invalid_model") from exc
+
+
+# ONNX field numbers (onnx.proto): where tensors and subgraphs lie in a ModelProto
+_MODEL_GRAPH, _MODEL_TRAINING, _MODEL_FUNCTIONS = 7, 20, 25
+_GRAPH_NODE, _GRAPH_INITIALIZER, _GRAPH_SPARSE = 1, 5, 15
+_NODE_ATTRIBUTE, _FUNCTION_NODE = 5, 7
+_ATTR_TENSOR, _ATTR_GRAPH, _ATTR_TENSORS, _ATTR_GRAPHS, _ATTR_SPARSE, _ATTR_SPARSES = 5, 6, 10, 11, 22, 23
+_SPARSE_VALUES, _SPARSE_INDICES = 1, 2
+_TENSOR_NAME, _TENSOR_EXTERNAL, _TENSOR_LOCATION = 8, 13, 14
+_EXTERNAL = 1  # TensorProto.DataLocation.EXTERNAL
+
+
+def check_onnx_wire(data: bytes, max_bytes: int = MAX_MODEL_BYTES) -> None:
+    """Sniff, then walk the ModelProto on the protobuf wire (no ``onnx`` import): malformed wire data is
+    ``invalid_model``, a model without a graph too, and every tensor stored as external data (initializers,
+    sparse ones, node attributes, subgraphs, training graphs, functions) is ``external_data``."""
+    from edgefleet.bundle import protowire
+
+    sniff_model(data, max_bytes)
+    try:
+        graphs = [(s, e) for n, w, s, e in protowire.fields(data, 0, len(data)) if n == _MODEL_GRAPH and w == 2]
+        if not graphs:
+            raise BundleError("model member holds no ONNX graph", reason="invalid_model")
+        for number, wire, start, end in protowire.fields(data, 0, len(data)):
+            if wire != 2:
+                continue
+            if number == _MODEL_GRAPH:
+                _wire_graph(data, start, end, "graph", 0)
+            elif number == _MODEL_TRAINING:
+                for n, w, s, e in protowire.fields(data, start, end):
+                    if n in (1, 2) and w == 2:
+                        _wire_graph(data, s, e, "training graph", 0)
+            elif number == _MODEL_FUNCTIONS:
+                for n, w, s, e in protowire.fields(data, start, end):
+                    if n == _FUNCTION_NODE and w == 2:
+                        _wire_node(data, s, e, "function", 0)
+    except BundleError as exc:
+        if exc.reason == "malformed":
+            raise BundleError(f"model member is not an ONNX protobuf: {exc}", reason="invalid_model") from exc
+        raise
+
+
+def _wire_graph(data: bytes, start: int, end: int, owner: str, depth: int) -> None:
+    from edgefleet.bundle.protowire import fields
+
+    if depth > 64:
+        raise BundleError("model graphs nest too deeply", reason="invalid_model")
+    for number, wire, s, e in fields(data, start, end):
+        if wire != 2:
+            continue
+        if number == _GRAPH_INITIALIZER:
+            _wire_tensor(data, s, e, owner)
+        elif number == _GRAPH_SPARSE:
+            _wire_sparse(data, s, e, owner)
+        elif number == _GRAPH_NODE:
+            _wire_node(data, s, e, owner, depth)
+
+
+def _wire_node(data: bytes, start: int, end: int, owner: str, depth: int) -> None:
+    from edgefleet.bundle.protowire import fields
+
+    for number, wire, s, e in fields(data, start, end):
+        if number != _NODE_ATTRIBUTE or wire != 2:
+            continue
+        for n, w, a, b in fields(data, s, e):
+            if w != 2:
+                continue
+            if n in (_ATTR_TENSOR, _ATTR_TENSORS):
+                _wire_tensor(data, a, b, owner)
+            elif n in (_ATTR_SPARSE, _ATTR_SPARSES):
+                _wire_sparse(data, a, b, owner)
+            elif n in (_ATTR_GRAPH, _ATTR_GRAPHS):
+                _wire_graph(data, a, b, owner, depth + 1)
+
+
+def _wire_sparse(data: bytes, start: int, end: int, owner: str) -> None:
+    from edgefleet.bundle.protowire import fields
+
+    for number, wire, s, e in fields(data, start, end):
+        if number in (_SPARSE_VALUES, _SPARSE_INDICES) and wire == 2:
+            _wire_tensor(data, s, e, owner)
+
+
+def _wire_tensor(data: bytes, start: int, end: int, owner: str) -> None:
+    from edgefleet.bundle.protowire import fields, read_varint
+
+    name, external, location = b"", False, 0
+    for number, wire, s, e in fields(data, start, end):
+        if number == _TENSOR_NAME and wire == 2:
+            name = data[s:e]
+        elif number == _TENSOR_EXTERNAL:
+            external = True
+        elif number == _TENSOR_LOCATION and wire == 0:
+            location = read_varint(data, s, e)[0]
+    if external or location == _EXTERNAL:
+        shown = name.decode("utf-8", "replace")[:80]
+        raise BundleError(f"tensor {shown!r} in {owner} points to external data; a bundle is one file, so external "
+                          "data is refused", reason="external_data")
 
 
 def _describe(tensor: Any) -> str:

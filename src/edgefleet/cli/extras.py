@@ -1,10 +1,12 @@
 """Which optional extra a command needs, and the one line that says so when it is not installed.
 
-``pip install edgefleet`` is the device's install: the agent, bundle verification, ONNX Runtime, the MQTT client
-and this CLI. The control plane and the tooling are extras (see ``pyproject.toml``):
+``pip install edgefleet`` is the device's install: the agent, bundle verification, ONNX Runtime and the MQTT client,
+whose ``edgefleet`` runs the device's commands (:mod:`edgefleet.entry`). This CLI, the control plane and the
+tooling are extras (see ``pyproject.toml``):
 
-    server   fastapi, uvicorn, sqlalchemy, psycopg, amqtt, gmqtt, prometheus-client, pyyaml
-    build    onnxconverter-common, pyyaml
+    cli      typer, rich (the full CLI; without it ``edgefleet`` runs the device's commands: edgefleet.entry)
+    server   fastapi, uvicorn, sqlalchemy, psycopg, amqtt, gmqtt, prometheus-client, pyyaml, onnx, typer, rich
+    build    onnxconverter-common, pyyaml, onnx, typer, rich
     train    torch
     data     sktime, scikit-learn
     camera   pillow, opencv
@@ -22,8 +24,9 @@ import importlib.util
 from edgefleet.errors import ConfigError
 
 EXTRA_MODULES: dict[str, tuple[str, ...]] = {
+    "cli": ("typer", "rich"),
     "server": ("fastapi", "uvicorn", "sqlalchemy", "psycopg", "amqtt", "gmqtt", "prometheus_client", "yaml"),
-    "build": ("onnxconverter_common", "yaml"),
+    "build": ("onnxconverter_common", "yaml", "onnx"),
     "train": ("torch",),
     "data": ("sktime", "sklearn"),
     "camera": ("PIL", "cv2"),

@@ -52,15 +52,10 @@ def gpu_name() -> str | None:
 def why_not() -> str | None:
     """Why this machine cannot run the measurement (None: it can)."""
     try:
-        import onnxruntime as ort
-    except ImportError:
-        return "onnxruntime is not installed"
-    if CUDA not in ort.get_available_providers():
-        return (f"this ONNX Runtime ({ort.__version__}) has no CUDA provider (providers: "
-                f"{', '.join(ort.get_available_providers())}): install onnxruntime-gpu")
-    if gpu_name() is None:
-        return "no NVIDIA GPU here (nvidia-smi finds none)"
-    return None
+        from edgefleet.runtime.runner import gpu_unavailable
+    except ImportError as exc:
+        return f"cannot import edgefleet's runner: {exc}"
+    return gpu_unavailable()
 
 
 def models(width: float, size: int, calib_rows: int = 64) -> dict[str, bytes]:

@@ -15,6 +15,9 @@ its top-1 on >= 85% of the inputs.
 from __future__ import annotations
 
 import io
+import os
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -32,7 +35,14 @@ from edgefleet.core.rollout import DeviceView
 from edgefleet.core.targeting import misfit
 from edgefleet.core.update import TrustState, decide
 from edgefleet.errors import BundleError, ConfigError, ModelError
-from edgefleet.runtime.runner import BaseRunner, installed_runtimes, make_runner, onnxruntime_providers, parse_runtimes
+from edgefleet.runtime.runner import (
+    BaseRunner,
+    gpu_unavailable,
+    installed_runtimes,
+    make_runner,
+    onnxruntime_providers,
+    parse_runtimes,
+)
 
 torch = pytest.importorskip("torch")
 
@@ -92,9 +102,9 @@ class Models:
         try:
             models = export_tflite(self.net, self.x[:1], self.calib)
         except ConfigError as exc:  # no converter venv (`make litert-venv`): skip here, fail in CI
-            from tests.conftest import unavailable
-
-            unavailable(str(exc))
+            if os.environ.get("CI", "").lower() == "true":
+                pytest.fail(str(exc))
+            pytest.skip(str(exc))
         assert models.int8 is not None
         return models.float32, models.int8
 
@@ -286,6 +296,29 @@ def test_candidates_are_timed_on_every_installed_runtime(models: Models) -> None
     runners = {name: make_runner(models.onnx, name) for name in ("onnxruntime", "openvino")}
     timed = time_runners(runners, models.x, rounds=2, runs=3, warmup=1)
     assert set(timed) == set(runners) and all(s.runs == 6 and s.median_ms > 0 for s in timed.values())
+
+
+# -- GPU: ONNX Runtime's CUDA and TensorRT providers ---------------------------------------------------------------
+def test_the_gpu_providers_run_the_model_like_the_cpu(models: Models) -> None:
+    reason = gpu_unavailable()
+    if reason is not None:
+        pytest.skip(f"needs an NVIDIA GPU with onnxruntime-gpu: {reason}")
+    expected = make_runner(models.onnx).run(models.x)
+    for provider in ("CUDAExecutionProvider", "TensorrtExecutionProvider"):
+        runner = make_runner(models.onnx, providers=(provider,))
+        assert runner.providers[0] == provider  # type: ignore[attr-defined]
+        np.testing.assert_allclose(runner.run(models.x), expected, atol=1e-3)
+
+
+def test_the_gpu_benchmark_says_why_it_measures_nothing_without_a_gpu() -> None:
+    reason = gpu_unavailable()
+    if reason is None:
+        pytest.skip("an NVIDIA GPU is here: `make bench-gpu` measures it")
+    root = Path(__file__).resolve().parents[2]
+    done = subprocess.run([sys.executable, "-m", "bench.gpu_providers"], cwd=root, capture_output=True, text=True,
+                          timeout=120, check=False)
+    assert done.returncode == 0, done.stderr
+    assert f"nothing measured: {reason}" in done.stdout
 
 
 if __name__ == "__main__":  # rewrite the kept TFLite exports (after a change to the network or the converter)

@@ -121,6 +121,25 @@ def onnxruntime_providers(preferred: Sequence[str] = ()) -> list[str]:
     return [*chosen, "CPUExecutionProvider"]
 
 
+def gpu_unavailable() -> str | None:
+    """Why ONNX Runtime cannot use an NVIDIA GPU here (None: it can): no CUDA provider in this build, or no GPU."""
+    import shutil
+    import subprocess
+
+    import onnxruntime as ort
+
+    if "CUDAExecutionProvider" not in ort.get_available_providers():
+        return (f"this ONNX Runtime ({ort.__version__}) has no CUDA provider (providers: "
+                f"{', '.join(ort.get_available_providers())}): install onnxruntime-gpu")
+    smi = shutil.which("nvidia-smi")
+    try:
+        found = smi is not None and subprocess.run([smi, "-L"], capture_output=True, timeout=20,
+                                                   check=False).stdout.strip() != b""
+    except (OSError, subprocess.SubprocessError):
+        found = False
+    return None if found else "no NVIDIA GPU here (nvidia-smi finds none)"
+
+
 def make_runner(model: bytes, runtime: str | None = None, *, threads: int = 1,
                 providers: Sequence[str] = ()) -> BaseRunner:
     """The runner for ``model`` on ``runtime`` (None: ONNX Runtime); ModelError when the runtime is not

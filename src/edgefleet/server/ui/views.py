@@ -7,9 +7,10 @@ import math
 from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 from markupsafe import Markup
+from sqlalchemy import select
 
 from edgefleet.core.gates import BoolOp, Compare, Node, Not, parse_gate
 from edgefleet.core.telemetry import CONFIDENCE_BINS, LatencyHistogram
@@ -33,10 +34,10 @@ class FleetFilter:
     model: str = ""
     q: str = ""
 
-    def matches(self, d: Device, online: bool, running: str | None, desired: str | None) -> bool:
+    def matches(self, d: FleetRow, online: bool, running: str | None, desired: str | None) -> bool:
         if self.tag:
             key, _, value = self.tag.partition("=")
-            if d.tags.get(key) != value:
+            if (d.tags or {}).get(key) != value:
                 return False
         if self.profile and (d.profile or "") != self.profile:
             return False
@@ -75,40 +76,71 @@ def model_names(store: Store) -> dict[int, str]:
     return {m.id: f"{m.name}@{m.version}" for m in store.list_models()}
 
 
+class FleetRow(NamedTuple):
+    id: str
+    tags: dict[str, str] | None
+    profile: str | None
+    revoked: bool
+    hardware: str | None
+    desired_model_id: int | None
+    last_seen: float | None
+    running: str | None
+    active: str | None
+    update_state: str | None
+    last_error: str | None
+
+
+def fleet_rows(store: Store) -> list[FleetRow]:
+    """Every device with only what the fleet page shows, read fast: plain columns over a Core connection (no ORM
+    objects), and the few fields of the reported state read by the database (JSON paths, SQLite and PostgreSQL
+    alike), not the whole state decoded in Python."""
+    reported = Device.reported
+    query = select(Device.id, Device.tags, Device.profile, Device.revoked, Device.hardware, Device.desired_model_id,
+                   Device.last_seen, reported["running"].as_string(), reported["active"].as_string(),
+                   reported["update_state"].as_string(), reported["last_error"].as_string()).order_by(Device.id)
+    with store.engine.connect() as connection:
+        return [FleetRow(*row) for row in connection.execute(query)]
+
+
 def fleet_page(store: Store, flt: FleetFilter, *, page: int, per_page: int, now: float) -> FleetPage:
     """One page of the fleet after the filters, with the whole fleet's counts and filter choices."""
     names = model_names(store)
-    devices = store.list_devices()
+    devices = fleet_rows(store)
+    online_since = now - SILENT_AFTER_S
     counts = Counter[str]()
-    running_n, desired_n = Counter[str](), Counter[str]()
+    running_n, desired_n = Counter[str](), Counter[int | None]()
     tags: set[str] = set()
     profiles: set[str] = set()
-    matched: list[dict[str, Any]] = []
+    matched: list[FleetRow] = []
+    filtering = bool(flt.query())
     for d in devices:
-        reported = d.reported or {}
-        running = reported.get("running") or reported.get("active")
-        desired = names.get(d.desired_model_id) if d.desired_model_id is not None else None
-        online = d.last_seen is not None and now - d.last_seen < SILENT_AFTER_S
+        running = d.running or d.active
+        online = d.last_seen is not None and d.last_seen > online_since
         counts["revoked" if d.revoked else "online" if online else "silent"] += 1
         running_n[running or "(none)"] += 1
-        if desired:
-            desired_n[desired] += 1
-        tags.update(f"{k}={v}" for k, v in d.tags.items())
-        if d.profile:
-            profiles.add(d.profile)
-        if flt.matches(d, online, running, desired):
-            matched.append({"id": d.id, "tags": d.tags, "profile": d.profile, "hardware": d.hardware or "generic",
-                            "online": online, "revoked": d.revoked, "running": running, "desired": desired,
-                            "update_state": reported.get("update_state"), "last_error": reported.get("last_error"),
-                            "age": None if d.last_seen is None else max(0.0, now - d.last_seen)})
+        desired_n[d.desired_model_id] += 1
+        if d.tags:
+            tags.update(f"{k}={v}" for k, v in d.tags.items())
+        profiles.add(d.profile or "")
+        if not filtering or flt.matches(d, online, running, names.get(d.desired_model_id or -1)):
+            matched.append(d)
     per_page = max(1, min(per_page, MAX_PER_PAGE))
     pages = max(1, math.ceil(len(matched) / per_page))
     page = max(1, min(page, pages))
-    versions = sorted({*running_n, *desired_n} - {"(none)"})
-    return FleetPage(rows=matched[(page - 1) * per_page: page * per_page], total=len(devices), matched=len(matched),
-                     page=page, pages=pages, per_page=per_page, counts=dict(counts),
-                     versions=[(v, desired_n[v], running_n[v]) for v in versions], tags=sorted(tags),
-                     profiles=sorted(profiles), models=versions,
+    rows = [{"id": d.id, "tags": d.tags or {}, "profile": d.profile, "hardware": d.hardware or "generic",
+             "online": d.last_seen is not None and d.last_seen > online_since, "revoked": d.revoked,
+             "running": d.running or d.active, "desired": names.get(d.desired_model_id or -1),
+             "update_state": d.update_state, "last_error": d.last_error,
+             "age": None if d.last_seen is None else max(0.0, now - d.last_seen)}
+            for d in matched[(page - 1) * per_page: page * per_page]]
+    told = Counter[str]()
+    for model_id, n in desired_n.items():
+        if model_id is not None and model_id in names:
+            told[names[model_id]] += n
+    versions = sorted({*running_n, *told} - {"(none)"})
+    return FleetPage(rows=rows, total=len(devices), matched=len(matched), page=page, pages=pages,
+                     per_page=per_page, counts=dict(counts), versions=[(v, told[v], running_n[v]) for v in versions],
+                     tags=sorted(tags), profiles=sorted(profiles - {""}), models=versions,
                      alerts=[{"model": a.model, "expr": a.expr, "raised": a.raised, "explanation": a.explanation}
                              for a in store.list_alerts(active=True, limit=50)])
 
@@ -257,9 +289,8 @@ def where_runs(store: Store) -> tuple[dict[str, list[str]], dict[str, int]]:
     names = model_names(store)
     running: dict[str, list[str]] = {}
     desired: Counter[str] = Counter()
-    for d in store.list_devices():
-        reported = d.reported or {}
-        ref = reported.get("running") or reported.get("active")
+    for d in fleet_rows(store):
+        ref = d.running or d.active
         if ref:
             running.setdefault(ref, []).append(d.id)
         if d.desired_model_id is not None and d.desired_model_id in names:

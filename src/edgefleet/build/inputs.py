@@ -35,6 +35,7 @@ from edgefleet.build.io_pipeline import (
 )
 from edgefleet.build.pipeline import BuildData
 from edgefleet.build.quantize import check_calibration, load_checked
+from edgefleet.build.training.data import load_factory_model, read_training_arrays, training_set
 from edgefleet.errors import ConfigError, DataError, ModelError
 
 DATA_KEYS = ("calib_x", "test_x", "test_y")
@@ -89,9 +90,10 @@ def validate(model: bytes, calib_x: Any, test_x: Any, test_y: Any,
 
 
 def prepare(model: bytes, arrays: Mapping[str, Any], pipeline: ResolvedPipeline, *, source: str,
-            name: str) -> BuildInputs:
+            name: str, torch_model: Any = None) -> BuildInputs:
     """Raw data rows -> model inputs through the pipeline's input step, validated; the softmax decided from the
-    float model's scores on calibration rows (build.io_pipeline.with_activation)."""
+    float model's scores on calibration rows (build.io_pipeline.with_activation). ``train_x``/``train_y`` rows,
+    when given, go through the same step for training-time compression (with ``torch_model`` if given)."""
     from edgefleet.bundle.pack import model_schema
 
     step = pipeline.step
@@ -101,7 +103,10 @@ def prepare(model: bytes, arrays: Mapping[str, Any], pipeline: ResolvedPipeline,
     data = validate(model, calib, test, arrays["test_y"], pipeline.postprocess)
     scores = predict(model, data.calib_x[:ACTIVATION_SAMPLES], postprocess=pipeline.postprocess)
     pipeline = with_activation(pipeline, scores)
-    return BuildInputs(model=model, data=replace(data, postprocess=pipeline.postprocess), labels=pipeline.labels,
+    train = training_set(arrays, lambda x, what: model_input(step, check_rows(x, step, model_shape, what)),
+                         scores.shape[1], torch_model)
+    data = replace(data, postprocess=pipeline.postprocess, train=train)
+    return BuildInputs(model=model, data=data, labels=pipeline.labels,
                        preprocess=pipeline.preprocess, postprocess=pipeline.postprocess,
                        thresholds=pipeline.thresholds, source=source, name=name)
 
@@ -147,14 +152,25 @@ def _sample_rate(value: np.ndarray, path: Path) -> float:
     return float(value.reshape(()))
 
 
-def from_onnx(model_path: Path, data_path: Path, options: PipelineOptions | None = None) -> BuildInputs:
+def from_onnx(model_path: Path, data_path: Path, options: PipelineOptions | None = None,
+              factory: str | None = None) -> BuildInputs:
     """An ONNX model file and its data file, with the pipeline inferred from the model and the data file, then the
-    pipeline file and flags in ``options``."""
+    pipeline file and flags in ``options``. ``factory`` (``module:function``) returns the model in PyTorch for
+    training-time compression; it must compute the ONNX model, and the data file must hold train_x/train_y."""
     model = read_model(model_path)
-    arrays = read_npz(data_path)
+    arrays = {**read_npz(data_path), **read_training_arrays(data_path)}
+    if factory is not None and "train_x" not in arrays:
+        raise ConfigError(f"--factory trains the model: {data_path} needs train_x and train_y")
+    torch_model = load_factory_model(factory) if factory is not None else None
     pipeline = resolve_pipeline(model, options or PipelineOptions(), data_sample_rate=arrays.get("sample_rate_hz"),
                                 data_labels=arrays.get("labels"))
-    return prepare(model, arrays, pipeline, source=str(model_path), name=default_name(model_path.stem))
+    inputs = prepare(model, arrays, pipeline, source=str(model_path), name=default_name(model_path.stem),
+                     torch_model=torch_model)
+    if factory is not None:
+        from edgefleet.build.training.teacher import check_factory
+
+        check_factory(model, torch_model, inputs.data.calib_x, factory)
+    return inputs
 
 
 def from_factory(spec: str, options: PipelineOptions | None = None) -> BuildInputs:
@@ -186,7 +202,7 @@ def from_factory(spec: str, options: PipelineOptions | None = None) -> BuildInpu
     model = export_classifier(net, tuple(int(d) for d in calib.shape[1:]))
     pipeline = resolve_pipeline(model, options or PipelineOptions(), base=dict(data.get("preprocess") or {}),
                                 base_labels=[str(v) for v in data.get("labels", [])])
-    return prepare(model, data, pipeline, source=spec, name=default_name(func_name))
+    return prepare(model, data, pipeline, source=spec, name=default_name(func_name), torch_model=net)
 
 
 def from_dataset(name: str, options: PipelineOptions | None = None, *, epochs: int = 60, seed: int = 0,

@@ -25,6 +25,7 @@ from edgefleet.build.latency import LatencyStats, compare_latency, measure_laten
 from edgefleet.build.passes import PassConfig, get_pass
 from edgefleet.build.recipe import Recipe, describe
 from edgefleet.build.sensitivity import rank_tensors
+from edgefleet.build.training.data import TrainingSet
 from edgefleet.core.profiles import DeviceProfile, Footprint, Verdict, check
 from edgefleet.errors import EdgefleetError
 
@@ -40,6 +41,8 @@ class BuildData:
     test_y: np.ndarray
     postprocess: dict[str, Any] | None = None
     """How class scores are read from the model's outputs (runtime.outputs); None: inferred from the model."""
+    train: TrainingSet | None = None
+    """Training rows (and the user's torch model): the search adds training-time candidates (build.training)."""
 
 
 @dataclass
@@ -57,6 +60,7 @@ class Candidate:
     analysis: ModelAnalysis | None = None
     latency: dict[int, LatencyStats] = field(default_factory=dict)
     build_s: float = 0.0
+    train_s: float = 0.0  # training-time candidates: seconds spent training (part of build_s)
     notes: list[str] = field(default_factory=list)
     error: str | None = None
     verdicts: list[Verdict] = field(default_factory=list)
@@ -172,6 +176,7 @@ class BuildSearch:
             self.progress("no int8 candidate meets the gate: trying outlier-robust int8 (channel scaling)")
             for pass_name, config in self.recipe.outlier_configs():
                 self.try_candidate(pass_name, config, candidates)
+        candidates += self.trained()
         trials: list[dict[str, Any]] = []
         if self.recipe.rescue.enabled and not any(c.passed and c.pass_name in INT8_PASSES for c in candidates):
             rescued = self.rescue(candidates, trials)
@@ -209,6 +214,22 @@ class BuildSearch:
             except EdgefleetError as exc:
                 cand.error, cand.model = str(exc), None
         candidates.append(cand)
+
+    def trained(self) -> list[Candidate]:
+        """Training-time candidates (pruning, distillation, QAT) when the data has training rows, measured."""
+        from edgefleet.build.training.candidates import training_candidates
+
+        trained = training_candidates(self.float_model, self.data.train, self.calib, self.recipe.training,
+                                      seed=self.recipe.seed, progress=self.progress)
+        for cand in trained:
+            if cand.model is not None:
+                try:
+                    self.measure(cand)
+                except EdgefleetError as exc:
+                    cand.error, cand.model = str(exc), None
+            self.progress(f"candidate {cand.label}" + (f": {cand.error}" if cand.error else
+                                                       f" (trained {cand.train_s:.1f} s)"))
+        return trained
 
     def float_candidate(self, baseline: Candidate, candidates: list[Candidate]) -> Candidate:
         """The float model as the one candidate (compacted like every shipped model), measured as the baseline."""

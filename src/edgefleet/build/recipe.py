@@ -29,6 +29,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from edgefleet.build.passes import PassConfig, get_pass, make_config
+from edgefleet.build.training.config import TrainingSpec
 from edgefleet.errors import ConfigError
 
 
@@ -99,6 +100,8 @@ class Recipe(_Frozen):
     latency_tolerance: float = Field(default=0.05, ge=0, description="timings this close count as equal")
     latency: LatencySpec = LatencySpec()
     seed: int = 0
+    training: TrainingSpec = TrainingSpec()
+    """Training-time candidates when the data has training rows (build.training.config)."""
 
     def configs(self) -> list[tuple[str, PassConfig]]:
         """(pass name, config) of every candidate, in recipe order."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import platform
+import zlib
 from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
@@ -26,7 +27,8 @@ def candidate_json(cand: Candidate, baseline_size: int, *, nodes: bool = False) 
         "label": cand.label, "pass": cand.pass_name, "config": cand.config, "error": cand.error,
         "accuracy": cand.accuracy, "drop_pp": cand.drop_pp, "passed": cand.passed, "notes": cand.notes,
         "size_bytes": cand.size_bytes, "size_ratio": cand.size_bytes / baseline_size if baseline_size else None,
-        "build_s": round(cand.build_s, 3),
+        "build_s": round(cand.build_s, 3), "train_s": round(cand.train_s, 3),
+        "compressed_bytes": len(zlib.compress(cand.model, 9)) if cand.model else 0,
         "latency_ms": {f"b{b}": asdict(s) for b, s in sorted(cand.latency.items())},
         "runtime_latency_ms": {name: asdict(s) for name, s in sorted(cand.runtime_latency.items())},
         "profiles": [asdict(v) for v in cand.verdicts],
@@ -103,7 +105,7 @@ def print_table(outcome: BuildOutcome, console: Console | None = None) -> None:
     size = outcome.baseline.size_bytes or 1
     table = Table(title=f"edgefleet build (gate: drop <= {outcome.max_accuracy_drop:g} pp)")
     for col in ("candidate", "acc %", "drop pp", "gate", "size KB", "x f32", "MMACs", "arena KB",
-                "b1 ms (p10-p90)", "b32 ms", "energy uJ*"):
+                "b1 ms (p10-p90)", "b32 ms", "energy uJ*", "train s"):
         table.add_column(col, justify="left" if col == "candidate" else "right")
     for cand in [outcome.baseline, *outcome.candidates]:
         a = cand.analysis
@@ -114,6 +116,7 @@ def print_table(outcome: BuildOutcome, console: Console | None = None) -> None:
             f"{cand.size_bytes / 1024:.1f}", f"{cand.size_bytes / size:.2f}",
             f"{a.macs / 1e6:.3g}" if a else "-", f"{a.arena.arena_bytes / 1024:.1f}" if a else "-",
             _ms(cand, 1), _ms(cand, 32), f"{a.energy.total_uj:.3g}" if a else "-",
+            f"{cand.train_s:.1f}" if cand.train_s else "-",
             style="bold green" if cand is outcome.chosen else ("dim" if cand.error or not cand.passed else None),
         )
     console.print(table)

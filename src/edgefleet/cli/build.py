@@ -40,10 +40,15 @@ def build(
     epochs: Annotated[int, typer.Option(min=1, help="training epochs with --dataset")] = 60,
     runtime: Annotated[str, typer.Option(help="runtime the bundle names: onnxruntime, openvino, or auto (the "
                                                "fastest measured one of every target profile)")] = "onnxruntime",
+    factory: Annotated[str | None, typer.Option(help="module:function returning MODEL as a torch.nn.Module, for "
+                                                "pruning, distillation and QAT on --data's train_x/train_y "
+                                                "(default: MODEL converted from ONNX)")] = None,
 ) -> None:
     """Compress MODEL under an accuracy gate, report every candidate, and sign the chosen one as a bundle.
 
-    The bundle's input pipeline and output interpretation are inferred from the model and the data file, then
+    When the data holds train_x/train_y, the search also prunes channels, distills and trains with quantization
+    (the recipe's training section). The bundle's input pipeline and output interpretation are inferred from the
+    model and the data file, then
     set by --pipeline and the flags; golden samples are the first calibration rows with the chosen model's
     outputs. Exits non-zero, writing no bundle, when no candidate keeps the accuracy drop within the gate.
     """
@@ -79,11 +84,13 @@ def build(
     elif model is None:
         raise ConfigError("give MODEL (an ONNX file with --data, or module:function) or --dataset NAME")
     elif not model.endswith(".onnx") and ":" in model and not Path(model).exists():
+        if factory is not None:
+            raise ConfigError("--factory goes with an ONNX MODEL; a module:function MODEL is the torch model already")
         inputs = from_factory(model, options)
     else:
         if data is None:
             raise ConfigError("an ONNX model needs --data DATA.npz with calib_x, test_x and test_y")
-        inputs = from_onnx(Path(model), data, options)
+        inputs = from_onnx(Path(model), data, options, factory=factory)
 
     drawing = plot or (report.with_suffix(".png") if report is not None else None)
 

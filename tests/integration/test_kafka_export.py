@@ -127,9 +127,8 @@ def test_kill_9_mid_export_then_restart_every_stored_batch_is_in_kafka(
     server = Server(server_argv, tmp_path / "srv", group).start()
     store = Store(sqlite_url(server.data_dir))
     try:
-        for chunk in range(6):  # 6,000 batches of 100 devices, written while the export runs
-            store.add_telemetry_many(batches(100, 10, first_seq=chunk * 10))
-        wait_until(lambda: store.export_backlog().exported > 0, 30, "the export to start")
+        store.add_telemetry_many(batches(100, 60))  # 6,000 batches of 100 devices in one transaction: 3 rounds
+        wait_until(lambda: store.export_backlog().exported > 0, 30, "the export to start", interval_s=0.02)
         assert server.process is not None
         server.process.kill()  # SIGKILL: no lease release; rows sent but not yet marked stay queued
         assert store.export_backlog().pending > 0, "killed mid-export (rows were still queued)"

@@ -125,6 +125,16 @@ class KafkaBroker:
         assert self.relay is not None, "start the broker first"
         return f"127.0.0.1:{self.relay.port}"
 
+    @property
+    def cpu_s(self) -> float:
+        """CPU seconds the broker process used so far (user + system), from /proc; 0 where unreadable."""
+        proc = self.process.proc if self.process is not None else None
+        try:
+            fields = Path(f"/proc/{proc.pid}/stat").read_text().rsplit(")", 1)[1].split() if proc else []
+            return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        except (OSError, IndexError, ValueError):
+            return 0.0
+
     def start(self, timeout_s: float = 15.0) -> KafkaBroker:
         binary = find_tansu()
         inner = free_port()

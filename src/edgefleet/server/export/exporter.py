@@ -2,10 +2,11 @@
 
 A round: renew the export lease (:meth:`~edgefleet.server.store.export.ExportStore.claim_export`; a replica without
 it stands by), read the oldest queued rows, send them all, wait for the broker to acknowledge every one, then
-delete them from the outbox. A round that fails or is not acknowledged within ``timeout_s`` leaves its rows
-queued: the producer is closed, and the next round, after a backoff, sends them again (a consumer drops the
-copies by ``id``). The producer asks for ``acks=all`` and idempotence, so a retry inside one producer session
-never duplicates a message; a broker that refuses idempotent producers gets a plain one, said once in the log.
+delete them from the outbox. While busy, the next round's rows are read during the acknowledgements. A round
+that fails or is not acknowledged within ``timeout_s`` leaves its rows queued: the producer is closed, and the
+next round, after a backoff, sends them again (a consumer drops the copies by ``id``). The producer asks for
+``acks=all`` and idempotence, so a retry inside one producer session never duplicates a message; a broker that
+refuses idempotent producers gets a plain one, said once in the log.
 
 The exporter runs in its own thread with its own event loop; the store is called from worker threads.
 """
@@ -31,6 +32,8 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 IDLE_POLL_S = 0.1
 """How often an idle exporter looks for new rows."""
+READ_AHEAD_ROUNDS = 20
+"""Full rounds read ahead (by id) before a read starts over from the outbox's oldest row."""
 
 
 class KafkaExporter:
@@ -95,6 +98,8 @@ class KafkaExporter:
         from aiokafka.errors import KafkaError
 
         producer: Any = None
+        ahead: asyncio.Future[list[Queued]] | None = None  # the next round, read while this one is acknowledged
+        streak = 0  # full rounds read ahead since the last read from the outbox's start
         try:
             while not self._stop.is_set():
                 try:
@@ -104,13 +109,25 @@ class KafkaExporter:
                         producer = None
                         await self._sleep(min(1.0, self.settings.lease_s / 3))
                         continue
-                    rows = await _in_thread(self.store.pending_exports, self.settings.batch)
+                    rows = await ahead if ahead is not None else \
+                        await _in_thread(self.store.pending_exports, self.settings.batch)
+                    ahead = None
                     if not rows:
+                        streak = 0
                         await self._sleep(IDLE_POLL_S)
                         continue
                     self._round_started = time.time()
                     if producer is None:
                         producer = await self._producer()
+                    if len(rows) == self.settings.batch and streak < READ_AHEAD_ROUNDS:
+                        # busy: read the next rows (after these, by id) while these are acknowledged; every
+                        # READ_AHEAD_ROUNDS the read starts over, so that a row committed late under a lower id
+                        # (PostgreSQL) is not passed over for long
+                        ahead = asyncio.ensure_future(_in_thread(self.store.pending_exports, self.settings.batch,
+                                                                 rows[-1].id))
+                        streak += 1
+                    else:
+                        streak = 0
                     nonconforming = await self._unless_stopped(
                         asyncio.wait_for(self._send(producer, rows), self.settings.timeout_s))
                     if nonconforming is None:
@@ -118,9 +135,13 @@ class KafkaExporter:
                     await _in_thread(self.store.mark_exported, [r.id for r in rows])
                     self._acknowledged(len(rows), nonconforming)
                 except (KafkaError, OSError, TimeoutError, EdgefleetError) as exc:  # a round failed: retried
+                    await _settle(ahead)
+                    ahead = None
+                    streak = 0
                     await self._failed(exc, producer)
                     producer = None
         finally:
+            await _settle(ahead)
             await self._close(producer)
             with contextlib.suppress(EdgefleetError):
                 self.store.release_export(self.holder)
@@ -217,3 +238,10 @@ class KafkaExporter:
 
 def _in_thread(fn: Any, *args: Any) -> Awaitable[Any]:
     return asyncio.to_thread(fn, *args)
+
+
+async def _settle(future: asyncio.Future[Any] | None) -> None:
+    """Let a read ahead that is no longer wanted finish (it only reads), whatever it raises."""
+    if future is not None:
+        with contextlib.suppress(Exception):
+            await future

@@ -86,12 +86,12 @@ class ExportStore(StoreBase):
                                                    ExportStateRow.holder == holder)
                       .values(holder=None, lease_until=0.0, updated=time.time()))
 
-    def pending_exports(self, limit: int = 2000) -> list[Queued]:
-        """The oldest queued rows, in queue order."""
+    def pending_exports(self, limit: int = 2000, after: int = 0) -> list[Queued]:
+        """The oldest queued rows (those with an id over ``after``), in queue order."""
         o = ExportOutboxRow
         with self.session() as s:
             rows = s.execute(select(o.id, o.topic, o.key, o.seq, o.msg_id, o.version, o.data, o.created)
-                             .order_by(o.id).limit(limit))
+                             .where(o.id > after).order_by(o.id).limit(limit))
             return [Queued(int(r[0]), r[1], r[2], int(r[3]), r[4], int(r[5]), r[6], float(r[7])) for r in rows]
 
     def mark_exported(self, ids: list[int]) -> int:

@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench import mqtt_load
+from bench import kafka_load, mqtt_load
 from bench.common import markdown_table, publish
 from edgefleet.bundle.signing import PublicKey
 from edgefleet.processes import wait_until
@@ -36,7 +36,7 @@ AGENTS = int(os.environ.get("EF_BENCH_AGENTS", "1000"))
 RATES = [int(r) for r in os.environ.get("EF_BENCH_RATES", "5000,10000,15000,20000,25000").split(",")]
 STEP_S = float(os.environ.get("EF_BENCH_STEP_S", "6"))
 PUBLISHERS = int(os.environ.get("EF_BENCH_PUBLISHERS", "8"))
-PARTS = os.environ.get("EF_BENCH_PARTS", "rollout,fanout,ingest").split(",")
+PARTS = os.environ.get("EF_BENCH_PARTS", "rollout,fanout,ingest,kafka").split(",")
 C_MESSAGES = 100_000
 
 
@@ -232,11 +232,14 @@ def main() -> None:
             result.update(fanout(fleet, url, endpoint))
         if "ingest" in PARTS:
             result.update(ingest(fleet, url, endpoint))
+        fleet.close()  # the Kafka part runs its own broker, database and servers (bench/kafka_load.py)
+        if "kafka" in PARTS:
+            result.update(kafka_load.run(work / "kafka", log))
     finally:
         fleet.close()
         broker.stop()
         drop_database(url.rsplit("/", 1)[1])
-    if set(PARTS) != {"rollout", "fanout", "ingest"}:
+    if set(PARTS) != {"rollout", "fanout", "ingest", "kafka"}:
         print(json.dumps(result, indent=1))  # a partial run is for looking at, not for the record
         return
     report(result)
@@ -276,6 +279,7 @@ def report(result: dict[str, Any]) -> None:
          ">= 10,000"],
         ["ratio to the C clients, 2 replicas", result["ingest_ratio_2_replicas"], "~0.45"],
         ["messages lost (1 replica / 2 replicas)", f"{result['lost']} / {result['lost_2_replicas']}", "0"],
+        *kafka_load.report_rows(result),
     ])
     ladder = markdown_table(["replicas", "offered/s", "stored/s", "lost"],
                             [[1, r["offered_per_s"], r["stored_per_s"], r["lost"]] for r in one]
@@ -284,7 +288,8 @@ def report(result: dict[str, Any]) -> None:
             f"200 bytes from {PUBLISHERS} devices, one MQTT connection each, at most 1,000 unacknowledged per "
             "connection (bench/mqtt_load.py); stored/s from the first publish to the last row committed; lost: "
             f"acknowledged by the broker but not in the store; the ingest figure above is the best zero-loss "
-            f"step):\n\n{ladder}\n\nAll on one 2-core machine: broker, database, server(s), load generator and "
+            f"step):\n\n{ladder}\n\n{kafka_load.report_text(result)}\n\n"
+            "All on one 2-core machine: broker, database, server(s), load generator and "
             "simulated devices share the cores.")
 
 

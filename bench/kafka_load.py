@@ -225,3 +225,42 @@ def run(work: Path, log: Log) -> dict[str, Any]:
 
 def _public(row: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in row.items() if k not in ("started_at", "seq_base", "per_device", "per_device_s")}
+
+
+def report_rows(result: dict[str, Any]) -> list[list[object]]:
+    """Rows for the fleet table (none when the Kafka part did not run)."""
+    if "kafka_msgs_per_s" not in result:
+        return []
+    at = result["kafka_at_offered_per_s"]
+    return [
+        ["ingest into the store, no export: the anchor of the Kafka rows (msg/s)",
+         result["kafka_anchor_store_msgs_per_s"], "anchor"],
+        [f"MQTT -> store -> Kafka, zero loss, best step (offered {at}/s) (msg/s)", result["kafka_msgs_per_s"],
+         ">= 10,000"],
+        ["ratio to the anchor", result["kafka_ratio_to_store_anchor"], "~1"],
+        ["MQTT publish -> Kafka lag p99 at that step (s)", result["kafka_lag_p99_s"], ""],
+        ["messages lost on the way to Kafka (every step and the outage)", result["kafka_lost"], "0"],
+        [f"broker unreachable {result['kafka_outage_s']:g} s at {result['kafka_outage_rate']}/s: peak lag / "
+         "catch-up after (s)",
+         f"{result.get('kafka_outage_lag_peak_s', 0):.1f} / {result.get('kafka_outage_catch_up_s', 0):.1f}", ""],
+    ]
+
+
+def report_text(result: dict[str, Any]) -> str:
+    """The Kafka ladder under the fleet table."""
+    if "kafka_ladder" not in result:
+        return ""
+    from bench.common import markdown_table
+
+    anchor = {r["offered_per_s"]: r["stored_per_s"] for r in result["kafka_anchor_ladder"]}
+    ladder = markdown_table(
+        ["offered/s", "anchor stored/s", "stored/s", "exported/s", "lost", "copies", "lag p50 (s)", "lag p99 (s)"],
+        [[r["offered_per_s"], anchor.get(r["offered_per_s"]), r["stored_per_s"], r["kafka_per_s"], r["kafka_lost"],
+          r["kafka_copies"], r["kafka_lag_p50_s"], r["kafka_lag_p99_s"]]
+         for r in [*result["kafka_ladder"], result["kafka_outage_step"]]])
+    return (f"Kafka ladder ({STEP_S:g} s per step, {len(DEVICES)} devices; `edgefleet server --kafka` on PostgreSQL "
+            "with Mosquitto and Tansu in memory behind the test relay, bench/kafka_load.py; the anchor is the same "
+            "load into a server without `--kafka` in the same run; exported/s from the first publish to the last "
+            "acknowledged export; lost: acknowledged by Mosquitto but not in Kafka after deduplication by id; "
+            "lag: scheduled MQTT publish to the Kafka record's timestamp; the last row holds the broker outage "
+            f"({result['kafka_outage_s']:g} s unreachable within it)):\n\n{ladder}")

@@ -105,3 +105,26 @@ class TestPostgresExportStore(ExportStoreContract):
     @pytest.fixture
     def url(self, postgres_url: str) -> str:
         return postgres_url
+
+
+def test_a_replica_without_kafka_shows_the_shared_backlog_on_the_status_endpoint(tmp_path: Path) -> None:
+    """``GET /api/v1/export/status`` on a replica that exports nothing itself: the store's shared state."""
+    from fastapi import FastAPI
+    from fastapi.testclient import TestClient
+
+    from edgefleet.server.export.api import export_router
+
+    store = Store(f"sqlite:///{tmp_path / 'edgefleet.db'}")
+    try:
+        app = FastAPI()
+        app.include_router(export_router(store, None))
+        client = TestClient(app)
+        assert client.get("/api/v1/export/status").json()["enabled"] is False
+        store.enable_export()
+        store.add_telemetry(batch("d1", 1))
+        assert store.claim_export("replica-a", 30)
+        status = client.get("/api/v1/export/status").json()
+        assert (status["enabled"], status["pending"], status["holder"], status["lease_held"]) == \
+            (True, 1, "replica-a", False)
+    finally:
+        store.close()

@@ -95,3 +95,18 @@ def test_sasl_and_tls_reach_the_client_options(tmp_path: Path) -> None:
         ("SCRAM-SHA-512", "fleet", "secret")
     assert isinstance(kwargs["ssl_context"], ssl.SSLContext)
     assert settings.topic("telemetry") == "plant1.telemetry"
+
+
+def test_export_tail_parquet_without_pyarrow_says_so_in_one_line(tmp_path: Path) -> None:
+    import importlib.util
+
+    from typer.testing import CliRunner
+
+    from edgefleet.cli import app
+
+    result = CliRunner().invoke(app, ["export", "tail", "--kafka", "127.0.0.1:1", "--format", "parquet",
+                                      "--out", str(tmp_path / "out.parquet")])
+    if importlib.util.find_spec("pyarrow") is not None:
+        pytest.skip("pyarrow is installed here: parquet output is available")
+    assert isinstance(result.exception, ConfigError) and "needs pyarrow" in str(result.exception)
+    assert "\n" not in str(result.exception)

@@ -139,12 +139,16 @@ class Client:
             time.sleep(0.5)
 
     def publish(self, topic: str, payload: bytes, retain: bool = False) -> None:
-        """Publish at QoS 1; a broker may close the connection after a refused publish, so reconnect once."""
+        """Publish at QoS 1. A broker may close the connection after a refused publish: paho keeps the message
+        queued, reconnects by itself and sends it then."""
         info = self.client.publish(topic, payload, qos=1, retain=retain)
         if info.rc == mqtt.MQTT_ERR_NO_CONN:
-            assert self.connected.get(timeout=15) == ""  # paho's loop reconnects by itself
-            info = self.client.publish(topic, payload, qos=1, retain=retain)
-        info.wait_for_publish(5)
+            assert self.connected.get(timeout=15) == ""
+        else:
+            info.wait_for_publish(5)
+        deadline = time.monotonic() + 10
+        while not info.is_published() and time.monotonic() < deadline:
+            time.sleep(0.05)
 
     def quiet(self, seconds: float = QUIET_S) -> list[tuple[str, bytes]]:
         time.sleep(seconds)

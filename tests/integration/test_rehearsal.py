@@ -1,9 +1,10 @@
-"""Rollout rehearsal on twins (``edgefleet rollout create --rehearse N``) against a real server and broker. Two
-field devices have told the server (over MQTT, with their own logins) that they run clf@1.0.0 and what their
-inputs look like; one drifts (a channel no class uses reads +3). A candidate that
-reads that channel is as good as the old model on clean inputs and worse on drifting ones: its rehearsal, on
-twins that copy the devices' reported inputs, trips the accuracy gate and the real rollout is not created. A
-candidate that ignores the channel passes its rehearsal and the real rollout starts on the real devices only.
+"""Rollout rehearsal on twins (``edgefleet rollout create --rehearse N``) against a real server and broker.
+
+Two field devices have told the server (over MQTT, with their own logins) that they run clf@1.0.0 and what their
+inputs look like; one drifts (a channel no class uses reads +3). A candidate that reads that channel is as good as
+the old model on clean inputs and worse on drifting ones: its rehearsal, on twins that copy the devices' reported
+inputs, trips the accuracy gate and the real rollout is not created. A candidate that ignores the channel passes
+its rehearsal and the real rollout starts on the real devices only.
 """
 
 from __future__ import annotations
@@ -12,71 +13,28 @@ import json
 import os
 import subprocess
 import sys
-import time
+from collections.abc import Iterator
 from pathlib import Path
 
-import numpy as np
 import pytest
-from onnx import TensorProto, helper, numpy_helper
 
 from edgefleet.processes import wait_until
-from edgefleet.testing import synthetic
+from edgefleet.testing.field import DRIFT_CHANNEL, field_inputs, reads_drift_channel, report_as_device
 from edgefleet.testing.fleet import LocalFleet
-from edgefleet.transport import topics
-from edgefleet.transport.link import MqttLink
-from edgefleet.transport.mqtt_url import MqttEndpoint, parse_mqtt_url
+from edgefleet.transport.mqtt_url import MqttEndpoint
 
 pytestmark = pytest.mark.integration
-DRIFT_CHANNEL = 4
-"""A channel none of the synthetic classes raises (classes use channels 0-3)."""
 
 
-def reads_drift_channel(weight: float) -> bytes:
-    """The synthetic classifier, plus channel 4 voting for class 0 with ``weight`` (0: the plain classifier)."""
-    weights = np.zeros((synthetic.CHANNELS, synthetic.CLASSES), dtype=np.float32)
-    weights[np.arange(synthetic.CLASSES), np.arange(synthetic.CLASSES)] = 4.0
-    weights[DRIFT_CHANNEL, 0] = weight
-    graph = helper.make_graph(
-        [helper.make_node("ReduceMean", ["x", "axes"], ["pooled"], keepdims=0),
-         helper.make_node("MatMul", ["pooled", "W"], ["logits"]),
-         helper.make_node("Softmax", ["logits"], ["probs"], axis=1)], "drift_reader",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, synthetic.CHANNELS, synthetic.WINDOW])],
-        [helper.make_tensor_value_info("probs", TensorProto.FLOAT, [None, synthetic.CLASSES])],
-        [numpy_helper.from_array(np.array([2], dtype=np.int64), "axes"), numpy_helper.from_array(weights, "W")])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
-    model.ir_version = 9
-    return bytes(model.SerializeToString())
-
-
-def _field_inputs(drift: float) -> tuple[list[float], list[float]]:
-    """Per-channel mean and std of a field device's inputs: the synthetic recordings, channel 4 moved by ``drift``."""
-    x = synthetic.recordings(per_class=4, length=60, seed=3).test_x.astype(np.float64)
-    x[:, DRIFT_CHANNEL, :] += drift
-    flat = x.transpose(1, 0, 2).reshape(synthetic.CHANNELS, -1)
-    return [round(float(v), 3) for v in flat.mean(axis=1)], [round(float(v), 3) for v in flat.std(axis=1)]
-
-
-def _report_as_device(credentials: Path, inputs: tuple[list[float], list[float]], batches: int = 6) -> None:
-    """What a field device running clf@1.0.0 tells the server, over MQTT with its own login: its reported state
-    and telemetry batches whose drift statistics are its inputs (the scaling of clf@1.0.0 is mean 0, std 1)."""
-    creds = json.loads(credentials.read_text())
-    endpoint = parse_mqtt_url(creds["mqtt_url"])
-    endpoint = MqttEndpoint(endpoint.host, endpoint.port, creds["mqtt_username"], creds["mqtt_password"])
-    device = creds["device_id"]
-    link = MqttLink(endpoint, f"field-{device}")
-    link.start(10.0)
+@pytest.fixture
+def fleet(tmp_path: Path, mosquitto_broker: MqttEndpoint) -> Iterator[LocalFleet]:
+    """A real server on the session's Mosquitto (a device's session is taken over at once after a kill)."""
+    local = LocalFleet(tmp_path, mqtt_url=mosquitto_broker.url)
     try:
-        link.publish_and_wait(topics.reported(device), json.dumps({
-            "device": device, "agent_version": "0.1.0", "active": "clf@1.0.0", "running": "clf@1.0.0",
-            "update_state": "idle", "hardware": "generic"}).encode(), retain=True)
-        mean, std = inputs
-        for seq in range(batches):
-            link.publish_and_wait(topics.telemetry(device), json.dumps({
-                "device": device, "seq": seq, "ts": time.time(), "model": "clf@1.0.0", "windows": 20,
-                "labelled": 20, "correct": 20, "latency_ms": {"150": 20}, "confidence": [0] * 19 + [20],
-                "drift": {"n": 400, "mean_z": mean, "std_ratio": std, "score": max(abs(v) for v in mean)}}).encode())
+        local.start_server()
+        yield local
     finally:
-        link.stop()
+        local.close()
 
 
 @pytest.fixture
@@ -88,7 +46,7 @@ def field(fleet: LocalFleet) -> LocalFleet:
     api.push_model(fleet.bundle("2.0.0", 2, reads_drift_channel(8.0)))  # worse under drift
     api.push_model(fleet.bundle("2.1.0", 3, reads_drift_channel(0.0)))  # as good as 1.0.0 everywhere
     for device, drift in {"field-clean": 0.0, "field-drift": 3.0}.items():
-        _report_as_device(fleet.provision(device, tags={"site": "plant"}), _field_inputs(drift))
+        report_as_device(fleet.provision(device, tags={"site": "plant"}), field_inputs(drift))
     api.deploy("clf@1.0.0", ["field-clean", "field-drift"])
 
     def stored() -> bool:
@@ -108,7 +66,7 @@ def _rehearse(fleet: LocalFleet, model: str) -> subprocess.Popen[str]:
     return subprocess.Popen(
         [sys.executable, "-m", "edgefleet", "rollout", "create", model, "--select", "site=plant",
          "--waves", "50%,100%", "--gate", "accuracy_drop > 20%", "--window", "4", "--min-windows", "10",
-         "--install-timeout", "60", "--rehearse", "4", "--rehearse-warmup", "3", "--rehearse-timeout", "90",
+         "--install-timeout", "60", "--rehearse", "4", "--rehearse-warmup", "2", "--rehearse-timeout", "90",
          "--rehearse-scenario", str(fleet.root / "rehearsal.yaml"), "--json"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
 

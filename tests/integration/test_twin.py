@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -16,10 +17,22 @@ import pytest
 from edgefleet.processes import wait_until
 from edgefleet.testing.agent_rig import read_agent_db
 from edgefleet.testing.fleet import LocalFleet
+from edgefleet.transport.mqtt_url import MqttEndpoint
 from edgefleet.twin.fleet import TwinFleet
 from edgefleet.twin.scenario import ScenarioError, load_scenario, parse_scenario
 
 pytestmark = pytest.mark.integration
+
+
+@pytest.fixture
+def fleet(tmp_path: Path, mosquitto_broker: MqttEndpoint) -> Iterator[LocalFleet]:
+    """A real server on the session's Mosquitto (a device's session is taken over at once after a kill)."""
+    local = LocalFleet(tmp_path, mqtt_url=mosquitto_broker.url)
+    try:
+        local.start_server()
+        yield local
+    finally:
+        local.close()
 
 
 def _state(fleet: TwinFleet) -> dict[str, object]:

@@ -12,6 +12,7 @@ import contextlib
 import json
 import math
 import secrets
+import signal
 import sqlite3
 import sys
 import time
@@ -66,6 +67,7 @@ class TwinFleet:
     twins: list[TwinSpec] = field(default_factory=list)
     group: ProcessGroup = field(default_factory=ProcessGroup)
     hosts: list[ManagedProcess] = field(default_factory=list)
+    _hosted: int = 0
 
     @property
     def tag(self) -> dict[str, str]:
@@ -75,7 +77,7 @@ class TwinFleet:
     def provision(self, devices: int) -> list[TwinSpec]:
         """Add ``devices`` twins to the server, spread over the scenario's groups; put each group on its model."""
         sizes = self.scenario.sizes(devices)
-        index = 0
+        index = len(self.twins)
         for group_index, (group, size) in enumerate(zip(self.scenario.groups, sizes, strict=True)):
             ids = []
             for _ in range(size):
@@ -96,12 +98,18 @@ class TwinFleet:
 
     def start(self, *, duration_s: float | None = None, timeout_s: float = 300.0, env: dict[str, str] | None = None
               ) -> float:
-        """Start the host processes; return once every host has started its twins (seconds taken)."""
+        """Start host processes for the twins no running host has (all of them after a stop or kill); return once
+        every new host has started its twins (seconds taken)."""
         started = time.monotonic()
-        processes = max(1, math.ceil(len(self.twins) / self.per_process))
+        if not self.hosts:
+            self._hosted = 0
+        fresh = self.twins[self._hosted:]
+        self._hosted = len(self.twins)
+        processes = max(1, math.ceil(len(fresh) / self.per_process))
         ready = []
         for number in range(processes):
-            share = self.twins[number::processes]
+            share = fresh[number::processes]
+            number += len(self.hosts)
             spec_file = self.root / "hosts" / f"host-{number}.json"
             ready_file = self.root / "hosts" / f"host-{number}.ready"
             ready_file.unlink(missing_ok=True)
@@ -111,9 +119,9 @@ class TwinFleet:
                 "ready_file": str(ready_file),
                 "twins": [{"credentials": str(t.credentials), "data_dir": str(t.data_dir), "group": t.group,
                            "seed": t.seed} for t in share]}))
-            self.hosts.append(self.group.start(ManagedProcess(
-                [sys.executable, "-m", "edgefleet.twin.host", str(spec_file)],
-                self.root / "logs" / f"host-{number}.log", env=env)))
+            host = ManagedProcess([sys.executable, "-m", "edgefleet.twin.host", str(spec_file)],
+                                  self.root / "logs" / f"host-{number}.log", env=env)
+            self.hosts.append(self.group.start(host))
             ready.append(ready_file)
         deadline = time.monotonic() + timeout_s
         while not all(r.exists() for r in ready):
@@ -141,9 +149,17 @@ class TwinFleet:
             count = self.running(model)
         return count
 
-    def stop(self) -> None:
-        """Stop the host processes (each drains its twins' outboxes, bounded)."""
-        self.group.stop_all()
+    def stop(self, grace_s: float = 20.0) -> None:
+        """Stop the host processes together (each drains its twins' outboxes; killed after ``grace_s``)."""
+        for host in self.hosts:
+            if host.running and host.proc is not None:
+                host.proc.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + grace_s
+        for host in self.hosts:
+            if host.wait(max(0.1, deadline - time.monotonic())) is None:
+                host.kill()
+                host.wait(5.0)
+        self.group.processes.clear()
         self.hosts.clear()
 
     def kill(self) -> None:
@@ -151,6 +167,7 @@ class TwinFleet:
         for host in self.hosts:
             host.kill()
             host.wait(10.0)
+        self.group.processes.clear()
         self.hosts.clear()
 
     def close(self, *, keep: bool = False) -> None:

@@ -188,6 +188,10 @@ class ControlPlane:
     def telemetry(self, device_id: str) -> Any:
         return self._call("GET", f"/api/v1/devices/{device_id}/telemetry")
 
+    def measured_profiles(self, profile: str | None = None) -> Any:
+        """Measured device profiles (all, or one): facts, latency per model, scaling against the build host."""
+        return self._call("GET", f"/api/v1/profiles/{profile}/measured" if profile else "/api/v1/profiles/measured")
+
     def events(self, device_id: str) -> Any:
         return self._call("GET", f"/api/v1/devices/{device_id}/events")
 

@@ -46,6 +46,14 @@ def test_packed_telemetry_is_shorter_and_reads_back_as_the_same_json() -> None:
     assert parse(TelemetryBatch, compact.unpack("telemetry", packed)) == parse(TelemetryBatch, plain)
 
 
+def test_every_released_dictionary_still_reads() -> None:
+    """Agents in the field pack with the version they shipped with: the server reads every one."""
+    plain = json.dumps(full_report(facts={"cpu": "Cortex-A72", "cores": 4})).encode()
+    for version in wire_table.DICTIONARIES:
+        packed = compact.pack("reported", plain, version=version)
+        assert packed[0] == version and compact.unpack("reported", packed) == plain
+
+
 def test_plain_json_passes_through_and_a_tiny_message_stays_plain() -> None:
     assert compact.unpack("events", b'{"device":"d"}') == b'{"device":"d"}'
     assert compact.pack("events", b"{}") == b"{}"

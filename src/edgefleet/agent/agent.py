@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 from edgefleet import __version__
 from edgefleet.agent.accepted import accepted_versions, device_clock, raise_floor, remember_bundle, time_floor
 from edgefleet.agent.config import AgentConfig, remember_broker
+from edgefleet.agent.facts import device_facts
 from edgefleet.agent.fetch import ArtifactFetcher, Fetcher
 from edgefleet.agent.inference import InferencePipeline
 from edgefleet.agent.local_action import open_local_action
@@ -81,6 +82,8 @@ class Agent:
         """The interval a rollout asks for in the desired state (None: none does); see telemetry_interval_s."""
         self.restart_requested = False
         self._report_changes = compact.ReportChanges()
+        self._facts = device_facts()
+        """CPU, cores, memory, runtimes and providers, sent in every full report (agent.facts)."""
         self.link = link_factory(config.mqtt, f"ef-agent-{self.device}", clean_session=False,
                               subscriptions=[(topics.desired(self.device), 1)], on_message=self._on_message)
         fetcher = fetcher or ArtifactFetcher(config.server_url, config.token, limits=config.downloads,
@@ -290,6 +293,7 @@ class Agent:
                            "runtimes": list(self.config.runtimes),
                            "update_state": self.state.get(STEP_KEY, "idle"),
                            "last_error": self.state.get(ERROR_KEY), "public_key": self.public_key,
+                           "facts": self._facts,
                            "ts": round(time.time(), 3)})
         self.link.publish(topics.reported(self.device), compact.pack("reported", reported), qos=1, retain=True)
 

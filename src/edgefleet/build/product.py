@@ -62,15 +62,19 @@ class BuiltBundle:
 def build_bundle(inputs: BuildInputs, recipe: Recipe, profiles: list[DeviceProfile], key: SigningKey, *,
                  name: str | None = None, version: str = "1.0.0", release: int = 1,
                  progress: Progress | None = None,
-                 on_outcome: Callable[[BuildOutcome], None] | None = None, runtime: str = "onnxruntime"
-                 ) -> BuiltBundle:
+                 on_outcome: Callable[[BuildOutcome], None] | None = None, runtime: str = "onnxruntime",
+                 measured_scaling: dict[str, float] | None = None) -> BuiltBundle:
     """Run the build search on ``inputs`` and sign the chosen model as a bundle (``name`` defaults to the inputs')
     for ``runtime`` (a runtime name, or ``auto``).
 
     ``on_outcome`` sees the outcome before the gate's verdict is applied (the CLI prints and reports it, also
-    when nothing passes); ModelError with the reason when no candidate passes the gate.
+    when nothing passes); ModelError with the reason when no candidate passes the gate. ``measured_scaling``:
+    per profile, the device latency over the build host's that its devices measured (``edgefleet device
+    profiles``); those profiles' verdicts take the candidate's host latency times it, marked ``measured``.
     """
     outcome = BuildSearch(inputs.model, inputs.data, recipe, profiles, progress=progress).run()
+    if measured_scaling:
+        apply_measured_scaling(outcome, profiles, measured_scaling)
     if on_outcome is not None:
         on_outcome(outcome)
     chosen = outcome.chosen
@@ -92,6 +96,22 @@ def build_bundle(inputs: BuildInputs, recipe: Recipe, profiles: list[DeviceProfi
                        profiles=fitting, labels=list(inputs.labels), preprocess=dict(inputs.preprocess),
                        runtime=chosen_runtime, runtime_reason=why,
                        runtimes_by_profile=runtime_per_profile(targets, chosen.runtime_latency))
+
+
+def apply_measured_scaling(outcome: BuildOutcome, profiles: list[DeviceProfile], scaling: dict[str, float]) -> None:
+    """Every timed candidate's verdict for a profile with a measured scaling: its batch-1 host latency times the
+    scaling, in place of the estimate from MACs."""
+    from edgefleet.build.pipeline import _footprint
+    from edgefleet.core.profiles import check
+
+    by_name = {p.name: p for p in profiles}
+    for cand in [outcome.baseline, *outcome.candidates]:
+        host = cand.latency.get(1)
+        if host is None or cand.analysis is None:
+            continue
+        footprint = _footprint(cand.analysis)
+        cand.verdicts = [check(by_name[v.profile], footprint, host.median_ms * scaling[v.profile])
+                         if v.profile in scaling and v.profile in by_name else v for v in cand.verdicts]
 
 
 def bundle_metrics(outcome: BuildOutcome, chosen: Candidate) -> dict[str, float]:

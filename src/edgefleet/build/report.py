@@ -132,7 +132,8 @@ def print_table(outcome: BuildOutcome, console: Console | None = None) -> None:
             for v in cand.verdicts:
                 verdicts.add_row(v.profile, "yes" if v.fits else "no",
                                  f"{v.ram_needed_bytes / 1024:.0f} / {v.ram_available_bytes / 1024:.0f} KB",
-                                 f"{v.est_latency_ms:.3g}", f"{v.latency_budget_ms:g}", f"{v.device_energy_mj:.3g}",
+                                 f"{v.est_latency_ms:.3g}{' (measured)' if v.latency_source == 'measured' else ''}",
+                                 f"{v.latency_budget_ms:g}", f"{v.device_energy_mj:.3g}",
                                  "; ".join(v.reasons) or "-")
             console.print(verdicts)
 

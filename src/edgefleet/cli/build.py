@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
-from edgefleet.errors import ConfigError
+from edgefleet.errors import ConfigError, EdgefleetError
 
 
 def build(
@@ -33,6 +34,10 @@ def build(
     profile: Annotated[list[str] | None, typer.Option(help="device profile to check (repeatable; default: all)")]
     = None,
     profiles_file: Annotated[Path | None, typer.Option(help="YAML with user device profiles")] = None,
+    server: Annotated[str, typer.Option("--server", envvar="EDGEFLEET_SERVER", help="control plane whose devices' "
+                                        "measured latency scales the profiles' latency (edgefleet device profiles)")]
+    = "",
+    token: Annotated[str, typer.Option("--token", envvar="EDGEFLEET_TOKEN", help="operator token for --server")] = "",
     max_accuracy_drop: Annotated[float | None, typer.Option(help="percentage points (default 1.0)")] = None,
     report: Annotated[Path | None, typer.Option(help="write REPORT.json here (and a .png plot beside it)")] = None,
     plot: Annotated[Path | None, typer.Option(help="write the Pareto plot here (default: REPORT.png)")] = None,
@@ -76,6 +81,7 @@ def build(
     user = parse_profiles(_read_text(profiles_file)) if profiles_file else {}
     profiles = resolve(profile or [*BUILTIN_PROFILES, *(n for n in user if n not in BUILTIN_PROFILES)], user)
     options = options_from_flags(pipeline, labels, threshold, sample_rate, window, hop)
+    scaling = measured_scaling(server, token, [p.name for p in profiles], console.print) if server else {}
 
     if dataset is not None:
         if model is not None or data is not None:
@@ -102,12 +108,39 @@ def build(
             draw(outcome, drawing)
 
     built = build_bundle(inputs, the_recipe, profiles, signing_key, name=name, version=version, release=release,
-                         runtime=runtime,
+                         runtime=runtime, measured_scaling=scaling,
                          progress=lambda msg: console.print(f"[dim]{msg}[/dim]", highlight=False),
                          on_outcome=reported)
     write_bundle(out, built.bundle)
     typer.echo(f"{built.ref} ({built.chosen.label}) -> {out} ({len(built.bundle)} bytes); "
                f"fits: {', '.join(built.profiles) or 'none'}; runtime {built.runtime} ({built.runtime_reason})")
+
+
+def measured_scaling(server: str, token: str, names: list[str], say: Callable[[str], object]) -> dict[str, float]:
+    """Each profile's measured scaling (device latency / build-host latency) from the control plane, saying for
+    each profile whether its latency will be measured or estimated; a server that cannot answer leaves every
+    profile estimated (one line, the build goes on)."""
+    from edgefleet.client import ControlPlane
+
+    if not token:
+        raise ConfigError("--server needs the operator token: --token or EDGEFLEET_TOKEN")
+    found: dict[str, float] = {}
+    client = ControlPlane(server, token)
+    try:
+        for name in names:
+            answer = client.measured_profiles(name)
+            if answer.get("scaling"):
+                found[name] = float(answer["scaling"])
+                say(f"profile {name}: latency measured on {answer['devices']} device(s): "
+                    f"{found[name]:.3g}x the build host")
+            else:
+                say(f"profile {name}: no device measured it; latency estimated from MACs")
+    except EdgefleetError as exc:
+        say(f"measured profiles unavailable from {server} ({exc}); latency estimated from MACs")
+        return {}
+    finally:
+        client.close()
+    return found
 
 
 def check_name_version(name: str | None, version: str) -> None:

@@ -125,6 +125,26 @@ def device_show(device_id: str, server: Server = "", token: Token = "", as_json:
     _emit(device, as_json, json.dumps(device, indent=2, sort_keys=True))
 
 
+@device_app.command("profiles")
+def device_profiles(profile: Annotated[str | None, typer.Option(help="one device profile (default: every one)")]
+                    = None, server: Server = "", token: Token = "", as_json: Json = False, ca: Ca = None) -> None:
+    """Measured device profiles: what the devices of each profile reported (CPU, cores, memory, runtimes) and
+    each model's latency on them against the build host's (the scaling `edgefleet build --profile` uses)."""
+    with _api(server, token, ca) as api:
+        answer = api.measured_profiles(profile)
+    profiles = [answer] if profile else answer
+    lines = []
+    for p in profiles:
+        scaling = "-" if p["scaling"] is None else f"{p['scaling']:.3g}x the build host"
+        lines.append(f"{p['profile']}: {p['devices']} device(s), measured scaling {scaling}")
+        lines += [f"  {f.get('cpu', '?')} ({f.get('machine', '?')}, {f.get('cores', '?')} cores, "
+                  f"{f.get('memory_mb', '?')} MB; {', '.join(f'{k} {v}' for k, v in f.get('runtimes', {}).items())})"
+                  f" x{f['devices']}" for f in p["facts"]]
+        lines += [f"  {m['model']}: device p50 {m['device_p50_ms'] or '-'} ms, host {m['host_b1_ms'] or '-'} ms "
+                  f"({m['windows']} windows on {m['devices']} device(s))" for m in p["models"]]
+    _emit(answer, as_json, "\n".join(lines) or "no devices")
+
+
 @device_app.command("revoke")
 def device_revoke(device_id: str, server: Server = "", token: Token = "", as_json: Json = False,
                   ca: Ca = None) -> None:

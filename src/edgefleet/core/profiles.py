@@ -107,6 +107,9 @@ class Verdict:
     energy_uj: float
     device_energy_mj: float
     reasons: list[str] = field(default_factory=list)
+    latency_source: str = "estimate"
+    """``estimate``: MACs over the profile's rates; ``measured``: the build host's latency times the scaling the
+    profile's devices measured (edgefleet.server.measured)."""
 
 
 def _size(n: float) -> str:
@@ -122,18 +125,22 @@ def estimate_latency_ms(profile: DeviceProfile, macs: int, int8_fraction: float)
     return 1e3 * (int8 / profile.int8_macs_per_s + (macs - int8) / profile.float_macs_per_s)
 
 
-def check(profile: DeviceProfile, model: Footprint) -> Verdict:
-    """The feasibility of ``model`` on ``profile``: storage, RAM (weights + arena), latency, runtime."""
+def check(profile: DeviceProfile, model: Footprint, measured_latency_ms: float | None = None) -> Verdict:
+    """The feasibility of ``model`` on ``profile``: storage, RAM (weights + arena), latency (``measured_latency_ms``
+    where the profile's devices measured it, else estimated from MACs), runtime."""
     ram_needed = model.weight_bytes + model.arena_bytes
     ram_available = int(profile.ram_bytes * profile.usable_ram_fraction)
-    latency = estimate_latency_ms(profile, model.macs, model.int8_fraction)
+    measured = measured_latency_ms is not None
+    latency = measured_latency_ms if measured_latency_ms is not None else estimate_latency_ms(
+        profile, model.macs, model.int8_fraction)
     checks = {
         "storage": (model.file_bytes <= profile.storage_bytes,
                     f"model file {_size(model.file_bytes)} exceeds storage {_size(profile.storage_bytes)}"),
         "ram": (ram_needed <= ram_available,
                 f"weights + arena {_size(ram_needed)} exceed usable RAM {_size(ram_available)}"),
         "latency": (latency <= profile.latency_budget_ms,
-                    f"estimated latency {latency:.3g} ms exceeds the budget {profile.latency_budget_ms:g} ms"),
+                    f"{'measured' if measured else 'estimated'} latency {latency:.3g} ms exceeds the budget "
+                    f"{profile.latency_budget_ms:g} ms"),
         "runtime": (model.runtime in profile.runtimes,
                     f"runtime {model.runtime} is not supported (supported: {', '.join(profile.runtimes)})"),
     }
@@ -143,7 +150,8 @@ def check(profile: DeviceProfile, model: Footprint) -> Verdict:
                    runtime_supported=checks["runtime"][0],
                    ram_needed_bytes=ram_needed, ram_available_bytes=ram_available, est_latency_ms=latency,
                    latency_budget_ms=profile.latency_budget_ms, energy_uj=model.energy_uj,
-                   device_energy_mj=profile.power_w * latency, reasons=reasons)
+                   device_energy_mj=profile.power_w * latency, reasons=reasons,
+                   latency_source="measured" if measured else "estimate")
 
 
 def parse_profiles(text: str) -> dict[str, DeviceProfile]:

@@ -27,6 +27,7 @@ from edgefleet.server.keys_api import keys_router
 from edgefleet.server.limits import RequestLimits
 from edgefleet.server.monitors_api import monitors_router
 from edgefleet.server.orchestrator import model_ref
+from edgefleet.server.profiles_api import profiles_router
 from edgefleet.server.rollout_api import rollout_router
 from edgefleet.server.routes.artifacts import artifacts_router
 from edgefleet.server.routes.devices import DeploymentIn, DeviceIn, devices_router, sha256_text
@@ -48,6 +49,7 @@ def routers(ctx: ServerContext) -> list[tuple[APIRouter, bool]]:
         (artifacts_router(ctx), False),  # operator or an assigned device, checked per artifact
         (rollout_router(ctx.orchestrator, ctx.store), True),
         (telemetry_router(ctx.store), True),
+        (profiles_router(ctx.store), True),
         (monitors_router(ctx.store, ctx.orchestrator, ctx.metrics), True),
         (fielddata_router(ctx.store), True),
         (keys_router(ctx.store, ctx.orchestrator, ctx.trusted_keys), True),

@@ -65,6 +65,22 @@ class DesiredState(_Message):
         "(a quarter of the rollout's window); None: the device's own interval")
 
 
+class DeviceFacts(BaseModel):
+    """What a device is, as it measures itself at start (``edgefleet.agent.facts``): the server keeps the latest
+    and joins it with the latency the device's telemetry measures per model (measured profiles)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    cpu: str | None = Field(default=None, max_length=128, description="CPU model name")
+    machine: str | None = Field(default=None, max_length=32, description="architecture (x86_64, aarch64, ...)")
+    cores: int | None = Field(default=None, ge=1, le=4096)
+    memory_mb: int | None = Field(default=None, ge=0, description="physical memory")
+    runtimes: dict[str, str] = Field(default_factory=dict, max_length=8,
+                                     description="installed runtime packages and their versions")
+    providers: list[str] = Field(default_factory=list, max_length=16,
+                                 description="ONNX Runtime execution providers available")
+
+
 class ReportedState(_Message):
     """Device -> server (retained): the model it runs and where its update stands."""
 
@@ -85,6 +101,7 @@ class ReportedState(_Message):
                                        "bundle for another is left out of rollouts to it")
     public_key: str | None = Field(default=None, max_length=64,
                                    description="the device's X25519 public key (base64): model keys are wrapped for it")
+    facts: DeviceFacts | None = Field(default=None, description="CPU, cores, memory, runtimes and providers")
     ts: float = Field(default_factory=time.time)
 
 
@@ -176,7 +193,7 @@ class Event(_Message):
 CHANNEL_MESSAGES: dict[str, tuple[type[BaseModel], ...]] = {
     "telemetry": (TelemetryBatch, HardExample, DriftStats),
     "events": (Event,),
-    "reported": (ReportedState,),
+    "reported": (ReportedState, DeviceFacts),
 }
 """The schemas of what a device sends on each channel: their field names make the channel's compact dictionary."""
 
@@ -230,7 +247,8 @@ def wire_table_source(existing: dict[int, dict[str, bytes]]) -> str:
             lines.append("        ),")
         lines.append("    },")
     lines += ["}", "", "FIELDS: dict[str, dict[str, bool]] = {"]
-    tabled: tuple[type[BaseModel], ...] = (*CHANNEL_MESSAGES["telemetry"], Event, ReportedState, DesiredState, ModelRef)
+    tabled: tuple[type[BaseModel], ...] = (*CHANNEL_MESSAGES["telemetry"], Event, *CHANNEL_MESSAGES["reported"],
+                                           DesiredState, ModelRef)
     for model in tabled:
         lines.append(f'    "{model.__name__}": {{')
         row = "       "

@@ -4,7 +4,7 @@ do not edit. Released dictionary versions are never changed (devices in the fiel
 
 from __future__ import annotations
 
-DICTIONARY_VERSION = 1
+DICTIONARY_VERSION = 2
 """The version this release packs with (:mod:`edgefleet.transport.compact`)."""
 
 DICTIONARIES: dict[int, dict[str, bytes]] = {
@@ -25,6 +25,25 @@ DICTIONARIES: dict[int, dict[str, bytes]] = {
             b'"device":,"agent_version":,"active":,"active_sha256":,"previous":,"shadow":,"running":,"active_e'
             b'xpired":false,"update_state":"idle","last_error":,"hardware":,"profile":,"runtimes":,"public_key'
             b'":,"ts":,"changes":1'
+        ),
+    },
+    2: {
+        "telemetry": (
+            b'"device":,"seq":,"ts":,"model":,"windows":,"labelled":0,"correct":0,"classes":,"latency_ms":,"co'
+            b'nfidence":,"skipped":0,"errors":0,"shadow_model":,"shadow_windows":0,"shadow_agree":0,"shadow_er'
+            b'rors":0,"shadow_latency_ms":,"shadow_labelled":0,"shadow_correct":0,"shadow_active_latency_ms":,'
+            b'"outbox_dropped":0,"imputed":0,"incomplete":0,"uncertain":0,"alerts":,"drift":,"hard_examples":,'
+            b'"hard_left_out":0,"escalations":,"trigger_skipped":0,"predicted":,"confidence":,"shape":,"encodi'
+            b'ng":"f16","encoding":"f16+zlib","encoding":"i8","encoding":"i8+zlib","data":,"scale":,"ts":,"n":'
+            b',"mean_z":,"std_ratio":,"score":,"psi":'
+        ),
+        "events": (
+            b'"device":,"seq":,"ts":,"kind":"update","kind":"alert","kind":"agent","name":,"detail":'
+        ),
+        "reported": (
+            b'"device":,"agent_version":,"active":,"active_sha256":,"previous":,"shadow":,"running":,"active_e'
+            b'xpired":false,"update_state":"idle","last_error":,"hardware":,"profile":,"runtimes":,"public_key'
+            b'":,"facts":,"ts":,"cpu":,"machine":,"cores":,"memory_mb":,"runtimes":,"providers":,"changes":1'
         ),
     },
 }
@@ -52,7 +71,12 @@ FIELDS: dict[str, dict[str, bool]] = {
     "ReportedState": {
         "device": True, "agent_version": True, "active": False, "active_sha256": False, "previous": False,
         "shadow": False, "running": False, "active_expired": False, "update_state": False, "last_error": False,
-        "hardware": False, "profile": False, "runtimes": False, "public_key": False, "ts": False,
+        "hardware": False, "profile": False, "runtimes": False, "public_key": False, "facts": False,
+        "ts": False,
+    },
+    "DeviceFacts": {
+        "cpu": False, "machine": False, "cores": False, "memory_mb": False, "runtimes": False,
+        "providers": False,
     },
     "DesiredState": {
         "device": True, "model": False, "shadow": False, "statements": False, "issued_at": False,

@@ -1,10 +1,12 @@
-"""A fleet simulator: many devices in one asyncio process, each speaking the real protocols.
+"""A protocol load generator: many devices in one asyncio process, each speaking the real protocols.
 
 Light devices only subscribe to their desired topic (and can publish a telemetry batch): enough to measure
 how fast a desired state reaches 10,000 connections. Simulated agents do what an agent does on an update,
 without inference: on a new desired state they download the artifact over HTTP with their own token,
 verify it with the device's own trust decision (:func:`edgefleet.core.update.decide`: signature, hashes,
-release counter, compatibility), activate it, report their state over MQTT and send a telemetry batch.
+release counter, compatibility), activate it, report their state over MQTT and send a telemetry batch whose
+accuracy is given, not measured. Rollouts that gates must judge on real behaviour run on twins instead
+(:mod:`edgefleet.twin`: the agent's own code on a varied, replayed sensor), as the fleet benchmark's does.
 """
 
 from __future__ import annotations

@@ -1,9 +1,10 @@
-"""Fleet benchmark: fan-out to 10,000 connections, a three-wave rollout to 1,000 simulated agents, and telemetry
+"""Fleet benchmark: fan-out to 10,000 connections, a three-wave rollout to 1,000 real-agent twins, and telemetry
 ingest at rising rates against Mosquitto's own C clients, with one and two server replicas.
 
 Run as ``python -m bench.bench_fleet`` (``make bench-fleet``). Everything runs on this machine: Mosquitto on a
-loopback port, PostgreSQL 15 (started if down, a throwaway database), ``edgefleet server`` processes, and the
-simulated devices in this process (:mod:`edgefleet.sim`). Every wait is bounded.
+loopback port, PostgreSQL 15 (started if down, a throwaway database), ``edgefleet server`` processes, the light
+devices in this process (:mod:`edgefleet.sim`) and the twins' host processes (:mod:`edgefleet.twin`). Every wait is
+bounded.
 """
 
 from __future__ import annotations
@@ -20,7 +21,6 @@ from typing import Any
 
 from bench import kafka_load, mqtt_load
 from bench.common import markdown_table, publish
-from edgefleet.bundle.signing import PublicKey
 from edgefleet.processes import wait_until
 from edgefleet.server.schema import Device
 from edgefleet.server.store import Store
@@ -105,47 +105,39 @@ def fanout(fleet: LocalFleet, url: str, endpoint: MqttEndpoint) -> dict[str, Any
         sim.stop()
 
 
-# -- 2: a three-wave rollout to simulated agents -------------------------------------------------------------
+# -- 2: a three-wave rollout to real-agent twins --------------------------------------------------------------
 def rollout(fleet: LocalFleet, endpoint: MqttEndpoint) -> dict[str, Any]:
+    """``AGENTS`` twins (edgefleet.twin: the agent's own code on a 10 Hz synthetic sensor) on clf@1.0.0, then
+    clf@2.0.0 in waves 10%, 50%, 100% gated on ``accuracy_drop > 5%`` over the twins' own telemetry (window 0:
+    each wave is judged once the candidate's cohort has 50 windows)."""
+    from edgefleet.twin.fleet import TwinFleet
+    from edgefleet.twin.scenario import parse_scenario
+
     api = fleet.api
     assert api is not None
-    devices = []
-    creds: dict[str, Any] = {}
-    for i in range(AGENTS):
-        creds = api.add_device(f"agent-{i:04d}", {"group": "agents"})
-        devices.append(SimDevice(creds["device_id"], token=creds["token"], full=True))
-    keys = {k: PublicKey.from_text(v) for k, v in creds["trusted_keys"].items()}
-    sim = SimFleet(endpoint, devices, server_url=creds["server_url"], trusted_keys=keys,
-                   accuracy=lambda _m: 0.95)
+    plan = parse_scenario({"rate_hz": 10, "telemetry_interval_s": 2, "synthetic": {"rows_per_class": 2},
+                           "groups": [{"name": "agents", "model": "clf@1.0.0", "noise": 0.05,
+                                       "tags": {"group": "agents"}}]})
+    twins = TwinFleet(api, fleet.root / "twins", plan)
     try:
-        sim.start(timeout_s=300)
-        api.deploy("clf@1.0.0", [d.id for d in devices])
-        _progress(sim, "clf@1.0.0", AGENTS, 600)
+        twins.provision(AGENTS)
+        twins.start(timeout_s=600)
+        running = twins.wait_running("clf@1.0.0", AGENTS, 600)
+        log(f"{running}/{AGENTS} twins run clf@1.0.0")
+        time.sleep(10)  # baseline telemetry
         started = time.monotonic()
-        created = api.create_rollout("clf@2.0.0", waves=["10%", "50%", "100%"], select={"group": "agents"},
-                                     window_s=0, gates=["accuracy_drop > 5%"], min_windows=1)
-        wait_until(lambda: api.rollout(created["id"])["phase"] in ("done", "aborted", "paused"), 600,
+        created = api.create_rollout("clf@2.0.0", waves=["10%", "50%", "100%"], select=twins.tag, window_s=0,
+                                     gates=["accuracy_drop > 5%"], min_windows=50, install_timeout_s=600)
+        wait_until(lambda: api.rollout(created["id"])["phase"] in ("done", "aborted", "paused"), 900,
                    "the rollout to finish", interval_s=0.1)
         rollout_s = time.monotonic() - started
         status = api.rollout(created["id"])
-        installed = sim.count(lambda d: d.active == "clf@2.0.0")
-        log(f"three-wave rollout to {installed}/{AGENTS} agents: {status['phase']} in {rollout_s:.1f} s")
+        installed = twins.running("clf@2.0.0")
+        log(f"three-wave rollout to {installed}/{AGENTS} twins: {status['phase']} in {rollout_s:.1f} s")
         return {"rollout_devices": installed, "rollout_s": rollout_s, "rollout_phase": status["phase"],
-                "rollout_errors": len(sim.errors)}
+                "rollout_errors": AGENTS - installed}
     finally:
-        sim.stop()
-
-
-def _progress(sim: SimFleet, model: str, wanted: int, timeout_s: float) -> None:
-    """Wait (bounded) until ``wanted`` simulated agents run ``model``, logging progress and errors."""
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        done = sim.count(lambda d: d.active == model)
-        if done >= wanted:
-            return
-        log(f"{done}/{wanted} agents run {model}; {len(sim.errors)} errors {sim.errors[:2]}")
-        time.sleep(5)
-    raise TimeoutError(f"only {sim.count(lambda d: d.active == model)}/{wanted} agents run {model}")
+        twins.close()
 
 
 # -- 3: ingest -----------------------------------------------------------------------------------------------
@@ -268,8 +260,8 @@ def report(result: dict[str, Any]) -> None:
     table = markdown_table(["measure", "value", "target"], [
         ["light connections held", result["devices_connected"], 10_000],
         ["desired state on all of them after a rollout step (s)", result["fanout_s"], "<= 5"],
-        ["three-wave rollout, simulated agents (download, verify, report)", result["rollout_devices"], 1_000],
-        ["create -> 100% with zero-length windows (s)", result["rollout_s"], "<= 60"],
+        ["three-wave rollout, real-agent twins (edgefleet.twin)", result["rollout_devices"], 1_000],
+        ["create -> 100%, gated on the twins' telemetry (s)", result["rollout_s"], "<= 60"],
         ["mosquitto_pub -> mosquitto_sub, QoS 1, 1 publisher (msg/s)", result["mosquitto_c_msgs_per_s"],
          "ceiling"],
         [f"the same, {PUBLISHERS} publishers (msg/s)", result["mosquitto_c_many_publishers_msgs_per_s"], ""],

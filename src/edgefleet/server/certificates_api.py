@@ -12,7 +12,7 @@ from collections.abc import Callable
 from typing import Any
 
 from fastapi import APIRouter, HTTPException
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 
 from edgefleet.server.broker_auth import SERVER_USER
 from edgefleet.server.pki import FleetCA
@@ -21,6 +21,15 @@ from edgefleet.server.store import Store
 
 class RenewIn(BaseModel):
     revoke_previous: bool = False
+
+
+class CertificateOut(BaseModel):
+    device_id: str
+    ca_cert: str = Field(description="the fleet CA (PEM)")
+    client_cert: str
+    client_key: str
+    cert_serial: str = Field(description="hex")
+    cert_not_after: float = Field(description="unix seconds")
 
 
 def device_certificate(ca: FleetCA, device_id: str) -> dict[str, Any]:
@@ -37,7 +46,7 @@ def certificates_router(ca: FleetCA, store: Store, sync_broker: Callable[[], Non
     router = APIRouter()
 
     @router.post("/api/v1/devices/{device_id}/certificate")
-    def renew(device_id: str, body: RenewIn | None = None) -> dict[str, Any]:
+    def renew(device_id: str, body: RenewIn | None = None) -> CertificateOut:
         device = store.get_device(device_id)
         if device is None:
             raise HTTPException(404, f"unknown device {device_id!r}")
@@ -47,6 +56,6 @@ def certificates_router(ca: FleetCA, store: Store, sync_broker: Callable[[], Non
         if body is not None and body.revoke_previous:
             ca.revoke(device_id, keep=int(fields["cert_serial"], 16))
             sync_broker()
-        return {"device_id": device_id, **fields}
+        return CertificateOut.model_validate({"device_id": device_id, **fields})
 
     return router

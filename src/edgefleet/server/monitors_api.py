@@ -27,6 +27,43 @@ class MonitorIn(BaseModel):
     window_s: float = Field(default=DEFAULT_WINDOW_S, gt=0, le=30 * 86400, description="telemetry judged")
 
 
+class MonitorOut(BaseModel):
+    """A monitor and its last verdict."""
+
+    id: str
+    expr: str
+    model: str = Field(description="model NAME: every version of it is watched")
+    select: dict[str, str]
+    webhook: str | None
+    pause_rollouts: bool
+    window_s: float
+    state: str = Field(description="ok, firing or unknown")
+    changed: float = Field(description="when the state last changed")
+    checked: float | None
+    explanation: str
+    values: dict[str, Any]
+    created: float
+
+
+class AlertOut(BaseModel):
+    """An alert a monitor raised; active until it clears."""
+
+    id: int
+    monitor: str
+    model: str
+    expr: str
+    raised: float
+    cleared: float | None
+    active: bool
+    explanation: str
+    values: dict[str, Any]
+    paused_rollouts: list[str]
+
+
+class Deleted(BaseModel):
+    deleted: str
+
+
 def monitor_json(row: MonitorRow) -> dict[str, Any]:
     return {"id": row.id, "expr": row.expr, "model": row.model, "select": row.select, "webhook": row.webhook,
             "pause_rollouts": row.pause_rollouts, "window_s": row.window_s, "state": row.state,
@@ -47,7 +84,7 @@ def monitors_router(store: Store, orchestrator: Orchestrator, metrics: Metrics) 
         on_alert=lambda alert: metrics.alerts.labels(alert.model).inc()))
 
     @router.post("/monitors", status_code=201)
-    def create(body: MonitorIn) -> dict[str, Any]:
+    def create(body: MonitorIn) -> MonitorOut:
         spec = MonitorSpec(body.expr, body.model, body.select, body.webhook, body.pause_rollouts, body.window_s)
         gate = spec.check()  # ConfigError: 422 with one line
         if not any(m.name == body.model for m in store.list_models()):
@@ -58,26 +95,26 @@ def monitors_router(store: Store, orchestrator: Orchestrator, metrics: Metrics) 
                                            pause_rollouts=spec.pause_rollouts, window_s=spec.window_s,
                                            state="unknown", changed=now, checked=None, explanation="not judged yet",
                                            values={}, created=now))
-        return monitor_json(row)
+        return MonitorOut(**monitor_json(row))
 
     @router.get("/monitors")
-    def list_monitors() -> list[dict[str, Any]]:
-        return [monitor_json(m) for m in store.list_monitors()]
+    def list_monitors() -> list[MonitorOut]:
+        return [MonitorOut(**monitor_json(m)) for m in store.list_monitors()]
 
     @router.get("/monitors/{monitor_id}")
-    def show(monitor_id: str) -> dict[str, Any]:
+    def show(monitor_id: str) -> MonitorOut:
         row = store.get_monitor(monitor_id)
         if row is None:
             raise HTTPException(404, f"unknown monitor {monitor_id!r}")
-        return monitor_json(row)
+        return MonitorOut(**monitor_json(row))
 
     @router.delete("/monitors/{monitor_id}")
-    def delete(monitor_id: str) -> dict[str, Any]:
+    def delete(monitor_id: str) -> Deleted:
         store.delete_monitor(monitor_id)  # StoreError "unknown monitor": 404
-        return {"deleted": monitor_id}
+        return Deleted(deleted=monitor_id)
 
     @router.get("/alerts")
-    def alerts(active: bool = False, limit: int = Query(1000, ge=1, le=10_000)) -> list[dict[str, Any]]:
-        return [alert_json(a) for a in store.list_alerts(active=active, limit=max(1, min(limit, 10_000)))]
+    def alerts(active: bool = False, limit: int = Query(1000, ge=1, le=10_000)) -> list[AlertOut]:
+        return [AlertOut(**alert_json(a)) for a in store.list_alerts(active=active, limit=max(1, min(limit, 10_000)))]
 
     return router

@@ -11,6 +11,8 @@ from pathlib import Path
 import numpy as np
 from onnx import TensorProto, helper, numpy_helper
 
+from edgefleet.bundle.pack import BundleSpec, pack_bundle
+from edgefleet.bundle.signing import SigningKey
 from edgefleet.testing import synthetic
 from edgefleet.transport import topics
 from edgefleet.transport.link import MqttLink
@@ -67,3 +69,14 @@ def report_as_device(credentials: Path, inputs: tuple[list[float], list[float]],
                 "drift": {"n": 400, "mean_z": mean, "std_ratio": std, "score": max(abs(v) for v in mean)}}).encode())
     finally:
         link.stop()
+
+
+def field_bundle(key: SigningKey, version: str, release: int, model: bytes, name: str = "model") -> bytes:
+    """A signed bundle ``NAME@VERSION`` of ``model`` with the synthetic preprocessing and labels."""
+    return pack_bundle(model, key, BundleSpec(name=name, version=version, release=release,
+                                              labels=list(synthetic.LABELS), preprocess=synthetic.preprocess_spec()))
+
+
+def readme_block(readme: Path, marker: str) -> str:
+    """The fenced block after ``<!-- MARKER -->`` in the README."""
+    return readme.read_text().split(f"<!-- {marker} -->", 1)[1].split("```", 2)[1].split("\n", 1)[1]

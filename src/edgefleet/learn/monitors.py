@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING, Any
 
 from edgefleet.core.cohorts import CohortStats
 from edgefleet.core.gates import Gate, GateResult, Judge, judge_cohorts, parse_gate
+from edgefleet.core.rollout import TWIN_TAG
 from edgefleet.errors import ConfigError, EdgefleetError
 from edgefleet.learn.fielddata import label_stats
 from edgefleet.server.store import Store
@@ -141,7 +142,7 @@ class MonitorRunner:
         if not monitors:
             return {}
         models = {m.id: m.name for m in self.store.list_models()}
-        devices = [d for d in self.store.list_devices() if not d.revoked]
+        devices = [d for d in self.store.list_devices() if not d.revoked and TWIN_TAG not in (d.tags or {})]
         out = {}
         for monitor in monitors:
             fleet = [d for d in devices if _runs(d, monitor.model, models)

@@ -90,8 +90,10 @@ class Agent:
                                              tls=config.tls)
         self.updater = Updater(self.state, fetcher, self.trust, self._activate, self.event, self.report,
                                set_shadow=self._set_shadow,
-                               health=HealthPolicy(config.health_timeout_s, config.latency_budget_ms))
-        self._restorer = Restorer(self.state, self.trust_spec, self.event, self.updater.remember_failed)
+                               health=HealthPolicy(config.health_timeout_s, config.latency_budget_ms),
+                               providers=config.providers)
+        self._restorer = Restorer(self.state, self.trust_spec, self.event, self.updater.remember_failed,
+                                  providers=config.providers)
         restored = self._restorer.at_start()  # the policy: edgefleet.agent.restore
         self.model: LoadedModel | None = restored.model
         self.shadow: LoadedModel | None = restored.shadow

@@ -46,6 +46,9 @@ DOWNLOAD_ENV: dict[str, tuple[str, type[int] | type[float]]] = {
 """The environment variables that set the agent's :class:`DownloadLimits` (each field's default otherwise)."""
 RUNTIMES_ENV = "EDGEFLEET_AGENT_RUNTIMES"
 """Comma-separated runtimes the agent may run models on (default: every one installed); others are refused."""
+PROVIDERS_ENV = "EDGEFLEET_AGENT_PROVIDERS"
+"""Comma-separated ONNX Runtime execution providers to prefer (e.g. TensorrtExecutionProvider,
+CUDAExecutionProvider: a device profile's ``providers``), used where this ONNX Runtime has them; CPU otherwise."""
 
 
 @dataclass(frozen=True)
@@ -83,6 +86,8 @@ class AgentConfig:
     """The fleet CA to trust and the device's certificate to present (credentials of a TLS server), else None."""
     runtimes: tuple[str, ...] = ("onnxruntime",)
     """The runtimes this agent runs models on (:func:`agent_runtimes`); a bundle for another one is refused."""
+    providers: tuple[str, ...] = ()
+    """ONNX Runtime execution providers to prefer (:data:`PROVIDERS_ENV`); none: the CPU provider."""
 
 
 def agent_runtimes(environ: Mapping[str, str]) -> tuple[str, ...]:
@@ -151,7 +156,9 @@ def load_config(credentials: Path, data_dir: Path, *, device_id: str | None = No
                        telemetry_interval_s=telemetry_interval_s, tls=tls,
                        downloads=download_limits(os.environ if environ is None else environ),
                        local_action=LocalActionConfig.from_environ(os.environ if environ is None else environ),
-                       runtimes=agent_runtimes(os.environ if environ is None else environ))
+                       runtimes=agent_runtimes(os.environ if environ is None else environ),
+                       providers=tuple(p.strip() for p in (os.environ if environ is None else environ)
+                                       .get(PROVIDERS_ENV, "").split(",") if p.strip()))
 
 
 def tls_files(raw: dict[str, Any], base: Path, data_dir: Path) -> MqttTls | None:

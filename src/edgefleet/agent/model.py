@@ -7,6 +7,7 @@ manifest bytes) rather than the pydantic ``Manifest``, so the running agent does
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -76,13 +77,15 @@ class LoadedModel:
         return inputs.window if isinstance(inputs, SeriesInput) else None
 
 
-def load_model(accepted: AcceptedBundle) -> LoadedModel:
+def load_model(accepted: AcceptedBundle, providers: Sequence[str] = ()) -> LoadedModel:
     """Build the runner and preprocessing for an accepted bundle (the model bytes are already verified)."""
-    return make_model(ModelInfo.from_bytes(accepted.manifest.canonical_bytes()), accepted.sha256, accepted.model)
+    return make_model(ModelInfo.from_bytes(accepted.manifest.canonical_bytes()), accepted.sha256, accepted.model,
+                      providers)
 
 
-def make_model(info: ModelInfo, sha256: str, model: bytes) -> LoadedModel:
-    """Build the runner and the input and output pipeline for verified model bytes and their manifest."""
+def make_model(info: ModelInfo, sha256: str, model: bytes, providers: Sequence[str] = ()) -> LoadedModel:
+    """Build the runner and the input and output pipeline for verified model bytes and their manifest, on the
+    manifest's runtime (ONNX Runtime with ``providers`` first where it has them)."""
     pipeline = ModelPipeline.from_manifest(info.preprocess, info.postprocess)
-    runner = make_runner(model, info.runtime)
+    runner = make_runner(model, info.runtime, providers=providers)
     return LoadedModel(info, sha256, runner, pipeline, pipeline.outputs.scorer(runner))

@@ -23,7 +23,7 @@ Whatever runs is then what the agent reports (``running``) and what ``edgefleet 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -69,8 +69,9 @@ class Restorer:
 
     def __init__(self, state: AgentState, spec: Callable[[], TrustSpec], event: Events,
                  remember_failed: Callable[[str], None],
-                 verify: Callable[..., Verified] = verify_stored) -> None:
+                 verify: Callable[..., Verified] = verify_stored, providers: Sequence[str] = ()) -> None:
         self._state = state
+        self._providers = tuple(providers)
         self._spec = spec
         self._event = event
         self._remember_failed = remember_failed
@@ -88,7 +89,7 @@ class Restorer:
             if wrapped is not None:  # an encrypted model: the child unwraps its key and decrypts it in memory
                 options["stored_key"] = StoredKey(wrapped, str(self._state.data_dir / DEVICE_KEY_FILE))
             verified = self._verify(data, self._spec(), **options)
-            model = make_model(verified.info, verified.sha256, verified.model)
+            model = make_model(verified.info, verified.sha256, verified.model, self._providers)
         except FileNotFoundError as exc:
             raise SlotRefused(slot, "missing_bundle", f"its bundle file is gone ({exc.filename})") from exc
         except OSError as exc:

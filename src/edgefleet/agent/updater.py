@@ -77,8 +77,10 @@ class Updater:
     def __init__(self, state: AgentState, fetcher: Fetcher, trust: Callable[[], TrustState],
                  activate: Callable[[LoadedModel], None], event: EventSink, changed: Callable[[], None], *,
                  set_shadow: Callable[[LoadedModel | None], None] | None = None,
-                 health: HealthPolicy = HealthPolicy()) -> None:
+                 health: HealthPolicy = HealthPolicy(), providers: Sequence[str] = ()) -> None:
         self._state = state
+        self._providers = tuple(providers)
+        """ONNX Runtime execution providers to prefer for the models it loads (agent config ``providers``)."""
         self._fetcher = fetcher
         self._trust = trust
         self._activate = activate
@@ -398,7 +400,7 @@ class Updater:
         latency = run_health_check(accepted.model, accepted.manifest, timeout_s=self._health.timeout_s,
                                    latency_budget_ms=self._health.latency_budget_ms, command=self._health.command)
         log.info("%s passed its health check (%.3f ms per window)", target.ref, latency)
-        return load_model(accepted)
+        return load_model(accepted, self._providers)
 
     def _refuse(self, target: Target, reason: str, message: str, key: str) -> None:
         """Give ``target`` up: drop its candidate slot and files (each step on its own: the disk may be full)."""

@@ -275,6 +275,18 @@ def test_profiles_list_only_runtimes_the_code_has() -> None:
     assert onnxruntime_providers(jetson.providers)[-1] == "CPUExecutionProvider"  # GPUs where ORT has them
 
 
+def test_onnx_runtime_takes_the_preferred_providers_it_has_and_falls_back_to_the_cpu(models: Models) -> None:
+    from edgefleet.agent.model import ModelInfo, make_model
+
+    assert onnxruntime_providers(["NoSuchExecutionProvider"]) == ["CPUExecutionProvider"]
+    manifest = pack_bundle(models.onnx, SigningKey.generate(), BundleSpec(name="net", version="1.0.0"))
+    info = ModelInfo.from_bytes(read_container(manifest)["manifest.json"])
+    loaded = make_model(info, "0" * 64, models.onnx, ("NoSuchExecutionProvider", "CUDAExecutionProvider"))
+    expected = ("CUDAExecutionProvider", "CPUExecutionProvider") if gpu_unavailable() is None else \
+        ("CPUExecutionProvider",)
+    assert loaded.runner.providers == expected  # type: ignore[attr-defined]
+
+
 def _stats(ms: float) -> LatencyStats:
     return LatencyStats(batch=1, median_ms=ms, p10_ms=ms, p90_ms=ms, runs=1)
 

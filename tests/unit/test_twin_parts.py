@@ -4,6 +4,7 @@ sensor variation, the input moments a device's drift statistics give, and the gr
 from __future__ import annotations
 
 from types import SimpleNamespace
+from typing import Any
 
 import numpy as np
 import pytest
@@ -76,9 +77,10 @@ def test_a_rehearsal_scales_the_rows_to_each_device_and_spreads_the_twins() -> N
     rows = synthetic_rows(Synthetic())
     base_mean, base_std = channel_moments(rows)
     drifted = (base_mean + np.array([0, 0, 0, 0, 3.0, 0]), base_std * np.array([1, 1, 1, 1, 2.0, 1]))
-    profiles = [{"device": "a", "tags": {"site": "x"}, "running": "m@1", "input_mean": None, "input_std": None},
-                {"device": "b", "tags": {"site": "x"}, "running": "m@1", "profile": "p", "hardware": "h",
-                 "input_mean": list(drifted[0]), "input_std": list(drifted[1])}]
+    profiles: list[dict[str, Any]] = [
+        {"device": "a", "tags": {"site": "x"}, "running": "m@1", "input_mean": None, "input_std": None},
+        {"device": "b", "tags": {"site": "x"}, "running": "m@1", "profile": "p", "hardware": "h",
+         "input_mean": list(drifted[0]), "input_std": list(drifted[1])}]
     first, second = twin_groups(profiles, rows, 5)
     assert (first.count, second.count) == (3, 2)
     assert first.gain == 1.0 and first.offset == 0.0 and first.tags == {"site": "x", "twin_of": "a"}

@@ -6,12 +6,14 @@ rollout that reaches the treatment half. The deployed version's on-device accura
 and the new version's after, are both asserted.
 
 The agents' own hard-example uplink is capped at 2 per device and hour (agent.inference.PipelineOptions), so the
-field data of a short run comes through the upstream tier.
+field data of a short run comes through the upstream tier. The README's commands for this loop (the block after
+``<!-- learn -->``) are checked against the ones run here: same subcommands, no flag the test did not use.
 """
 
 from __future__ import annotations
 
 import json
+import shlex
 import time
 from pathlib import Path
 from typing import Any
@@ -35,6 +37,9 @@ CLASSES = {"dev-1": 1, "dev-2": 2}
 DEVICES = sorted(CLASSES)
 OLD, NEW = "clf@1.0.0", "clf@1.0.1"
 FIELD_EXAMPLES_PER_DEVICE = 8
+README = Path(__file__).resolve().parents[2] / "README.md"
+RAN: list[list[str]] = []
+"""The edgefleet command lines this test ran (for the README check)."""
 
 
 def drifted(x: np.ndarray) -> np.ndarray:
@@ -77,8 +82,13 @@ def active(fleet: LocalFleet, device: str) -> str | None:
     return (fleet.api.device(device)["reported"] or {}).get("active")  # type: ignore[no-any-return]
 
 
+def cli(fleet: LocalFleet, *args: str, timeout_s: float = 60.0) -> Any:
+    RAN.append(list(args))
+    return fleet.cli(*args, timeout_s=timeout_s)
+
+
 def cli_json(fleet: LocalFleet, *args: str) -> Any:
-    done = fleet.cli(*args, "--json")
+    done = cli(fleet, *args, "--json")
     assert done.returncode == 0, done.stderr
     return json.loads(done.stdout)
 
@@ -93,9 +103,10 @@ def test_export_retrain_rollout_fixes_a_drifted_fleet(fleet: LocalFleet, tmp_pat
         name="clf-big", version="1.0.0", release=1, labels=list(synthetic.LABELS),
         preprocess=synthetic.preprocess_spec())))
     info = tmp_path / "upstream.json"
-    fleet.group.start(ManagedProcess.edgefleet(
-        ["serve-model", str(upstream_bundle), "--pub", str(fleet.root / "keys" / PUBLIC_KEY_FILE), "--port", "0",
-         "--info-file", str(info), "--report-to", fleet.server_url], tmp_path / "upstream.log",
+    serve = ["serve-model", str(upstream_bundle), "--pub", str(fleet.root / "keys" / PUBLIC_KEY_FILE), "--port", "0",
+             "--info-file", str(info), "--report-to", fleet.server_url]
+    RAN.append(serve)
+    fleet.group.start(ManagedProcess.edgefleet(serve, tmp_path / "upstream.log",
         env={"EDGEFLEET_TOKEN": fleet.operator_token or ""}))
     wait_until(info.exists, 60, "the upstream model to listen")
     upstream_url = json.loads(info.read_text())["url"]
@@ -124,7 +135,7 @@ def test_export_retrain_rollout_fixes_a_drifted_fleet(fleet: LocalFleet, tmp_pat
     before, labelled = telemetry_accuracy(fleet, OLD, started)
     assert labelled >= 20 and before is not None and before <= 0.2  # the drift broke version 1
 
-    refused = fleet.cli("data", "export", "--model", "clf", "--out", str(tmp_path / "none.npz"))
+    refused = cli(fleet, "data", "export", "--model", "clf", "--out", str(tmp_path / "none.npz"))
     assert refused.returncode != 0 and "upstream labels" in refused.stderr  # lower trust: not without asking
     now = time.time() + 60
     for device, cls in CLASSES.items():  # ground truth: each machine's state over the whole run
@@ -135,8 +146,8 @@ def test_export_retrain_rollout_fixes_a_drifted_fleet(fleet: LocalFleet, tmp_pat
     exported = cli_json(fleet, "data", "export", "--model", "clf", "--out", str(field))
     assert exported["labelled"] >= len(DEVICES) * FIELD_EXAMPLES_PER_DEVICE and exported["upstream_labelled"] == 0
 
-    retrained = fleet.cli(
-        "retrain", "clf", "--factory", "edgefleet.testing.retrain_models:channel_mean_net",
+    retrained = cli(
+        fleet, "retrain", "clf", "--factory", "edgefleet.testing.retrain_models:channel_mean_net",
         "--key", str(fleet.root / "keys" / "signing.key"), "--data", str(base_data(tmp_path)), "--field", str(field),
         "--epochs", "40", "--lr", "0.05", "--out", str(tmp_path / "clf-1.0.1.bundle"), "--rollout", "100%",
         "--gate", "accuracy_drop > 5%", "--window", "3", "--min-windows", "5", timeout_s=240)
@@ -164,3 +175,19 @@ def test_export_retrain_rollout_fixes_a_drifted_fleet(fleet: LocalFleet, tmp_pat
     assert after is not None and after >= 0.9 > 0.2 >= before  # on-device, on the drifted sensors
     for device in sorted(set(DEVICES) - set(treatment)):
         assert api.device(device)["desired"] == OLD  # the control half kept version 1
+    check_readme_commands()
+
+
+def check_readme_commands() -> None:
+    """Every command of the README's learning block was run above: its subcommand, with a subset of its flags."""
+    block = README.read_text().split("<!-- learn -->", 1)[1].split("```sh\n", 1)[1].split("```", 1)[0]
+    commands = [shlex.split(line.split("  #", 1)[0]) for line in block.replace("\\\n", " ").splitlines()
+                if line.strip()]
+    assert len(commands) >= 5
+    for words in commands:
+        words = [w for w in words if w != "&"]
+        assert words[0] == "edgefleet", words
+        head = words[1:3] if words[1] in ("data", "monitor", "alert", "fl") else words[1:2]
+        flags = {w for w in words if w.startswith("--")}
+        runs = [r for r in RAN if r[:len(head)] == head]
+        assert any(flags <= {w for w in r if w.startswith("--")} for r in runs), (words, runs)

@@ -104,14 +104,15 @@ def test_bias_correction_removes_the_int8_mean_shift_and_nothing_else(inputs: np
 
 def test_search_ships_the_outlier_model_in_int8_at_int8_size(inputs: np.ndarray, outlier: bytes,
                                                              tmp_path: Path) -> None:
-    """Plain int8 fails the gate on every setting; the outlier-robust candidates are tried before the rescue,
-    one passes at the plain int8 model's size, and the report and plot list them."""
+    """Plain int8 fails the gate per tensor and per channel; the default outlier-robust candidates are tried
+    before the rescue, one passes at the plain int8 model's size, and the report and plot list them."""
     data = _data(outlier, inputs)
-    outcome = BuildSearch(outlier, data, load_recipe(FAST + "max_accuracy_drop: 1.0\n"), []).run()
+    recipe = load_recipe(FAST + "candidates: [{pass: static_int8, grid: {per_channel: [false, true]}}, {pass: fp16}]\n")
+    outcome = BuildSearch(outlier, data, recipe, []).run()  # the default outlier candidates, gate 1 pp
     plain = [c for c in outcome.candidates if c.pass_name == "static_int8" and c.error is None]
     assert plain and all(not c.passed for c in plain)
     robust = [c for c in outcome.candidates if c.pass_name == "robust_int8"]
-    assert {c.config["equalize"] for c in robust} == {"cle", "smooth_quant"} and len(robust) == 4
+    assert {c.config["equalize"] for c in robust} == {"cle", "smooth_quant"} and len(robust) == 5
     chosen = outcome.chosen
     assert chosen is not None and chosen.pass_name == "robust_int8" and chosen.drop_pp is not None
     assert chosen.drop_pp <= 1.0 and not outcome.rescue_trials

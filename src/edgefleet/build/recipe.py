@@ -14,6 +14,8 @@ A recipe is YAML validated by pydantic; every field has a default, so an empty f
     outlier_candidates:           # tried when no int8 candidate above meets the gate, before the rescue
       - pass: robust_int8         # channel scaling, then int8, then bias correction
         grid: {equalize: [cle, smooth_quant], per_channel: [false, true]}
+      - pass: robust_int8
+        options: {equalize: cle, float_stem: true, per_channel: false}
     rescue: {enabled: true, max_float_fraction: 0.5, samples: 64}
     size_tolerance: 0.05          # sizes within 5% of the smallest count as equal; then the fastest wins
     latency_tolerance: 0.05       # times within 5% of the fastest count as equal; then the most accurate wins
@@ -83,7 +85,9 @@ def _default_candidates() -> list[CandidateSpec]:
 
 def _default_outlier_candidates() -> list[CandidateSpec]:
     return [CandidateSpec.model_validate({"pass": "robust_int8", "grid": {
-        "equalize": ["cle", "smooth_quant"], "per_channel": [False, True]}})]
+        "equalize": ["cle", "smooth_quant"], "per_channel": [False, True]}}),
+        CandidateSpec.model_validate({"pass": "robust_int8", "options": {
+            "equalize": "cle", "float_stem": True, "per_channel": False}})]
 
 
 class Recipe(_Frozen):

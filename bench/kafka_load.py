@@ -263,4 +263,35 @@ def report_text(result: dict[str, Any]) -> str:
             "load into a server without `--kafka` in the same run; exported/s from the first publish to the last "
             "acknowledged export; lost: acknowledged by Mosquitto but not in Kafka after deduplication by id; "
             "lag: scheduled MQTT publish to the Kafka record's timestamp; the last row holds the broker outage "
-            f"({result['kafka_outage_s']:g} s unreachable within it)):\n\n{ladder}")
+            f"({result['kafka_outage_s']:g} s unreachable within it)):\n\n{ladder}{_dates(result)}")
+
+
+def _dates(result: dict[str, Any]) -> str:
+    parts = result.get("parts_measured")
+    if not parts:
+        return ""
+    return "\n\nMeasured apart: " + "; ".join(
+        f"{name} on {p['date']} (commit {p['commit']}, load average {p['load_avg']:.1f})"
+        for name, p in parts.items()) + "."
+
+
+def merge_record(kafka: dict[str, Any]) -> dict[str, Any]:
+    """The fleet record (bench/results/fleet.json) with this run's Kafka figures in place of its own, for
+    ``EF_BENCH_PARTS=kafka EF_BENCH_KAFKA_RECORD=1``: the other parts keep their figures, and the record says
+    when each was measured (``parts_measured``)."""
+    from bench.common import RESULTS, machine
+
+    record = json.loads((RESULTS / "fleet.json").read_text())
+    earlier = record.get("parts_measured") or {
+        "rollout, fanout, ingest": {"date": record.get("date"), "commit": record.get("commit"),
+                                    "load_avg": record.get("machine", {}).get("load_avg")}}
+    earlier = {k: v for k, v in earlier.items() if k != "kafka"}
+    kept = {k: v for k, v in record.items() if not k.startswith("kafka_")
+            and k not in ("benchmark", "command", "machine", "date", "commit", "parts_measured")}
+    import subprocess
+
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                            check=False).stdout.strip()
+    return {**kept, **kafka, "parts_measured": {**earlier, "kafka": {
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "commit": commit,
+        "load_avg": machine()["load_avg"]}}}

@@ -100,10 +100,14 @@ class KafkaExporter:
         producer: Any = None
         ahead: asyncio.Future[list[Queued]] | None = None  # the next round, read while this one is acknowledged
         streak = 0  # full rounds read ahead since the last read from the outbox's start
+        claimed = 0.0  # when the lease was last taken or renewed (renewed a third of the way through)
         try:
             while not self._stop.is_set():
                 try:
-                    self.holding = await _in_thread(self.store.claim_export, self.holder, self.settings.lease_s)
+                    if not self.holding or time.monotonic() - claimed > self.settings.lease_s / 3:
+                        self.holding = await _in_thread(self.store.claim_export, self.holder,
+                                                        self.settings.lease_s)
+                        claimed = time.monotonic()
                     if not self.holding:
                         await self._close(producer)
                         producer = None
@@ -135,6 +139,7 @@ class KafkaExporter:
                     await _in_thread(self.store.mark_exported, [r.id for r in rows])
                     self._acknowledged(len(rows), nonconforming)
                 except (KafkaError, OSError, TimeoutError, EdgefleetError) as exc:  # a round failed: retried
+                    self.holding = self.holding and time.monotonic() - claimed < self.settings.lease_s / 2
                     await _settle(ahead)
                     ahead = None
                     streak = 0

@@ -23,6 +23,7 @@ from pydantic import BaseModel
 
 from edgefleet.agent.stats import Example, TelemetryReport
 from edgefleet.core.drift import DriftSnapshot
+from edgefleet.errors import TransportError
 from edgefleet.transport import messages
 from edgefleet.transport.messages import (
     DesiredState,
@@ -35,6 +36,7 @@ from edgefleet.transport.messages import (
     encode_telemetry,
     parse,
 )
+from edgefleet.transport.wire_table import FIELDS
 
 REQUIRED = object()
 
@@ -69,6 +71,23 @@ def test_light_twin_has_the_schemas_fields(light: type, schema: type[BaseModel])
         if name in ("issued_at", "ts"):  # the schema stamps the time it is built; the twin reads it from the wire
             continue
         assert default == theirs[name], name
+
+
+@pytest.mark.parametrize(("light", "schema"), [
+    (TelemetryReport, "TelemetryBatch"), (Example, "HardExample"), (DriftSnapshot, "DriftStats"),
+    (ModelTarget, "ModelRef"), (DesiredUpdate, "DesiredState")])
+def test_light_twin_has_the_generated_tables_fields(light: type, schema: str) -> None:
+    """The agent's twins are typed views of the table their decoders validate with (wire_table.FIELDS, generated
+    from the schemas): same names."""
+    assert set(dataclass_fields(light)) == set(FIELDS[schema])
+
+
+def test_light_decoder_requires_what_the_table_requires() -> None:
+    ref = {"name": "m", "version": "1.0.0", "release": 1, "sha256": "0" * 64, "size": 1, "url": "/a"}
+    for name in [n for n, required in FIELDS["ModelRef"].items() if required]:
+        with pytest.raises(TransportError, match=f"{name}: field required"):
+            parse(DesiredUpdate, json.dumps({"device": "d", "model": {k: v for k, v in ref.items() if k != name}})
+                  .encode())
 
 
 def test_compact_encoder_always_sends_what_the_schema_requires() -> None:

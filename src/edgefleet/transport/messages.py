@@ -7,7 +7,10 @@ pydantic) on first use, so a process that never touches them (the edge agent) ne
 The agent side stays light: it encodes its messages from plain mappings (:func:`encode`,
 :func:`encode_telemetry`) and decodes what the server sends into the small frozen dataclasses
 :class:`DesiredUpdate` and :class:`ModelTarget` (the same fields as ``DesiredState`` and ``ModelRef``), still
-through :func:`parse`: ``parse(DesiredUpdate, payload)`` checks the same schema without pydantic.
+through :func:`parse`: ``parse(DesiredUpdate, payload)`` checks the same schema without pydantic. The fields they
+accept and require, and the telemetry fields always sent, come from :mod:`edgefleet.transport.wire_table`, which
+``python -m edgefleet.transport.schemas`` generates from the schemas (so does the compact form's dictionary:
+:mod:`edgefleet.transport.compact`).
 
 Telemetry on the wire is compact JSON (:func:`encode_telemetry`): counters that are zero and mappings and lists
 that are empty are left out, since every reader treats them as zero (``TelemetryBatch``'s defaults, the
@@ -26,6 +29,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar, cast
 
 from edgefleet.errors import TransportError
+from edgefleet.transport.wire_table import FIELDS
 
 if TYPE_CHECKING:
     from edgefleet.transport.schemas import (
@@ -46,8 +50,10 @@ _SCHEMAS = frozenset({"DesiredState", "DriftStats", "Event", "HardExample", "Mod
                       "TelemetryBatch"})
 T = TypeVar("T")
 
-# Telemetry fields always sent (the schema requires them, or absence means something else than zero).
-_TELEMETRY_KEPT = frozenset({"device", "seq", "ts", "model", "windows", "escalations"})
+# Telemetry fields always sent: those the schema requires (from the wire table), and two whose absence means
+# something else than zero (see the module docstring).
+_TELEMETRY_KEPT = frozenset({name for name, required in FIELDS["TelemetryBatch"].items() if required}
+                            | {"model", "escalations"})
 _SHADOW_FIELDS = frozenset({"shadow_windows", "shadow_agree", "shadow_errors"})
 
 
@@ -153,12 +159,18 @@ def encode_telemetry(fields: Mapping[str, Any]) -> bytes:
 
 
 # -- light agent-side decoding ----------------------------------------------------------------------------------
-def _obj(data: Any, what: str, allowed: frozenset[str]) -> dict[str, Any]:
+def _obj(data: Any, what: str, schema: str) -> dict[str, Any]:
+    """``data`` as the object of the message ``schema``: its fields and required ones from the wire table (the
+    schemas' own, generated: edgefleet.transport.wire_table)."""
     if not isinstance(data, dict):
         raise TypeError(f"{what} must be an object")
-    extra = set(data) - allowed
+    fields = FIELDS[schema]
+    extra = set(data) - set(fields)
     if extra:
         raise ValueError(f"{what}: unexpected field {sorted(extra)[0]!r}")
+    missing = [name for name, required in fields.items() if required and name not in data]
+    if missing:
+        raise KeyError(f"{missing[0]}: field required")
     return data
 
 
@@ -212,7 +224,7 @@ class ModelTarget:
 
     @classmethod
     def from_wire(cls, data: Any) -> ModelTarget:
-        d = _obj(data, "model", frozenset(cls.__dataclass_fields__))
+        d = _obj(data, "model", "ModelRef")
         return cls(name=cast(str, _str(d, "name")), version=cast(str, _str(d, "version")),
                    release=cast(int, _int(d, "release")), sha256=cast(str, _str(d, "sha256")),
                    size=cast(int, _int(d, "size")), url=cast(str, _str(d, "url")),
@@ -240,7 +252,7 @@ class DesiredUpdate:
 
     @classmethod
     def from_wire(cls, data: Any) -> DesiredUpdate:
-        d = _obj(data, "DesiredState", frozenset(cls.__dataclass_fields__))
+        d = _obj(data, "DesiredState", "DesiredState")
         statements = d.get("statements", [])
         if not isinstance(statements, list) or not all(isinstance(s, str) for s in statements):
             raise TypeError("statements: must be a list of strings")

@@ -90,3 +90,21 @@ def test_a_rehearsal_scales_the_rows_to_each_device_and_spreads_the_twins() -> N
     scaled = x * np.asarray(second.gain)[:, None] + np.asarray(second.offset)[:, None]
     np.testing.assert_allclose(scaled.mean(axis=1), drifted[0], atol=1e-4)
     np.testing.assert_allclose(scaled.std(axis=1), drifted[1], atol=1e-4)
+
+
+def test_a_twin_link_without_a_broker_refuses_publishes_with_a_transport_error() -> None:
+    """The agent's outbox catches TransportError and tries again later: any other error would end its thread."""
+    from edgefleet.errors import TransportError
+    from edgefleet.transport.mqtt_url import MqttEndpoint
+    from edgefleet.transport.ports import free_port
+    from edgefleet.twin.link import LinkLoop, TwinLink
+
+    loop = LinkLoop()
+    link = TwinLink(loop, MqttEndpoint("127.0.0.1", free_port()), "twin-unit", clean_session=False)
+    try:
+        link.start_background()
+        with pytest.raises(TransportError):
+            link.publish_and_wait("t/x", b"{}", timeout_s=0.5)
+    finally:
+        link.stop()
+        loop.close()

@@ -31,6 +31,7 @@ import sys
 import threading
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -54,6 +55,8 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 MIB = 1024 * 1024
 FAULT_TICK_S = 0.25
+BOOT_THREADS = 16
+"""Twins that start at once in a host (each start waits for its broker connection)."""
 
 
 class SharedHealthCheck:
@@ -250,13 +253,17 @@ class Host:
 
     def run(self) -> None:
         started = time.monotonic()
-        for twin in self.twins:
+
+        def boot(twin: Twin) -> None:
             if self._stop.is_set():
-                break
+                return
             try:
                 twin.boot()
             except EdgefleetError as exc:
                 log.error("twin %s cannot start: %s", twin.credentials.stem, exc)
+
+        with ThreadPoolExecutor(max_workers=BOOT_THREADS, thread_name_prefix="boot") as pool:
+            list(pool.map(boot, self.twins))  # a boot waits for its broker connection: overlap those waits
         if self.ready_file is not None:
             atomic_write(self.ready_file, json.dumps({"pid": os.getpid(), "twins": len(self.twins),
                                                       "alive": sum(t.alive for t in self.twins)}).encode())

@@ -223,13 +223,16 @@ class TwinLink(MqttLink):
 
     def publish_and_wait(self, topic: str, payload: bytes, *, qos: int = 1, retain: bool = False,
                          timeout_s: float = 10.0) -> None:
-        """Publish and block until the broker acknowledged it (the loop thread does the writing)."""
+        """Publish and block until the broker acknowledged it (the loop thread does the writing); TransportError
+        when it is not (not connected, lost on the way, or no acknowledgement within ``timeout_s``)."""
         info = self._client.publish(topic, payload, qos=qos, retain=retain)
         deadline = time.monotonic() + timeout_s
-        while not info.is_published():
-            if time.monotonic() >= deadline or not self.connected:
-                raise TransportError(f"publish to {topic} not acknowledged within {timeout_s:.0f} s")
+        while True:
             try:
+                if info.is_published():
+                    return
+                if time.monotonic() >= deadline or not self.connected:
+                    raise TransportError(f"publish to {topic} not acknowledged within {timeout_s:.0f} s")
                 info.wait_for_publish(min(0.5, max(0.01, deadline - time.monotonic())))
-            except (RuntimeError, ValueError) as exc:
+            except (RuntimeError, ValueError) as exc:  # paho: not connected, or the queue refused it
                 raise TransportError(f"publish to {topic} failed: {exc}") from exc

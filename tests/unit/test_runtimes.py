@@ -300,14 +300,77 @@ def test_the_runtime_is_chosen_per_profile_from_measured_latency() -> None:
     assert bundle_runtime("auto", [pi, watch], latency)[0] == "onnxruntime"
     assert bundle_runtime("auto", [pi], {**latency, "litert": _stats(0.5)})[0] == "onnxruntime"  # needs a .tflite
     assert bundle_runtime("openvino", [watch], latency) == ("openvino", "asked for")
-    with pytest.raises(ConfigError, match="runtime litert reads a tflite model"):
-        bundle_runtime("litert", [pi], latency)
+    assert bundle_runtime("litert", [pi], latency) == ("litert", "asked for")  # the build exports it
+    with pytest.raises(ConfigError, match="unknown runtime 'tflite'"):
+        bundle_runtime("tflite", [pi], latency)
 
 
 def test_candidates_are_timed_on_every_installed_runtime(models: Models) -> None:
     runners = {name: make_runner(models.onnx, name) for name in ("onnxruntime", "openvino")}
     timed = time_runners(runners, models.x, rounds=2, runs=3, warmup=1)
     assert set(timed) == set(runners) and all(s.runs == 6 and s.median_ms > 0 for s in timed.values())
+
+
+def _cli(args: list[str], monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> tuple[int, str]:
+    from edgefleet.cli import main
+
+    monkeypatch.setattr(sys, "argv", ["edgefleet", *args])
+    try:
+        main()
+        code = 0
+    except SystemExit as exc:
+        code = int(exc.code or 0)
+    captured = capsys.readouterr()
+    return code, captured.out + captured.err
+
+
+def test_bundle_pack_runtime_litert_ships_the_tflite_export(models: Models, tmp_path: Path,
+                                                           monkeypatch: pytest.MonkeyPatch,
+                                                           capsys: pytest.CaptureFixture[str]) -> None:
+    from edgefleet.bundle.signing import write_keypair
+
+    write_keypair(tmp_path)
+    (tmp_path / "net.onnx").write_bytes(models.onnx)
+    (tmp_path / "net.tflite").write_bytes(models.tflite_int8)
+    np.save(tmp_path / "golden.npy", models.x[:3])
+    common = ["bundle", "pack", str(tmp_path / "net.onnx"), "--key", str(tmp_path / "signing.key"), "--golden",
+              str(tmp_path / "golden.npy"), "--out", str(tmp_path / "net.efb")]
+    code, out = _cli([*common, "--runtime", "litert", "--tflite", str(tmp_path / "net.tflite")], monkeypatch, capsys)
+    assert code == 0, out
+    assert "runtime litert" in out
+    data = (tmp_path / "net.efb").read_bytes()
+    assert read_container(data)[MODEL_TFLITE] == models.tflite_int8
+    code, out = _cli([*common, "--runtime", "litert"], monkeypatch, capsys)
+    assert code == 2 and "--runtime litert needs --tflite" in out and "Traceback" not in out
+    code, out = _cli([*common, "--runtime", "tensorrt"], monkeypatch, capsys)
+    assert code == 2 and "known runtimes are onnxruntime, openvino, litert" in out
+
+
+@pytest.mark.slow
+def test_build_runtime_litert_ships_the_tflite_export_within_the_gate(models: Models, tmp_path: Path,
+                                                                      monkeypatch: pytest.MonkeyPatch,
+                                                                      capsys: pytest.CaptureFixture[str]) -> None:
+    """`edgefleet build --runtime litert`: the float model exported to .tflite, int8 where it keeps the gate."""
+    from edgefleet.bundle.pack import peek_manifest
+    from edgefleet.bundle.signing import write_keypair
+
+    write_keypair(tmp_path)
+    (tmp_path / "fast.yaml").write_text("latency: {budget_s: 0.02, min_runs: 3, max_runs: 10, warmup: 1, "
+                                        "batches: [1]}\nmax_accuracy_drop: 5.0\n")
+    (tmp_path / "net.onnx").write_bytes(models.onnx)
+    labels = make_runner(models.onnx).run(models.x).argmax(1)
+    np.savez(tmp_path / "data.npz", calib_x=models.calib, test_x=models.x, test_y=labels)
+    code, out = _cli(["build", str(tmp_path / "net.onnx"), "--data", str(tmp_path / "data.npz"), "--key",
+                      str(tmp_path / "signing.key"), "--out", str(tmp_path / "net.efb"), "--recipe",
+                      str(tmp_path / "fast.yaml"), "--profile", "raspberry-pi", "--runtime", "litert"],
+                     monkeypatch, capsys)
+    assert code == 0, out
+    assert "runtime litert (asked for; ships the TFLite export" in out
+    data = (tmp_path / "net.efb").read_bytes()
+    members = read_container(data)
+    assert MODEL_TFLITE in members and members[MODEL_TFLITE][4:8] == b"TFL3"
+    manifest = peek_manifest(data)
+    assert manifest.runtime == "litert" and manifest.metrics["litert_accuracy"] >= 0.95
 
 
 # -- GPU: ONNX Runtime's CUDA and TensorRT providers ---------------------------------------------------------------

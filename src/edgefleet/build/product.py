@@ -4,6 +4,8 @@ build through :func:`build_bundle`, so what the demo ships is what a user's buil
 
 The bundle names the runtime it runs on: ONNX Runtime by default (every agent has it), another one when asked,
 or with ``auto`` the fastest measured runtime of every target profile (:func:`edgefleet.build.runtimes.bundle_runtime`).
+For LiteRT the float model is exported to ``.tflite`` (:mod:`edgefleet.build.tflite`), int8 calibrated on the
+calibration rows where its accuracy on the test rows stays within the gate, float32 otherwise.
 """
 
 from __future__ import annotations
@@ -13,11 +15,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from edgefleet.build.inputs import BuildInputs
-from edgefleet.build.io_pipeline import golden_tolerance
+from edgefleet.build.io_pipeline import INT8_TOLERANCE, golden_tolerance
 from edgefleet.build.pipeline import BuildOutcome, BuildSearch, Candidate, Progress
 from edgefleet.build.recipe import Recipe
 from edgefleet.build.runtimes import bundle_runtime, runtime_per_profile
 from edgefleet.bundle.pack import BundleSpec, pack_bundle
+from edgefleet.bundle.runtimes import MODEL_FORMATS
 from edgefleet.bundle.signing import SigningKey
 from edgefleet.core.profiles import DeviceProfile
 from edgefleet.errors import ModelError
@@ -87,7 +90,13 @@ def build_bundle(inputs: BuildInputs, recipe: Recipe, profiles: list[DeviceProfi
     chosen_runtime, why = bundle_runtime(runtime, targets, chosen.runtime_latency)
     metrics.update({f"latency_b1_ms_{n}": s.median_ms for n, s in sorted(chosen.runtime_latency.items())})
     tolerance = golden_tolerance(chosen.pass_name)
-    bundle = pack_bundle(chosen.model, key, BundleSpec(
+    shipped = chosen.model
+    if MODEL_FORMATS[chosen_runtime] == "tflite":
+        shipped, int8, accuracy = litert_model(inputs, recipe, outcome, progress)
+        metrics.update({"litert_accuracy": accuracy, "litert_int8": float(int8), "litert_size_bytes": len(shipped)})
+        tolerance = INT8_TOLERANCE if int8 else golden_tolerance("none")
+        why += f"; ships the TFLite export ({'int8' if int8 else 'float32'}, accuracy {100 * accuracy:.2f}%)"
+    bundle = pack_bundle(shipped, key, BundleSpec(
         name=name, version=version, release=release, labels=inputs.labels, preprocess=inputs.preprocess,
         postprocess=inputs.postprocess, thresholds=inputs.thresholds, metrics=metrics, profiles=fitting,
         golden=inputs.golden, golden_atol=tolerance, golden_rtol=tolerance,
@@ -112,6 +121,29 @@ def apply_measured_scaling(outcome: BuildOutcome, profiles: list[DeviceProfile],
         footprint = _footprint(cand.analysis)
         cand.verdicts = [check(by_name[v.profile], footprint, host.median_ms * scaling[v.profile])
                          if v.profile in scaling and v.profile in by_name else v for v in cand.verdicts]
+
+
+def litert_model(inputs: BuildInputs, recipe: Recipe, outcome: BuildOutcome, progress: Progress | None = None
+                 ) -> tuple[bytes, bool, float]:
+    """The float model exported for LiteRT: (model, whether int8, its test accuracy); int8 where its drop from
+    the float baseline is within the recipe's gate, else float32 within it; ModelError when neither is."""
+    from edgefleet.build.tflite import export_onnx_tflite, litert_accuracy
+
+    data = inputs.data
+    (progress or (lambda _m: None))("exporting the float model to TFLite (float32 and int8) for LiteRT")
+    models = export_onnx_tflite(inputs.model, data.test_x[:1], data.calib_x[: recipe.calibration_samples])
+    baseline = float(outcome.baseline.accuracy or 0.0)
+    tried = []
+    for model, int8 in ((models.int8, True), (models.float32, False)):
+        if model is None:
+            continue
+        accuracy = litert_accuracy(model, data.test_x, data.test_y, data.postprocess)
+        drop = 100.0 * (baseline - accuracy)
+        if drop <= recipe.max_accuracy_drop + 1e-9:
+            return model, int8, accuracy
+        tried.append(f"{'int8' if int8 else 'float32'} drops {drop:.2f} pp")
+    raise ModelError(f"no bundle written: no TFLite export meets the {recipe.max_accuracy_drop:g} pp gate "
+                     f"({'; '.join(tried)})")
 
 
 def bundle_metrics(outcome: BuildOutcome, chosen: Candidate) -> dict[str, float]:

@@ -84,15 +84,12 @@ def runtime_per_profile(profiles: Sequence[DeviceProfile], latency: Mapping[str,
 
 def bundle_runtime(requested: str, profiles: Sequence[DeviceProfile], latency: Mapping[str, LatencyStats],
                    model_format: str = "onnx") -> tuple[str, str]:
-    """The runtime the bundle names and why: ``requested`` itself, or for ``auto`` the runtime every profile
-    chose (:func:`runtime_per_profile`) when they agree on one that reads ``model_format``, else ONNX Runtime."""
+    """The runtime the bundle names and why: ``requested`` itself (a LiteRT bundle ships the TFLite export, see
+    :func:`edgefleet.build.product.build_bundle`), or for ``auto`` the runtime every profile chose
+    (:func:`runtime_per_profile`) when they agree on one that reads ``model_format``, else ONNX Runtime."""
     if requested != AUTO:
         if requested not in RUNTIMES:
             raise ConfigError(f"unknown runtime {requested!r} (known: {AUTO}, {', '.join(RUNTIMES)})")
-        if MODEL_FORMATS[requested] != model_format:
-            raise ConfigError(f"runtime {requested} reads a {MODEL_FORMATS[requested]} model and the build ships "
-                              f"{model_format}: pack a {MODEL_FORMATS[requested]} export with `edgefleet bundle pack "
-                              f"--runtime {requested}`")
         return requested, "asked for"
     choices = set(runtime_per_profile(profiles, latency).values())
     if len(choices) == 1:

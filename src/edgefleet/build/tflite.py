@@ -17,7 +17,7 @@ import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -81,6 +81,27 @@ def export_tflite(module: torch.nn.Module, sample: np.ndarray, calibration: np.n
             raise ModelError(f"TFLite export failed: {report.get('error', 'no reason given')}")
         int8 = work / "int8.tflite"
         return TfliteModels((work / "float.tflite").read_bytes(), int8.read_bytes() if int8.exists() else None)
+
+
+def export_onnx_tflite(model: bytes, sample: np.ndarray, calibration: np.ndarray | None = None, *,
+                       timeout_s: float = TIMEOUT_S) -> TfliteModels:
+    """A float ONNX model as ``.tflite``: converted to PyTorch (:mod:`edgefleet.build.torch_bridge`; one-line
+    ConversionError for an operator it lacks), then :func:`export_tflite`."""
+    from edgefleet.build.torch_bridge import to_torch
+
+    return export_tflite(to_torch(model).module, sample, calibration, timeout_s=timeout_s)
+
+
+def litert_accuracy(model: bytes, x: np.ndarray, y: np.ndarray, postprocess: dict[str, Any] | None = None,
+                    batch: int = 64) -> float:
+    """Top-1 accuracy of a ``.tflite`` model on rows ``x`` run by LiteRT, its scores read through the output spec."""
+    from edgefleet.runtime.litert_runner import LiteRtRunner
+    from edgefleet.runtime.outputs import output_step
+
+    score = output_step(postprocess).scorer(LiteRtRunner(model))
+    scores = np.concatenate([score(np.ascontiguousarray(x[i : i + batch], dtype=np.float32))
+                             for i in range(0, len(x), batch)])
+    return float(np.mean(scores.argmax(axis=1) == np.asarray(y)))
 
 
 def _run_child(python: str, work: Path, timeout_s: float) -> dict[str, object]:

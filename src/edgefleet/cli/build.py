@@ -43,8 +43,9 @@ def build(
     plot: Annotated[Path | None, typer.Option(help="write the Pareto plot here (default: REPORT.png)")] = None,
     release: Annotated[int, typer.Option(help="monotonic release counter")] = 1,
     epochs: Annotated[int, typer.Option(min=1, help="training epochs with --dataset")] = 60,
-    runtime: Annotated[str, typer.Option(help="runtime the bundle names: onnxruntime, openvino, or auto (the "
-                                               "fastest measured one of every target profile)")] = "onnxruntime",
+    runtime: Annotated[str, typer.Option(help="runtime the bundle names: onnxruntime, openvino, litert (ships the "
+                                               "TFLite export, int8 within the gate), or auto (the fastest "
+                                               "measured one of every target profile)")] = "onnxruntime",
     factory: Annotated[str | None, typer.Option(help="module:function returning MODEL as a torch.nn.Module, for "
                                                 "pruning, distillation and QAT on --data's train_x/train_y "
                                                 "(default: MODEL converted from ONNX)")] = None,

@@ -112,7 +112,9 @@ def test_rehearsals_stop_a_model_worse_on_drifting_devices_and_let_a_good_one_th
         out, err = twins.communicate(timeout=120)
         assert twins.returncode == 0, err
         summary = json.loads(out)
-        assert summary["twins"] == 4 and summary["running"] == 4 and summary["revoked"] is True
+        assert summary["twins"] == 4 and summary["revoked"] is True
+        ran = [d for d in api.devices() if d["tags"].get("twin") == summary["run"]]
+        assert len(ran) == 4 and all(d["reported"] and d["last_seen"] for d in ran)  # they connected as devices
     finally:
         for process in processes:
             if process.poll() is None:

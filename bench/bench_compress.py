@@ -23,6 +23,8 @@ import numpy as np
 from bench.common import markdown_table, publish
 from bench.models import BenchModel, basicmotions_cnn1d, dataset_model, mobilenet_v2_digits
 from bench.runtimes_compare import compare_runtimes, runtimes_table
+from bench.training_compress import markdown as training_markdown
+from bench.training_compress import training_rows
 from edgefleet.build.evaluate import accuracy, predict
 from edgefleet.build.latency import LatencyStats, compare_latency
 from edgefleet.build.passes.static_int8 import StaticInt8, StaticInt8Config, quiet_quantizer
@@ -338,6 +340,7 @@ def main() -> None:
     chosen: dict[str, str] = {}
     searches: dict[str, list[dict[str, Any]]] = {}
     anatomy_rows: list[dict[str, Any]] = []
+    training: dict[str, Any] = {}
     profile: dict[str, dict[str, dict[str, float]]] = {}
     sizes: dict[str, float] = {}
     built: list[BenchModel] = []  # every model benchmarked, for sections that time them on other runtimes
@@ -356,6 +359,7 @@ def main() -> None:
                 sizes = size_breakdown(shipped, len(bm.model))
         if "MobileNet" in trained.name:
             anatomy_rows = anatomy(trained)
+            training = training_rows(trained)  # pruning + distillation + QAT (bench/training_compress.py)
     notes = targets(rows)
     table = markdown_table(
         ["model", "method", "acc %", "drop pp", "size KB", "x f32", "b1 ms (p10-p90)", "b1 speedup",
@@ -411,6 +415,9 @@ def main() -> None:
         "build.torch_bridge, float32 by litert-torch, int8 by ai-edge-quantizer's static recipe on the same "
         f"calibration rows). {time.perf_counter() - runtimes_start:.0f} s including the exports.\n\n"
         + runtimes_table(runtimes))
+    if training:
+        result["training"] = training
+        markdown += "\n\n" + training_markdown(training)
     publish("compress", result, markdown)
 
 

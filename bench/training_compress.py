@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import time
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -41,8 +42,9 @@ training:
 
 
 def training_rows(bm: BenchModel, *, ratios: tuple[float, ...] = (0.3, 0.5), epochs: int = 6, qat_epochs: int = 1,
-                  sparsity: float = 0.5, threads: int = 1) -> dict[str, Any]:
-    """Rows (float32, the best PTQ int8, every training-time candidate), target notes and the search's choice."""
+                  sparsity: float = 0.5, threads: int = 1, save: Path | None = None) -> dict[str, Any]:
+    """Rows (float32, the best PTQ int8, every training-time candidate), target notes and the search's choice;
+    ``save``: a folder to write every timed model to (``NN.onnx`` in row order)."""
     data = digits_96()
     recipe = load_recipe(RECIPE.format(gate=GATE_PP, epochs=epochs, qat_epochs=qat_epochs, threads=threads,
                                        ratios=list(ratios), sparsity=sparsity))
@@ -55,7 +57,11 @@ def training_rows(bm: BenchModel, *, ratios: tuple[float, ...] = (0.3, 0.5), epo
     trained = [c for c in outcome.candidates if c.pass_name == "train"]
     timed = [("float32", bm.model, None), *([(f"PTQ {best_ptq.label}", best_ptq.model, best_ptq)] if best_ptq else []),
              *[(c.label, c.model, c) for c in trained if c.model]]
-    stats = compare_latency([m for _, m, _ in timed if m], bm.test_x, 1, rounds=9, runs=15, threads=1)
+    if save is not None:
+        save.mkdir(parents=True, exist_ok=True)
+        for i, (_, model, _) in enumerate(timed):
+            (save / f"{i:02d}.onnx").write_bytes(model or b"")
+    stats = compare_latency([m for _, m, _ in timed if m], bm.test_x, 1, rounds=15, runs=25, threads=1)
     base_acc = accuracy(bm.model, bm.test_x, bm.test_y)
     rows = []
     for (label, model, cand), s in zip(timed, stats, strict=True):

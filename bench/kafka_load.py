@@ -21,6 +21,7 @@ from typing import Any
 
 from bench import mqtt_load
 from edgefleet.bundle.signing import PUBLIC_KEY_FILE, write_keypair
+from edgefleet.errors import EdgefleetError
 from edgefleet.processes import ManagedProcess, ProcessGroup, wait_until
 from edgefleet.server.schema import Device, TelemetryRow
 from edgefleet.server.store import Store
@@ -195,8 +196,12 @@ def run(work: Path, log: Log) -> dict[str, Any]:
                 time.sleep(1.0)
             broker.up()
             up_at = time.monotonic()
-            wait_until(lambda: exporting.store.export_backlog().pending == 0, 300, "the export to catch up", 0.2)
-            outage_figures.update(kafka_outage_lag_peak_s=peak, kafka_outage_catch_up_s=time.monotonic() - up_at)
+            outage_figures.update(kafka_outage_lag_peak_s=peak, kafka_outage_catch_up_s=None)
+            try:  # the offered load still runs: caught up = nothing queued (bounded; None when not within it)
+                wait_until(lambda: exporting.store.export_backlog().pending == 0, 300, "the export to catch up", 0.2)
+                outage_figures["kafka_outage_catch_up_s"] = time.monotonic() - up_at
+            except EdgefleetError:
+                log("kafka part: the export did not catch up within 300 s of the broker's return")
 
         log(f"kafka part: {OUTAGE_RATE}/s with the broker unreachable for {OUTAGE_S:g} s")
         outage_row = exporting.step(OUTAGE_RATE, OUTAGE_S + 20, 90_000_000, during=outage, settle_s=300)
@@ -242,7 +247,9 @@ def report_rows(result: dict[str, Any]) -> list[list[object]]:
         ["messages lost on the way to Kafka (every step and the outage)", result["kafka_lost"], "0"],
         [f"broker unreachable {result['kafka_outage_s']:g} s at {result['kafka_outage_rate']}/s: peak lag / "
          "catch-up after (s)",
-         f"{result.get('kafka_outage_lag_peak_s', 0):.1f} / {result.get('kafka_outage_catch_up_s', 0):.1f}", ""],
+         f"{result.get('kafka_outage_lag_peak_s') or 0:.1f} / "
+         + (f"{catch_up:.1f}" if (catch_up := result.get("kafka_outage_catch_up_s")) is not None
+            else "not within 300"), ""],
     ]
 
 

@@ -27,7 +27,7 @@ STATIC = Path(__file__).parent / "static"
 EXPORT_STATUS_PATH = "/api/v1/export/status"
 """Shown as a tile on the fleet page when a router serves it (telemetry export)."""
 SECURITY_HEADERS = {
-    "Content-Security-Policy": "default-src 'self'; img-src 'self' data:; style-src 'self' 'unsafe-inline'; "
+    "Content-Security-Policy": "default-src 'self'; img-src 'self' data:; style-src 'self'; "
                                "script-src 'self'; frame-ancestors 'none'; base-uri 'none'; form-action 'self'",
     "X-Frame-Options": "DENY", "X-Content-Type-Options": "nosniff", "Referrer-Policy": "same-origin",
     "Cache-Control": "no-store",

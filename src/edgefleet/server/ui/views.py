@@ -16,7 +16,7 @@ from edgefleet.core.gates import BoolOp, Compare, Node, Not, parse_gate
 from edgefleet.core.telemetry import CONFIDENCE_BINS, LatencyHistogram
 from edgefleet.errors import EdgefleetError
 from edgefleet.server.orchestrator import rollout_json
-from edgefleet.server.schema import Device, ModelVersion
+from edgefleet.server.schema import Device
 from edgefleet.server.store import Store
 from edgefleet.server.ui.svg import PALETTE, Series, bar_chart, gate_bar, line_chart, pareto_chart, timeline
 
@@ -151,6 +151,7 @@ def device_charts(store: Store, device_id: str, since: float) -> dict[str, Marku
     batches = store.telemetry(device_id, since)
     confidence = [0] * CONFIDENCE_BINS
     classes: Counter[str] = Counter()
+    alerts: Counter[str] = Counter()
     if batches:
         t0, t1 = batches[0].ts, batches[-1].ts
         width = max((t1 - t0) / TIME_BUCKETS, 1e-9)
@@ -159,6 +160,7 @@ def device_charts(store: Store, device_id: str, since: float) -> dict[str, Marku
         for i, n in enumerate(b.confidence[:CONFIDENCE_BINS]):
             confidence[i] += n
         classes.update(b.classes)
+        alerts.update(b.alerts)
         k = min(int((b.ts - t0) / width), TIME_BUCKETS - 1)
         hist, drift, windows = buckets.setdefault(k, (LatencyHistogram(), [], 0))
         with contextlib.suppress(ValueError):  # a malformed histogram is left out of the chart
@@ -179,6 +181,7 @@ def device_charts(store: Store, device_id: str, since: float) -> dict[str, Marku
         rate.append((ts, float(windows)))
     bins = [f"{i / CONFIDENCE_BINS:.2f}" for i in range(CONFIDENCE_BINS)]
     top = classes.most_common(24)
+    raised = alerts.most_common(24)
     return {
         "latency": line_chart([Series("p50", p50, PALETTE[0]), Series("p99", p99, PALETTE[1])],
                               label="latency p50 and p99 over time", y_unit="ms"),
@@ -186,6 +189,8 @@ def device_charts(store: Store, device_id: str, since: float) -> dict[str, Marku
         "windows": line_chart([Series("windows inferred", rate, PALETTE[2])], label="windows per interval"),
         "confidence": bar_chart(bins, confidence, label="confidence histogram", color=PALETTE[2]),
         "classes": bar_chart([c for c, _ in top], [n for _, n in top], label="class counts", color=PALETTE[4]),
+        "alerts": bar_chart([c for c, _ in raised], [n for _, n in raised], label="alert windows by reason",
+                            color=PALETTE[1]),
     }
 
 
@@ -296,7 +301,3 @@ def where_runs(store: Store) -> tuple[dict[str, list[str]], dict[str, int]]:
         if d.desired_model_id is not None and d.desired_model_id in names:
             desired[names[d.desired_model_id]] += 1
     return running, dict(desired)
-
-
-def model_by_ref(store: Store, name: str, version: str) -> ModelVersion | None:
-    return store.find_model(name, version)

@@ -107,9 +107,10 @@ class TwinFleet:
         self._hosted = len(self.twins)
         processes = max(1, math.ceil(len(fresh) / self.per_process))
         ready = []
-        for number in range(processes):
-            share = fresh[number::processes]
-            number += len(self.hosts)
+        first = len(self.hosts)
+        for index in range(processes):
+            share = fresh[index::processes]
+            number = first + index
             spec_file = self.root / "hosts" / f"host-{number}.json"
             ready_file = self.root / "hosts" / f"host-{number}.ready"
             ready_file.unlink(missing_ok=True)

@@ -35,8 +35,8 @@ def test_a_device_without_the_runtime_is_skipped_by_the_rollout_and_refuses_the_
                           str(fleet.root / "devices" / f"{device}.json"))
         assert added.returncode == 0, added.stderr
     api.deploy("clf@1.0.0", ["dev-lean"])
-    fleet.start_agent("dev-lean", duration_s=120, env={"EDGEFLEET_AGENT_RUNTIMES": "onnxruntime"})
-    wait_until(lambda: _reported(fleet, "dev-lean").get("running") == "clf@1.0.0", 90, "version 1 on dev-lean")
+    fleet.start_agent("dev-lean", duration_s=400, env={"EDGEFLEET_AGENT_RUNTIMES": "onnxruntime"})
+    wait_until(lambda: _reported(fleet, "dev-lean").get("running") == "clf@1.0.0", 240, "version 1 on dev-lean")
     assert _reported(fleet, "dev-lean")["runtimes"] == ["onnxruntime"]
 
     created = fleet.cli("rollout", "create", "clf@2.0.0", "--select", "site=lab", "--install-timeout", "300")
@@ -50,7 +50,7 @@ def test_a_device_without_the_runtime_is_skipped_by_the_rollout_and_refuses_the_
 
     api.deploy("clf@2.0.0", ["dev-lean"])  # a deployment does not judge fit: the device refuses it itself
     wait_until(lambda: any(e["name"] == "refused" and e["detail"].get("reason") == "missing_runtime"
-                           for e in api.events("dev-lean")), 60, "the device's refusal")
+                           for e in api.events("dev-lean")), 120, "the device's refusal")
     refusal = next(e for e in api.events("dev-lean") if e["detail"].get("reason") == "missing_runtime")
     assert "bundle needs runtime openvino, this device has onnxruntime" in json.dumps(refusal["detail"])
     assert _reported(fleet, "dev-lean")["running"] == "clf@1.0.0"

@@ -133,3 +133,28 @@ def test_the_wire_table_is_what_the_schemas_generate() -> None:
     for name, fields in wire_table.FIELDS.items():
         model = getattr(schemas, name)
         assert fields == schemas.wire_fields(model), name
+
+
+def test_facts_are_sent_once_a_process_and_kept_by_the_server(tmp_path: Path) -> None:
+    """The device's facts go with its first report only (then when they change); a later full report without them
+    leaves the stored facts in place."""
+    facts = {"cpu": "Cortex-A72", "cores": 4, "memory_mb": 3840}
+    changes = compact.ReportChanges()
+    first = json.loads(changes.encode(full_report(facts=facts)))
+    assert first["facts"] == facts
+    moved = json.loads(changes.encode(full_report(facts=facts, active="clf@1.0.1")))
+    assert "facts" not in moved and not compact.is_changes(moved)
+    grown = json.loads(changes.encode(full_report(facts={**facts, "cores": 8}, active="clf@1.0.1")))
+    assert grown["facts"]["cores"] == 8 and compact.is_changes(grown)
+
+    store = Store(f"sqlite:///{tmp_path / 'db.sqlite'}")
+    store.add_device(Device(id="dev-1", token_sha256="0" * 64, mqtt_password_sha256="0" * 64, tags={},
+                            created=time.time()))
+    ingest = Ingest(store, parse_mqtt_url("mqtt://127.0.0.1:1"))
+    for payload in (first, moved):
+        ingest.handle(topics.reported("dev-1"), compact.pack("reported", json.dumps(payload).encode()))
+    restarted = Ingest(store, parse_mqtt_url("mqtt://127.0.0.1:1"))  # the cache gone: the store's copy is used
+    restarted.handle(topics.reported("dev-1"), json.dumps(full_report(active="clf@1.0.2")).encode())
+    row = store.get_device("dev-1")
+    assert row is not None and row.reported is not None
+    assert row.reported["active"] == "clf@1.0.2" and row.reported["facts"]["cpu"] == "Cortex-A72"

@@ -252,12 +252,16 @@ class Ingest:
             data = json.loads(payload)
         except (ValueError, RecursionError) as exc:
             raise TransportError(f"malformed ReportedState: {exc}") from exc
-        if not isinstance(data, dict) or not compact.is_changes(data):
+        if not isinstance(data, dict):
+            return payload
+        if not compact.is_changes(data) and all(key in data for key in compact.STICKY):
             return payload
         base = self._reported.get(device)
         if base is None:
             row = self.store.get_device(device)
             base = dict(row.reported) if row is not None and isinstance(row.reported, dict) else None
+        if not compact.is_changes(data):  # a full report without the facts: they stay as last reported
+            return json.dumps(compact.keep_sticky(base, data)).encode()
         merged = compact.merge_changes(base, data)
         return b"" if merged is None else json.dumps(merged).encode()
 

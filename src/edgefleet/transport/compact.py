@@ -35,6 +35,9 @@ CHANGES_KEY = "changes"
 _CHANGE_ONLY = frozenset({"update_state", "last_error"})
 """Reported fields that may change without a full report (the step of an update and its error)."""
 _KEPT_IN_CHANGES = ("device", "ts")
+STICKY = ("facts",)
+"""Reported fields sent only when they changed since this agent process last sent them (the device's facts):
+the server keeps the stored value when a report leaves them out (:func:`keep_sticky`)."""
 
 
 def pack(channel: str, payload: bytes, *, version: int = DICTIONARY_VERSION) -> bytes:
@@ -75,24 +78,29 @@ class ReportChanges:
 
     def __init__(self) -> None:
         self._last: dict[str, Any] | None = None
+        self._sticky_sent: dict[str, Any] = {}
 
     def reset(self) -> None:
         self._last = None
+        self._sticky_sent = {}
 
     def encode(self, report: Mapping[str, Any]) -> bytes:
         """The JSON to publish for ``report`` (None values are absent fields): the full report, or its changes
         (a cleared field as null; only ``device`` and ``ts`` when nothing else changed: the server still learns
         that the device is there)."""
-        current = {k: v for k, v in report.items() if v is not None}
+        current = {k: v for k, v in report.items() if v is not None and k not in STICKY}
+        sticky = {k: report[k] for k in STICKY if report.get(k) is not None and report[k] != self._sticky_sent.get(k)}
+        self._sticky_sent.update(sticky)
         last, self._last = self._last, current
         if last is not None:
             changed = {k for k in set(current) | set(last) if k != "ts" and current.get(k) != last.get(k)}
             if changed <= _CHANGE_ONLY:
                 out = {k: current[k] for k in _KEPT_IN_CHANGES if k in current}
                 out.update({k: current.get(k) for k in sorted(changed)})
+                out.update(sticky)
                 out[CHANGES_KEY] = 1
                 return _json(out)
-        return _json(current)
+        return _json({**current, **sticky})
 
 
 def _json(data: Mapping[str, Any]) -> bytes:
@@ -106,6 +114,14 @@ def merge_changes(base: Mapping[str, Any] | None, changes: Mapping[str, Any]) ->
         return None
     merged = {**base, **{k: v for k, v in changes.items() if k != CHANGES_KEY}}
     return {k: v for k, v in merged.items() if v is not None}
+
+
+def keep_sticky(base: Mapping[str, Any] | None, report: dict[str, Any]) -> dict[str, Any]:
+    """A full report with the sticky fields it leaves out taken from the device's last one."""
+    for key in STICKY:
+        if key not in report and base is not None and base.get(key) is not None:
+            report[key] = base[key]
+    return report
 
 
 def is_changes(data: Mapping[str, Any]) -> bool:

@@ -83,7 +83,7 @@ class Agent:
         self.restart_requested = False
         self._report_changes = compact.ReportChanges()
         self._facts = device_facts()
-        """CPU, cores, memory, runtimes and providers, sent in every full report (agent.facts)."""
+        """CPU, cores, memory, runtimes and providers (agent.facts): reported once a process (compact.STICKY)."""
         self.link = link_factory(config.mqtt, f"ef-agent-{self.device}", clean_session=False,
                               subscriptions=[(topics.desired(self.device), 1)], on_message=self._on_message)
         fetcher = fetcher or ArtifactFetcher(config.server_url, config.token, limits=config.downloads,

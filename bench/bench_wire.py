@@ -202,4 +202,7 @@ def section(result: dict[str, Any]) -> str:
         lines.append(f"| {name}: bytes sent on the wire / raw sensor bytes | {w['ratio']:.2%} "
                      f"({w['sent_bytes']:,} B sent, {w['received_bytes']:,} B received) | "
                      f"{'<= 1%' if key == 'default' else ''} |")
+    lines += ["", "The agent sends its messages in the compact form (edgefleet.transport.compact: JSON deflated "
+              "against a dictionary generated from the schemas, reported states as changes after a full one); the "
+              "server stores the same JSON. Measured on a 2-core machine shared with other work."]
     return "\n".join(lines)

@@ -12,6 +12,7 @@ Run from the repository root: ``python -m bench.bench_compress`` (``make bench-c
 
 from __future__ import annotations
 
+import os
 import tempfile
 import time
 from collections.abc import Callable
@@ -329,7 +330,7 @@ WITH_OUTLIERS = ("BasicMotions 1D-CNN", "MobileNetV2-0.5 96x96")
 
 
 def main() -> None:
-    start = time.perf_counter()
+    start, load = time.perf_counter(), os.getloadavg()
     builders: list[Callable[[], BenchModel]] = [
         basicmotions_cnn1d,
         lambda: dataset_model("ItalyPowerDemand", "ItalyPowerDemand 1D-CNN", epochs=150),
@@ -389,7 +390,8 @@ def main() -> None:
     markdown = (
         f"One intra-op thread; latency is the median of interleaved rounds (all methods of a model timed side by "
         f"side), p10-p90 in brackets. edgefleet runs its default recipe with a {GATE_PP}-point gate; its build "
-        f"time includes calibrating, measuring and timing every candidate. Total run {total:.0f} s.\n\n"
+        f"time includes calibrating, measuring and timing every candidate. Total run {total:.0f} s; the machine is "
+        f"shared: load average {load[0]:.0f} at the start, {os.getloadavg()[0]:.0f} at the end.\n\n"
         f"{table}\n\nTargets:\n\n" + "\n".join(f"- {n}" for n in notes) +
         f"\n\nWhat the search tried on the models with outlier channels (plain int8 first; the outlier-robust "
         f"candidates only when none of those meets the gate; then the rescue; fp16 is always measured):\n\n"

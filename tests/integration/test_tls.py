@@ -130,6 +130,8 @@ class Client:
         self.client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"t-{uuid.uuid4().hex[:10]}")
         self.client.tls_set_context(tls_context(MqttTls(b.ca.ca_path, *cert)))
         self.client.on_message = lambda _c, _u, m: self.messages.put((m.topic, bytes(m.payload)))
+        self.acked: set[int] = set()  # message ids the broker acknowledged (after a reconnect too)
+        self.client.on_publish = lambda _c, _u, mid, _rc, _p: self.acked.add(mid)
         self.client.on_connect = lambda _c, _u, _f, rc, _p: self.connected.put("" if not rc.is_failure else str(rc))
         self.client.connect(b.host, b.port, keepalive=10)
         self.client.loop_start()
@@ -142,12 +144,8 @@ class Client:
         """Publish at QoS 1. A broker may close the connection after a refused publish: paho keeps the message
         queued, reconnects by itself and sends it then."""
         info = self.client.publish(topic, payload, qos=1, retain=retain)
-        if info.rc == mqtt.MQTT_ERR_NO_CONN:
-            assert self.connected.get(timeout=15) == ""
-        else:
-            info.wait_for_publish(5)
-        deadline = time.monotonic() + 10
-        while not info.is_published() and time.monotonic() < deadline:
+        deadline = time.monotonic() + 20
+        while info.mid not in self.acked and time.monotonic() < deadline:
             time.sleep(0.05)
 
     def quiet(self, seconds: float = QUIET_S) -> list[tuple[str, bytes]]:

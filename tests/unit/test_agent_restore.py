@@ -27,7 +27,7 @@ from edgefleet.core.keys import revocation_statement
 from edgefleet.errors import BundleError
 from edgefleet.testing import synthetic
 from edgefleet.testing.agents import model_ref, signed_bundle
-from edgefleet.transport import topics
+from edgefleet.transport import compact, topics
 from edgefleet.transport.messages import ReportedState, parse
 from edgefleet.transport.mqtt_url import MqttEndpoint
 
@@ -72,8 +72,9 @@ def reported(agent: Agent) -> ReportedState:
         return 0
 
     agent.link.publish = publish  # type: ignore[method-assign,assignment]
+    agent._report_changes.reset()  # a full report (after the first, the agent sends changes only)
     agent.report()
-    return parse(ReportedState, sent[-1])
+    return parse(ReportedState, compact.unpack("reported", sent[-1]))
 
 
 def revoke(data_dir: Path, key: SigningKey, signer: SigningKey) -> None:

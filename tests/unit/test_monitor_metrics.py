@@ -70,11 +70,12 @@ def test_export_scales_windows_back_into_raw_readings_and_needs_a_label() -> Non
 
     window = np.arange(12, dtype=np.float32).reshape(2, 6) / 10
     encoded = dataclasses.asdict(encode_example(window, "a", 0.3, 0.0, encoding="f16"))
-    rows = [SimpleNamespace(id=i, label=label, **{k: encoded[k] for k in ("shape", "encoding", "data", "scale")})
+    rows = [SimpleNamespace(id=i, label=label, label_source="operator",
+                                **{k: encoded[k] for k in ("shape", "encoding", "data", "scale")})
             for i, label in enumerate(["b", None])]
     spec = {"kind": "sliding_window", "mean": [1.0, -1.0], "std": [2.0, 4.0], "sample_rate_hz": 50.0}
     data, counts = export_dataset(rows, ["a", "b"], spec)
-    assert counts == {"examples": 2, "labelled": 1, "left_out": 0}
+    assert counts == {"examples": 2, "labelled": 1, "left_out": 0, "upstream_labelled": 0, "upstream_left_out": 0}
     arrays = np.load(io.BytesIO(data))
     raw = window * np.array([[2.0], [4.0]]) + np.array([[1.0], [-1.0]])
     assert np.allclose(arrays["calib_x"][0], raw, atol=0.02) and arrays["test_y"].tolist() == [1]

@@ -6,7 +6,7 @@ BIN    := $(VENV)/bin
 SUDO   := $(shell [ "$$(id -u)" = "0" ] || echo sudo)
 PYTEST_ARGS ?=
 # most tests wait on real processes (servers, brokers, agents), so several workers share 2 cores well
-TEST_WORKERS ?= 3
+TEST_WORKERS ?= 4
 
 BENCHES := $(patsubst bench/bench_%.py,%,$(wildcard bench/bench_*.py))
 comma  := ,

@@ -7,7 +7,6 @@ and writes nothing, and ``bundle pack`` refuses a pipeline the agent could not r
 from __future__ import annotations
 
 import json
-import sys
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -24,28 +23,15 @@ from edgefleet.bundle.container import MODEL, read_container
 from edgefleet.bundle.manifest import Manifest, golden_samples
 from edgefleet.bundle.pack import peek_manifest
 from edgefleet.bundle.signing import write_keypair
-from edgefleet.cli import main
 from edgefleet.runtime.runner import OnnxRuntimeRunner
 from edgefleet.runtime.spec import ModelPipeline
+from edgefleet.testing.cli import run_cli
 
 # any candidate passes: these tests are about the pipeline, not the gate
 FAST = ("max_accuracy_drop: 100\nrescue: {enabled: false}\n"
         "latency: {budget_s: 0.02, min_runs: 3, max_runs: 10, warmup: 1, batches: [1]}\n")
 INT8_ONLY = FAST + "candidates: [{pass: static_int8}]\n"
 LABELS = ["idle", "walk", "run", "fall"]
-
-
-def run_cli(args: list[str | Path], monkeypatch: pytest.MonkeyPatch,
-            capsys: pytest.CaptureFixture[str]) -> tuple[int, str]:
-    """``edgefleet ARGS`` as the console script runs it: the exit code and stdout + stderr."""
-    monkeypatch.setattr(sys, "argv", ["edgefleet", *map(str, args)])
-    try:
-        main()
-        code = 0
-    except SystemExit as exc:
-        code = int(exc.code or 0)
-    captured = capsys.readouterr()
-    return code, captured.out + captured.err
 
 
 def one_line_error(out: str, needle: str) -> None:

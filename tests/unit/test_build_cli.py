@@ -4,7 +4,6 @@ code, and leaves no bundle."""
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -13,22 +12,10 @@ import pytest
 from edgefleet.build.evaluate import predict
 from edgefleet.bundle.pack import peek_manifest
 from edgefleet.bundle.signing import write_keypair
-from edgefleet.cli import main
+from edgefleet.testing.cli import run_cli
 
 FAST = "latency: {budget_s: 0.02, min_runs: 3, max_runs: 10, warmup: 1, batches: [1, 32]}\n"
 FEATURES = 256
-
-
-def run_cli(args: list[str], monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> tuple[int, str]:
-    """Run ``edgefleet ARGS`` as the console script does; return the exit code and stdout + stderr."""
-    monkeypatch.setattr(sys, "argv", ["edgefleet", *args])
-    try:
-        main()
-        code = 0
-    except SystemExit as exc:
-        code = int(exc.code or 0)
-    captured = capsys.readouterr()
-    return code, captured.out + captured.err
 
 
 @pytest.fixture()

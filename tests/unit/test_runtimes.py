@@ -43,6 +43,7 @@ from edgefleet.runtime.runner import (
     onnxruntime_providers,
     parse_runtimes,
 )
+from edgefleet.testing.cli import run_cli as _cli
 
 torch = pytest.importorskip("torch")
 
@@ -309,19 +310,6 @@ def test_candidates_are_timed_on_every_installed_runtime(models: Models) -> None
     runners = {name: make_runner(models.onnx, name) for name in ("onnxruntime", "openvino")}
     timed = time_runners(runners, models.x, rounds=2, runs=3, warmup=1)
     assert set(timed) == set(runners) and all(s.runs == 6 and s.median_ms > 0 for s in timed.values())
-
-
-def _cli(args: list[str], monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> tuple[int, str]:
-    from edgefleet.cli import main
-
-    monkeypatch.setattr(sys, "argv", ["edgefleet", *args])
-    try:
-        main()
-        code = 0
-    except SystemExit as exc:
-        code = int(exc.code or 0)
-    captured = capsys.readouterr()
-    return code, captured.out + captured.err
 
 
 def test_bundle_pack_runtime_litert_ships_the_tflite_export(models: Models, tmp_path: Path,

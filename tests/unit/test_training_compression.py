@@ -18,6 +18,7 @@ import pytest
 from edgefleet.build.evaluate import predict
 from edgefleet.bundle.signing import write_keypair
 from edgefleet.cli import main
+from edgefleet.testing.cli import run_cli as _run
 
 torch = pytest.importorskip("torch")
 nn = torch.nn
@@ -73,17 +74,6 @@ def _arrays(model: bytes, rows: int = 600, seed: int = 0, **extra: np.ndarray) -
     y = predict(model, x).argmax(axis=1)
     return {"calib_x": x[:64], "test_x": x[400:], "test_y": y[400:], "train_x": x[:400], "train_y": y[:400],
             **extra}
-
-
-def _run(args: list[str], monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> tuple[int, str]:
-    monkeypatch.setattr(sys, "argv", ["edgefleet", *args])
-    try:
-        main()
-        code = 0
-    except SystemExit as exc:
-        code = int(exc.code or 0)
-    captured = capsys.readouterr()
-    return code, captured.out + captured.err
 
 
 def _build_args(workdir: Path, model: bytes, arrays: dict[str, np.ndarray]) -> list[str]:

@@ -16,7 +16,6 @@ through the accuracy-gated pipeline (build.product.build_bundle) and sign it as 
 
 from __future__ import annotations
 
-import importlib
 import inspect
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -107,13 +106,9 @@ def load_model(spec: str, deployed: Deployed | None) -> torch.nn.Module:
     """Call the factory; ConfigError with one line when it cannot be imported or returns no torch model."""
     import torch
 
-    module_name, _, func_name = spec.partition(":")
-    if not module_name or not func_name:
-        raise ConfigError(f"--factory {spec!r} is not module:function")
-    try:
-        factory = getattr(importlib.import_module(module_name), func_name)
-    except (ImportError, AttributeError) as exc:
-        raise ConfigError(f"cannot import {spec}: {exc}") from exc
+    from edgefleet.build.training.data import import_factory
+
+    factory = import_factory(spec)
     takes_deployed = "deployed" in inspect.signature(factory).parameters
     result = factory(deployed=deployed) if takes_deployed else factory()
     if isinstance(result, tuple) and result:

@@ -65,15 +65,19 @@ def training_set(arrays: Mapping[str, Any], to_model_input: Callable[[Any, str],
     return TrainingSet(x=x, y=check_labels(arrays["train_y"], len(x), n_classes), torch_model=torch_model)
 
 
-def load_factory_model(spec: str) -> Any:
-    """Call ``module:function`` (no arguments) for the user's torch model; ConfigError with one line."""
+def import_factory(spec: str) -> Any:
+    """The function ``module:function`` names (``--factory``); ConfigError with one line."""
     import importlib
 
     module_name, _, func_name = spec.partition(":")
     if not module_name or not func_name:
         raise ConfigError(f"--factory {spec!r} is not module:function")
     try:
-        factory = getattr(importlib.import_module(module_name), func_name)
+        return getattr(importlib.import_module(module_name), func_name)
     except (ImportError, AttributeError) as exc:
         raise ConfigError(f"--factory: cannot import {spec}: {exc}") from exc
-    return factory()
+
+
+def load_factory_model(spec: str) -> Any:
+    """Call ``module:function`` (no arguments) for the user's torch model; ConfigError with one line."""
+    return import_factory(spec)()

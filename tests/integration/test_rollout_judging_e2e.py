@@ -122,8 +122,11 @@ def test_an_identical_shadow_measures_no_latency_change_passes_and_is_promoted(f
     assert done["values"]["metrics"]["shadow_disagreement"] == 0.0
     assert all(_active(fleet, d) == "clf@1.0.0" for d in DEVICES)  # a shadow never changes the active model
 
-    telemetry = api.telemetry(DEVICES[0])
-    shadowed = next(m for m in telemetry["models"] if m["model"] == "clf@2.0.0")
+    def shadow_models() -> list[dict[str, object]]:  # the device's batch with shadow windows may still be on its way
+        return [m for m in api.telemetry(DEVICES[0])["models"] if m["model"] == "clf@2.0.0"]
+
+    wait_until(shadow_models, 30, f"{DEVICES[0]}'s shadow telemetry")
+    shadowed = shadow_models()[0]
     assert shadowed["windows"] == 0 and shadowed["as_shadow"]["shadow_agreement"] == 1.0
     assert api.model_telemetry("clf@2.0.0")["as_shadow"]["shadow_agreement"] == 1.0
 

@@ -20,6 +20,7 @@ import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
 from edgefleet.core.telemetry import LatencyHistogram
+from edgefleet.errors import EdgefleetError
 from edgefleet.processes import wait_until
 from edgefleet.server.broker_auth import SERVER_USER
 from edgefleet.testing.fleet import LocalFleet
@@ -113,7 +114,16 @@ def wait_stored(fleet: LocalFleet, tap: TelemetryTap, device: str) -> None:
         return bool(batches) and answer["batches"] == len(batches) and \
             sum(m["windows"] for m in answer["models"]) == sum(b.windows for b in batches)
 
-    wait_until(stored, 60, f"the server to store every batch {device} sent")
+    try:
+        wait_until(stored, 60, f"the server to store every batch {device} sent")
+    except EdgefleetError as exc:  # say what each side has, and what the server logged
+        batches, answer = tap.of(device), api.telemetry(device)
+        logs = sorted((fleet.root / "logs").glob("*.log"))
+        tail = "\n".join(f"--- {p.name}: {p.read_text(errors='replace')[-1500:]}" for p in logs
+                          if p.stem in ("server", device))
+        raise AssertionError(f"{exc}: the broker carried seqs {[b.seq for b in batches]} with "
+                             f"{sum(b.windows for b in batches)} windows; the server stored {answer['batches']} "
+                             f"batches: {answer['models']}\n{tail}") from exc
 
 
 def test_device_telemetry_sums_exactly_what_the_agent_sent(started: LocalFleet, tap_factory: Any) -> None:
@@ -174,7 +184,9 @@ def test_the_agent_sends_its_last_batch_when_it_stops(started: LocalFleet, tap_f
     api.deploy(MODEL, devices)
     tap = tap_factory(devices)
     timed = fleet.start_agent("cam-duration", duration_s=30, telemetry_interval_s=3600)  # update + restart first
-    running = fleet.start_agent("cam-sigterm", telemetry_interval_s=3600)
+    # one process: a re-exec after the update (a fresh start's memory) could take the few seconds of inference below
+    # on a loaded machine, and an agent that has inferred nothing rightly sends nothing
+    running = fleet.start_agent("cam-sigterm", telemetry_interval_s=3600, env={"EDGEFLEET_AGENT_REEXEC": "0"})
     wait_until(lambda: (api.device("cam-sigterm")["reported"] or {}).get("active") == MODEL, 40,
                "cam-sigterm to activate the model")
     time.sleep(3)  # a few seconds of inference at 20x the recordings' rate: dozens of windows

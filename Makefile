@@ -5,7 +5,8 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 SUDO   := $(shell [ "$$(id -u)" = "0" ] || echo sudo)
 PYTEST_ARGS ?=
-# most tests wait on real processes (servers, brokers, agents), so several workers share 2 cores well
+# most tests wait on real processes (servers, brokers, agents), so several workers share 2 cores well; each worker
+# takes whole files, the longest first (tests/conftest.py: LONGEST_FIRST)
 TEST_WORKERS ?= 4
 
 BENCHES := $(patsubst bench/bench_%.py,%,$(wildcard bench/bench_*.py))
@@ -70,7 +71,8 @@ $(LITERT_VENV)/.installed: | $(VENV)/.installed-$(EXTRAS)
 litert-venv: $(LITERT_VENV)/.installed
 
 test: $(VENV)/.installed-$(EXTRAS) $(FL_VENV)/.installed services
-	EDGEFLEET_FL_PYTHON=$(CURDIR)/$(FL_VENV)/bin/python $(BIN)/pytest -q -n $(TEST_WORKERS) --durations=25 $(PYTEST_ARGS)
+	EDGEFLEET_FL_PYTHON=$(CURDIR)/$(FL_VENV)/bin/python $(BIN)/pytest -q -n $(TEST_WORKERS) --dist loadfile \
+	  --no-loadscope-reorder --durations=25 $(PYTEST_ARGS)
 
 lint: $(VENV)/.installed-$(EXTRAS)
 	$(BIN)/ruff check src tests bench

@@ -130,3 +130,33 @@ def kafka_broker(tmp_path: Path) -> Iterator[object]:
         yield broker
     finally:
         broker.stop()
+
+
+# --- order --------------------------------------------------------------------------------------------------
+
+LONGEST_FIRST = [
+    "e2e/test_readme_tour.py", "integration/test_rollout_judging_e2e.py", "integration/test_device_telemetry.py",
+    "e2e/test_demo.py", "integration/test_agent_disk_full.py", "integration/test_agent_faults.py",
+    "integration/test_skeleton.py", "integration/test_trust_delivery.py", "integration/test_tls.py",
+    "integration/test_rehearsal.py", "e2e/test_server_restart.py", "integration/test_base_install.py",
+    "integration/test_kafka_export.py", "integration/test_agent_survival.py", "integration/test_agent_field.py",
+    "integration/test_security.py", "integration/test_encrypted_models.py", "integration/test_rollout_e2e.py",
+    "integration/test_rollout_ab_e2e.py", "e2e/test_userpath.py", "e2e/test_dashboard.py",
+]
+"""Test files that take longest (measured under `make test`), longest first. `make test` hands whole files to
+its workers in collection order (--dist loadfile), so the long ones start first and the short ones fill in at
+the end, instead of a long file starting last and running alone."""
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    tests_dir = Path(__file__).parent
+
+    def key(item: pytest.Item) -> int:
+        try:
+            relative = item.path.relative_to(tests_dir).as_posix()
+        except ValueError:
+            return len(rank) + 1
+        return rank.get(relative, len(rank) + (0 if not relative.startswith("unit/") else 1))
+
+    items.sort(key=key)  # stable: a file's tests keep their order (and share their module fixtures)

@@ -11,6 +11,7 @@ import json
 import shutil
 import subprocess
 import threading
+import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -367,12 +368,27 @@ def served(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[LocalFlee
             mosquitto.stop()
 
 
+def _logged_in(credentials: dict[str, str]) -> Peer:
+    """A device's connection, retried as the agent retries: the broker may reload its users after ``device add``
+    has returned (a busy server answers the add before the broker's password file is re-read)."""
+    deadline = time.monotonic() + WAIT_S
+    while True:
+        peer = Peer(parse_mqtt_url(credentials["mqtt_url"]), credentials["mqtt_username"],
+                    credentials["mqtt_password"])
+        if peer.connected():
+            return peer
+        peer.close()
+        assert time.monotonic() < deadline, f"{credentials['mqtt_username']} was never let in"
+        time.sleep(0.5)
+
+
 def test_revoking_through_the_server_cuts_off_the_devices_open_connection(served: LocalFleet) -> None:
     logins = {d: json.loads(served.provision(d).read_text()) for d in ("dev-a", "dev-b")}
-    peers = {d: Peer(parse_mqtt_url(c["mqtt_url"]), c["mqtt_username"], c["mqtt_password"]) for d, c in logins.items()}
+    peers: dict[str, Peer] = {}
     try:
-        for device, peer in peers.items():
-            assert peer.connected() and peer.subscribe(f"ef/v1/{device}/desired")
+        for device, credentials in logins.items():
+            peers[device] = _logged_in(credentials)
+            assert peers[device].subscribe(f"ef/v1/{device}/desired")
         revoked = served.cli("device", "revoke", "dev-b")
         assert revoked.returncode == 0, revoked.stderr
         b = peers["dev-b"]

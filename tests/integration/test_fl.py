@@ -101,7 +101,8 @@ def test_five_non_iid_clients_finish_three_rounds_and_send_only_parameters(tmp_p
     server = subprocess.Popen(_edgefleet(
         "fl", "serve", "--state-dir", str(state), "--features", str(FEATURES), "--classes", str(CLASSES),
         "--key", str(tmp_path / "signing.key"), "--out", str(bundle), "--address", address, "--rounds", "3",
-        "--strategy", "fedprox", "--min-clients", "5", "--eval", str(eval_file), "--local-epochs", "2"),
+        "--strategy", "fedprox", "--min-clients", "5", "--eval", str(eval_file), "--local-epochs", "2",
+        "--server-momentum", "0.9"),
         env=fl_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     clients = []
     for i, shard in enumerate(shards):
@@ -115,8 +116,9 @@ def test_five_non_iid_clients_finish_three_rounds_and_send_only_parameters(tmp_p
     finally:
         _wait(clients, 30)
     assert server.returncode == 0, err.decode()[-2000:]
-    assert b"after 3 fedprox round(s)" in out
+    assert b"after 3 fedprox (server momentum 0.9) round(s)" in out
     status = read_status(state)
+    assert status["server_momentum"] == 0.9 and status["strategy"] == "fedprox"
     assert status["state"] == "done" and [r["round"] for r in status["rounds"]] == [1, 2, 3]
     param_bytes = set()
     for entry in status["rounds"]:

@@ -74,6 +74,8 @@ class ServeSettings:
     rounds: int = 3
     strategy: str = "fedavg"
     mu: float = 0.1
+    server_momentum: float = 0.0
+    """FedAvgM's server momentum (0: plain averaging); 0.9 suits non-IID shards, see fl_node."""
     min_clients: int = 2
     local_epochs: int = 1
     lr: float = 0.1
@@ -85,6 +87,8 @@ class ServeSettings:
             raise ConfigError(f"--strategy must be one of {', '.join(STRATEGIES)}, not {self.strategy!r}")
         if self.rounds < 1 or self.min_clients < 1 or self.features < 1 or self.classes < 2:
             raise ConfigError("rounds and min clients must be >= 1, features >= 1, classes >= 2")
+        if not 0.0 <= self.server_momentum < 1.0:
+            raise ConfigError(f"--server-momentum must be in [0, 1), not {self.server_momentum}")
         host, sep, port = self.address.rpartition(":")
         if not sep or not port.isdigit() or not host:
             raise ConfigError(f"--address must be HOST:PORT, not {self.address!r}")
@@ -100,6 +104,7 @@ def serve(settings: ServeSettings, on_round: Callable[[dict[str, Any]], None] | 
     out.unlink(missing_ok=True)
     argv = node_command("server", {
         "address": settings.address, "rounds": settings.rounds, "strategy": settings.strategy, "mu": settings.mu,
+        "server_momentum": settings.server_momentum,
         "min_clients": settings.min_clients, "features": settings.features, "classes": settings.classes,
         "local_epochs": settings.local_epochs, "lr": settings.lr, "round_timeout": settings.round_timeout_s,
         "eval": settings.eval_data, "status": status, "out": out})

@@ -6,9 +6,10 @@ plane's. So this module imports only numpy, flwr and the standard library.
 
 The model is a softmax regression over flattened inputs (parameters ``[W (features, classes), b (classes)]``),
 trained locally with mini-batch SGD (plus FedProx's proximal term when the server sends ``proximal_mu``). The
-server runs Flower's FedAvg or FedProx, tolerates failed clients (``accept_failures``), writes a status file after
-every round (clients, failures, the bytes each client sent and the metric names it sent: parameters only, never
-samples) and the final global parameters to an ``.npz``.
+server runs Flower's FedAvg or FedProx (with ``--server-momentum``, Flower's FedAvgM aggregation under either,
+FedProx's ``proximal_mu`` still sent to the clients), tolerates failed clients (``accept_failures``), writes a
+status file after every round (clients, failures, the bytes each client sent and the metric names it sent:
+parameters only, never samples) and the final global parameters to an ``.npz``.
 """
 
 from __future__ import annotations
@@ -91,24 +92,30 @@ def write_json(path: Path, value: Any) -> None:
 def run_server(args: argparse.Namespace) -> int:
     import flwr as fl
     from flwr.common import ndarrays_to_parameters, parameters_to_ndarrays
-    from flwr.server.strategy import FedAvg, FedProx
+    from flwr.server.strategy import FedAvg, FedAvgM, FedProx
 
     status_path, out_path = Path(args.status), Path(args.out)
     evaluation = load_xy(Path(args.eval)) if args.eval else None
     status: dict[str, Any] = {"version": STATUS_VERSION, "state": "waiting", "strategy": args.strategy,
-                              "rounds_total": args.rounds, "min_clients": args.min_clients,
+                              "server_momentum": args.server_momentum, "rounds_total": args.rounds,
+                              "min_clients": args.min_clients,
                               "address": args.address, "started": time.time(), "rounds": []}
     final: dict[str, list[np.ndarray]] = {"params": init_params(args.features, args.classes)}
 
     def fit_config(server_round: int) -> dict[str, Any]:
-        return {"round": server_round, "epochs": args.local_epochs, "lr": args.lr}
+        config = {"round": server_round, "epochs": args.local_epochs, "lr": args.lr}
+        if args.strategy == "fedprox":  # the proximal term is the clients'; FedAvgM does not send it by itself
+            config["proximal_mu"] = args.mu
+        return config
 
     def evaluate(server_round: int, params: list[np.ndarray], config: dict[str, Any]) -> Any:
         if evaluation is None:
             return None
         return 0.0, {"accuracy": accuracy(params, *evaluation)}
 
-    base = FedProx if args.strategy == "fedprox" else FedAvg
+    # Server momentum (FedAvgM, Hsu et al. 2019) applies the averaged update with momentum: on non-IID shards the
+    # averaged client updates are small and partly cancel, and momentum keeps the direction they agree on.
+    base = FedAvgM if args.server_momentum > 0 else FedProx if args.strategy == "fedprox" else FedAvg
 
     class Recorded(base):  # type: ignore[misc, valid-type]
         """The chosen strategy, recording what every client sent in each round."""
@@ -133,7 +140,11 @@ def run_server(args: argparse.Namespace) -> int:
             write_json(status_path, status)
             return aggregated, metrics
 
-    options: dict[str, Any] = {"proximal_mu": args.mu} if args.strategy == "fedprox" else {}
+    options: dict[str, Any] = {}
+    if base is FedAvgM:
+        options = {"server_learning_rate": 1.0, "server_momentum": args.server_momentum}
+    elif base is FedProx:
+        options = {"proximal_mu": args.mu}
     strategy = Recorded(fraction_fit=1.0, fraction_evaluate=0.0, min_fit_clients=args.min_clients,
                         min_evaluate_clients=0, min_available_clients=args.min_clients, accept_failures=True,
                         on_fit_config_fn=fit_config, evaluate_fn=evaluate if evaluation is not None else None,
@@ -190,6 +201,7 @@ def parser() -> argparse.ArgumentParser:
     srv.add_argument("--rounds", type=int, default=3)
     srv.add_argument("--strategy", choices=("fedavg", "fedprox"), default="fedavg")
     srv.add_argument("--mu", type=float, default=0.1)
+    srv.add_argument("--server-momentum", type=float, default=0.0)
     srv.add_argument("--min-clients", type=int, default=2)
     srv.add_argument("--features", type=int, required=True)
     srv.add_argument("--classes", type=int, required=True)

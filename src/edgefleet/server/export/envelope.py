@@ -49,11 +49,16 @@ def envelope(row: Queued) -> tuple[bytes, bool]:
         data = None
     required = _required(row.topic, row.version)
     conforms = isinstance(data, dict) and required is not None and all(k in data for k in required)
-    head = json.dumps({"schema": f"edgefleet.{row.topic}", "version": row.version, "id": row.msg_id, "key": row.key,
-                       "seq": row.seq, "export_seq": row.id, "queued": row.created, "conforms": conforms},
-                      separators=(",", ":"))
-    body = f',"data":{row.data}}}' if isinstance(data, dict) else f',"data":null,"raw":{json.dumps(row.data)}}}'
-    return (head[:-1] + body).encode(), conforms
+    # written out field by field (the same compact JSON json.dumps gives): this runs once per exported message
+    head = (f'{{"schema":{_text("edgefleet." + row.topic)},"version":{int(row.version)},"id":{_text(row.msg_id)},'
+            f'"key":{_text(row.key)},"seq":{int(row.seq)},"export_seq":{int(row.id)},'
+            f'"queued":{float(row.created)!r},"conforms":{"true" if conforms else "false"}')
+    body = f',"data":{row.data}}}' if isinstance(data, dict) else f',"data":null,"raw":{_text(row.data)}}}'
+    return (head + body).encode(), conforms
+
+
+_text = json.encoder.encode_basestring_ascii  # type: ignore[attr-defined]
+"""A JSON string literal (json.dumps's own C encoder for str)."""
 
 
 def headers(row: Queued) -> list[tuple[str, bytes]]:

@@ -175,7 +175,24 @@ def test_the_openapi_document_names_typed_responses(ui: Dashboard) -> None:
     assert "ModelOut" in schema("/api/v1/models", "get")
     assert "RolloutOut" in schema("/api/v1/rollouts/{rollout_id}", "get")
     assert "EventOut" in schema("/api/v1/devices/{device_id}/events", "get")
+    assert "ExportStatusOut" in schema("/api/v1/export/status", "get")
+    assert "MeasuredProfile" in schema("/api/v1/profiles/{name}/measured", "get")
+    assert "HardExampleOut" in schema("/api/v1/fielddata/{name}/examples", "get")
     assert not any(p.startswith("/ui") for p in spec["paths"])
+    # every JSON response names its model; free-form objects only where the body is the user's document
+    free_form = {("/api/v1/models/{name}/{version}/report", "get")}  # the build report, as the build wrote it
+    untyped = []
+    for path, methods in spec["paths"].items():
+        for method, operation in methods.items():
+            for code, response in operation["responses"].items():
+                body = response.get("content", {}).get("application/json", {}).get("schema")
+                if code.startswith("2") and body is not None and (path, method) not in free_form:
+                    text = json.dumps(body)
+                    if "$ref" not in text and body.get("type") != "string":
+                        untyped.append(f"{method.upper()} {path}: {text[:60]}")
+    assert not untyped, untyped
+    binary = spec["paths"]["/api/v1/artifacts/{digest}"]["get"]["responses"]["200"]["content"]
+    assert set(binary) == {"application/octet-stream"}
 
 
 def test_forged_or_expired_session_cookies_are_refused(ui: Dashboard) -> None:

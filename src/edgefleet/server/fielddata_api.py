@@ -51,6 +51,50 @@ class UpstreamAnswersIn(BaseModel):
     answers: list[UpstreamAnswerIn] = Field(max_length=500)
 
 
+class HardExampleOut(BaseModel):
+    """A hard example as the API lists it (its input stays on the server; ``data export`` writes inputs)."""
+
+    id: int
+    model: str
+    device: str
+    ts: float
+    predicted: str
+    confidence: float
+    shape: list[int]
+    label: str | None
+    label_source: str | None
+    label_trust: str | None
+    labelled_at: float | None
+
+
+class LabelledOut(BaseModel):
+    """What a label request labelled: the count, and the example when one was named."""
+
+    labelled: int
+    example: HardExampleOut | None = None
+
+
+class UpstreamStoredOut(BaseModel):
+    """Upstream answers kept: new examples, existing ones labelled, operator labels kept, answers left out."""
+
+    stored: int
+    labelled: int
+    kept: int
+    unknown: int
+
+
+class FieldExportOut(BaseModel):
+    """A model's field data as an ``.npz`` (base64) with its counts."""
+
+    model: str
+    examples: int
+    labelled: int
+    upstream_labelled: int
+    upstream_left_out: int
+    left_out: int
+    npz: str
+
+
 def example_json(row: HardExampleRow) -> dict[str, Any]:
     return {"id": row.id, "model": row.model, "device": row.device, "ts": row.ts, "predicted": row.predicted,
             "confidence": row.confidence, "shape": row.shape, "label": row.label, "label_source": row.label_source,
@@ -79,27 +123,28 @@ def fielddata_router(store: Store) -> APIRouter:
 
     @router.get("/{name}/examples")
     def examples(name: str, version: str | None = None, device: str | None = None, labelled: bool | None = None,
-                 limit: int = Query(1000, ge=1, le=100_000)) -> list[dict[str, Any]]:
+                 limit: int = Query(1000, ge=1, le=100_000)) -> list[HardExampleOut]:
         known_labels(name)
         rows = store.hard_examples(name, version=version, device=device, labelled=labelled,
                                    limit=max(1, min(limit, 100_000)))
-        return [example_json(r) for r in rows]
+        return [HardExampleOut(**example_json(r)) for r in rows]
 
     @router.post("/labels")
-    def label(body: LabelIn) -> dict[str, Any]:
+    def label(body: LabelIn) -> LabelledOut:
         if body.example is not None:
             row = store.hard_example(body.example)
             if row is None:
                 raise HTTPException(404, f"unknown hard example {body.example}")
             check_label(row.name, body.label)
-            return {"labelled": 1, "example": example_json(store.label_example(body.example, body.label))}
+            return LabelledOut(labelled=1,
+                               example=HardExampleOut(**example_json(store.label_example(body.example, body.label))))
         assert body.device is not None and body.start is not None and body.end is not None
         if store.get_device(body.device) is None:
             raise HTTPException(404, f"unknown device {body.device!r}")
         if body.model is not None:
             check_label(body.model, body.label)
         n = store.label_range(body.device, body.start, body.end, body.label, name=body.model)
-        return {"labelled": n}
+        return LabelledOut(labelled=n)
 
     def check_label(name: str, label: str) -> None:
         labels = known_labels(name)
@@ -107,7 +152,7 @@ def fielddata_router(store: Store) -> APIRouter:
             raise HTTPException(422, f"label {label!r} is not a class of {name} ({', '.join(labels)})")
 
     @router.post("/upstream")
-    def upstream(body: UpstreamAnswersIn) -> dict[str, Any]:
+    def upstream(body: UpstreamAnswersIn) -> UpstreamStoredOut:
         """Keep the upstream model's answers as labels of lower trust (``label_source`` upstream); answers for a
         model or device the server does not know are left out and counted."""
         known = {f"{m.name}@{m.version}" for m in store.list_models()}
@@ -117,16 +162,16 @@ def fielddata_router(store: Store) -> APIRouter:
                 unknown += 1
                 continue
             rows.append(upstream_row(answer.model_dump()))  # DataError: 422 with one line
-        return {**store.add_upstream_answers(rows), "unknown": unknown}
+        return UpstreamStoredOut(**store.add_upstream_answers(rows), unknown=unknown)
 
     @router.get("/{name}/export")
-    def export(name: str, include_upstream: bool = False) -> dict[str, Any]:
+    def export(name: str, include_upstream: bool = False) -> FieldExportOut:
         """The model's field data as an ``.npz`` (base64): calib_x, test_x, test_y, test_source, labels; labels of
         the upstream model only with ``include_upstream``."""
         manifest = latest_manifest(name)
         data, counts = export_dataset(store.hard_examples(name), list(manifest.get("labels") or []),
                                       manifest.get("preprocess"), include_upstream=include_upstream,
                                       input_rank=input_rank(manifest))
-        return {"model": name, **counts, "npz": base64.b64encode(data).decode("ascii")}
+        return FieldExportOut(model=name, **counts, npz=base64.b64encode(data).decode("ascii"))
 
     return router

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import hmac
-from typing import Annotated
+from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, HTTPException, Request
 from fastapi.responses import FileResponse
@@ -22,6 +22,12 @@ def bearer(request: Request) -> str:
     return token
 
 
+BINARY: dict[int | str, dict[str, Any]] = {
+    200: {"content": {"application/octet-stream": {"schema": {"type": "string", "format": "binary"}}},
+          "description": "the bytes"}}
+"""The OpenAPI response of an endpoint that sends a file (not JSON)."""
+
+
 def artifacts_router(ctx: ServerContext) -> APIRouter:
     router = APIRouter(prefix="/api/v1/artifacts")
 
@@ -35,7 +41,7 @@ def artifacts_router(ctx: ServerContext) -> APIRouter:
         if digest not in assigned:
             raise HTTPException(403, "artifact is not assigned to this device")
 
-    @router.get("/{digest}", response_model=None)
+    @router.get("/{digest}", response_model=None, response_class=FileResponse, responses=BINARY)
     def artifact(digest: str, token: Annotated[str, Depends(bearer)]) -> FileResponse:
         path = ctx.artifacts.path(digest)
         authorize(token, digest)
@@ -43,7 +49,7 @@ def artifacts_router(ctx: ServerContext) -> APIRouter:
             raise HTTPException(404, "no such artifact")
         return FileResponse(path, media_type="application/octet-stream", headers={"ETag": f'"{digest}"'})
 
-    @router.get("/{digest}/delta/{base}", response_model=None)
+    @router.get("/{digest}/delta/{base}", response_model=None, response_class=FileResponse, responses=BINARY)
     def artifact_delta(digest: str, base: str, token: Annotated[str, Depends(bearer)]) -> FileResponse:
         """Only the weights that changed from ``base`` (a bundle the device runs) to ``digest``."""
         authorize(token, digest)

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from edgefleet.agent.main import parse_args
+from edgefleet.agent.main import command, parse_args
 from edgefleet.agent.sources import NO_LABEL, Block, Reading, SensorSource
 from edgefleet.agent.stats import TelemetryReport, WindowStats
 from edgefleet.agent.verify import TrustSpec, verify_stored
@@ -175,6 +175,11 @@ def test_the_agent_options_parse_without_argparse(tmp_path: Path) -> None:
         parse_args(["--credentials", "c", "--data-dir", "d", "--source", "s", "--duration", "soon"])
     with pytest.raises(ConfigError, match="unknown option"):
         parse_args(["--verbose"])
+    assert options.hard_examples_per_hour == 2
+    argv = command(tmp_path / "c.json", tmp_path, "jsonl:-", hard_examples_per_hour=25)
+    assert parse_args(argv[3:]).hard_examples_per_hour == 25  # what a re-exec passes on
+    with pytest.raises(ConfigError, match="--hard-examples-per-hour must be 0 or more"):
+        parse_args(["--credentials", "c", "--data-dir", "d", "--source", "s", "--hard-examples-per-hour", "-1"])
 
 
 def test_the_running_agent_loads_no_pydantic_cryptography_onnx_httpx_or_cli() -> None:

@@ -26,7 +26,7 @@ from edgefleet.agent.accepted import accepted_versions, device_clock, raise_floo
 from edgefleet.agent.config import AgentConfig, remember_broker
 from edgefleet.agent.facts import device_facts
 from edgefleet.agent.fetch import ArtifactFetcher, Fetcher
-from edgefleet.agent.inference import InferencePipeline
+from edgefleet.agent.inference import InferencePipeline, PipelineOptions
 from edgefleet.agent.local_action import open_local_action
 from edgefleet.agent.model import LoadedModel
 from edgefleet.agent.restore import Restorer, SlotRefused
@@ -431,8 +431,9 @@ class Agent:
             from edgefleet.agent.escalation import open_escalator
 
             tiered = open_escalator(self.config)
-        pipeline = (InferencePipeline(model, shadow=shadow, escalator=tiered, source=source, sink=self.local)
-                    if model else None)
+        options = PipelineOptions(hard_examples_per_hour=self.config.hard_examples_per_hour)
+        pipeline = (InferencePipeline(model, shadow=shadow, escalator=tiered, source=source, sink=self.local,
+                                      options=options) if model else None)
         stop = self._stop
         try:
             for block in source.blocks():
@@ -448,7 +449,7 @@ class Agent:
                     if model is not None:
                         source.bind(model.pipeline.inputs)
                     pipeline = (InferencePipeline(model, shadow=shadow, escalator=tiered, source=source,
-                                                  sink=self.local) if model else None)
+                                                  sink=self.local, options=options) if model else None)
                     if source.waits_for_model:  # a replay restarts at its next row: this block was cut for the
                         continue                # previous model
                 if pipeline is not None:

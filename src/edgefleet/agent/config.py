@@ -32,6 +32,8 @@ TLS_DIR = "tls"
 TLS_FIELDS = (("ca_cert", "ca.pem"), ("client_cert", "client.pem"), ("client_key", "client.key"))
 """Credentials fields (PEM text, or ``FIELD_file``: a path) and the files they are kept in under DATA_DIR/tls."""
 DEFAULT_TELEMETRY_INTERVAL_S = 300.0
+DEFAULT_HARD_EXAMPLES_PER_HOUR = 2
+"""Hard examples a device uplinks per hour unless told otherwise (``--hard-examples-per-hour``)."""
 """Seconds between telemetry batches: a device's uplink is metered; every 5 minutes keeps the demo stream's
 uplink under 1% of its raw sensor bytes (see BENCHMARKS.md). Demos and tests pass a short one explicitly."""
 
@@ -78,6 +80,8 @@ class AgentConfig:
     escalation_rate_per_s: float = 1.0
     escalation_burst: float = 5.0
     escalation_queue_max: int = 1000
+    hard_examples_per_hour: int = DEFAULT_HARD_EXAMPLES_PER_HOUR
+    """Hard (low-confidence) inputs uplinked per hour at most: the field data retraining learns from."""
     downloads: DownloadLimits = field(default_factory=DownloadLimits)
     """Bundle size cap, free-space reserve, deadline and minimum rate of update downloads."""
     local_action: LocalActionConfig = field(default_factory=LocalActionConfig)

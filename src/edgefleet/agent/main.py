@@ -42,7 +42,7 @@ from types import FrameType
 from typing import TYPE_CHECKING
 
 from edgefleet.agent import lean
-from edgefleet.agent.config import DEFAULT_TELEMETRY_INTERVAL_S
+from edgefleet.agent.config import DEFAULT_HARD_EXAMPLES_PER_HOUR, DEFAULT_TELEMETRY_INTERVAL_S
 from edgefleet.agent.lock import DataDirLock
 from edgefleet.errors import ConfigError, EdgefleetError
 
@@ -54,7 +54,7 @@ _OPTIONS: dict[str, tuple[str, type]] = {
     "--server": ("server", str), "--device-id": ("device_id", str), "--duration": ("duration", float),
     "--telemetry-interval": ("telemetry_interval", float), "--upstream": ("upstream", str),
     "--escalate-below": ("escalate_below", float), "--escalation-deadline": ("escalation_deadline", float),
-    "--escalation-rate": ("escalation_rate", float)}
+    "--escalation-rate": ("escalation_rate", float), "--hard-examples-per-hour": ("hard_examples_per_hour", int)}
 _REQUIRED = ("--credentials", "--data-dir", "--source")
 UPDATE_MODULES = ("cryptography", "pydantic", "onnx")
 """Modules only the update path loads into the agent process (key statements too); their presence means a
@@ -82,6 +82,7 @@ class Options:
     escalate_below: float | None = None
     escalation_deadline: float = 0.25
     escalation_rate: float = 1.0
+    hard_examples_per_hour: int = DEFAULT_HARD_EXAMPLES_PER_HOUR
 
 
 def parse_args(argv: Sequence[str]) -> Options:
@@ -103,6 +104,8 @@ def parse_args(argv: Sequence[str]) -> Options:
             values[field_name] = kind(inline)
         except ValueError as exc:
             raise ConfigError(f"{name} must be a number, got {inline!r}") from exc
+    if values.get("hard_examples_per_hour", 0) < 0:  # type: ignore[operator]
+        raise ConfigError("--hard-examples-per-hour must be 0 or more")
     missing = [flag for flag in _REQUIRED if _OPTIONS[flag][0] not in values]
     if missing:
         raise ConfigError(f"edgefleet agent needs {', '.join(missing)}")
@@ -113,12 +116,14 @@ def command(credentials: Path, data_dir: Path, source: str, *, server: str | Non
             device_id: str | None = None, duration: float | None = None,
             telemetry_interval: float = DEFAULT_TELEMETRY_INTERVAL_S, upstream: str | None = None,
             escalate_below: float | None = None, escalation_deadline: float = 0.25,
-            escalation_rate: float = 1.0) -> list[str]:
+            escalation_rate: float = 1.0,
+            hard_examples_per_hour: int = DEFAULT_HARD_EXAMPLES_PER_HOUR) -> list[str]:
     """The command line that runs the agent with these options."""
     argv = [sys.executable, "-m", "edgefleet.agent", "--credentials", str(credentials), "--data-dir",
             str(data_dir), "--source", source, "--telemetry-interval", repr(float(telemetry_interval)),
             "--escalation-deadline", repr(float(escalation_deadline)),
-            "--escalation-rate", repr(float(escalation_rate))]
+            "--escalation-rate", repr(float(escalation_rate)),
+            "--hard-examples-per-hour", str(int(hard_examples_per_hour))]
     for flag, value in (("--server", server), ("--device-id", device_id), ("--duration", duration),
                         ("--upstream", upstream), ("--escalate-below", escalate_below)):
         if value is not None:
@@ -162,7 +167,7 @@ def _reexec(args: Options) -> None:
     argv = command(args.credentials, args.data_dir, args.source, server=args.server, device_id=args.device_id,
                    duration=args.duration, telemetry_interval=args.telemetry_interval, upstream=args.upstream,
                    escalate_below=args.escalate_below, escalation_deadline=args.escalation_deadline,
-                   escalation_rate=args.escalation_rate)
+                   escalation_rate=args.escalation_rate, hard_examples_per_hour=args.hard_examples_per_hour)
     os.environ[WIRE_CARRY_ENV] = json.dumps(WIRE.snapshot())
     os.environ[REEXEC_ENV] = "again"
     log.info("restarting the agent process after an update (its memory back to a fresh start's)")
@@ -199,7 +204,8 @@ def _run(args: Options) -> Options | None:
                          telemetry_interval_s=args.telemetry_interval)
     config = dataclasses.replace(config, upstream_url=args.upstream, escalate_below=args.escalate_below,
                                  escalation_deadline_s=args.escalation_deadline,
-                                 escalation_rate_per_s=args.escalation_rate)
+                                 escalation_rate_per_s=args.escalation_rate,
+                                 hard_examples_per_hour=args.hard_examples_per_hour)
     if lean.needs_openssl((config.server_url, config.upstream_url, config.mqtt.url, args.source)):
         lean.allow_openssl()  # TLS from the start: before paho-mqtt (imported below) looks for ssl
     from edgefleet.agent.agent import Agent

@@ -47,6 +47,8 @@ def agent(ctx: typer.Context,
               min=0.001, help="seconds to wait for the upstream answer before using the local one")] = 0.25,
           escalation_rate: Annotated[float, typer.Option(
               min=0.0, help="escalations per second at most (token bucket, burst 5)")] = 1.0,
+          hard_examples_per_hour: Annotated[int, typer.Option(
+              min=0, help="low-confidence inputs uplinked per hour at most (field data for retraining)")] = 2,
           local_socket: Annotated[Path | None, typer.Option(
               help="Unix socket on the device: every prediction and alert as JSON (see --local-socket-kind)")] = None,
           local_socket_kind: Annotated[str, typer.Option(
@@ -83,7 +85,8 @@ def agent(ctx: typer.Context,
     os.environ.update(local.to_environ())  # the agent process (and its re-executions) reads them: agent.config
     argv = command(credentials, data_dir, source, server=server, device_id=device_id, duration=duration,
                    telemetry_interval=telemetry_interval, upstream=upstream, escalate_below=escalate_below,
-                   escalation_deadline=escalation_deadline, escalation_rate=escalation_rate)
+                   escalation_deadline=escalation_deadline, escalation_rate=escalation_rate,
+                   hard_examples_per_hour=hard_examples_per_hour)
     # The agent runs for the device's uptime: it replaces this process (same pid, signals and all) with one
     # that does not hold the CLI's modules (typer, rich) in memory. Without exec, it runs here.
     if os.name == "posix":

@@ -82,7 +82,8 @@ lint: $(VENV)/.installed-$(EXTRAS)
 bench: $(VENV)/.installed-$(EXTRAS) services
 	@for b in $(BENCHES); do $(MAKE) --no-print-directory bench-$$b || exit 1; done
 
-bench-%: $(VENV)/.installed-$(EXTRAS) $(LITERT_VENV)/.installed services
+# a static pattern rule: make runs no implicit (bench-%) rule for a .PHONY target
+$(addprefix bench-,$(BENCHES)): bench-%: $(VENV)/.installed-$(EXTRAS) $(LITERT_VENV)/.installed services
 	$(BIN)/python -m bench.bench_$*
 
 # The GPU execution providers (TensorRT, CUDA): needs an NVIDIA GPU and onnxruntime-gpu; says so and exits 0 without.

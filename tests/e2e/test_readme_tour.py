@@ -54,30 +54,39 @@ class Shell:
         self.cwd = cwd
         self.process = subprocess.Popen(["bash", "--norc", "--noprofile"], stdin=subprocess.PIPE,
                                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, cwd=cwd, env=env,
-                                        text=True, start_new_session=True)
+                                        start_new_session=True)
         self.background = 0
+        self._pending = b""
+        """Output read from the pipe but not yet returned (read with os.read: a buffered readline can hold the
+        rest of a command's output, its end marker included, where select never sees it)."""
 
     def run(self, command: str, timeout_s: float = 300.0) -> tuple[int, str]:
         assert self.process.stdin is not None and self.process.stdout is not None
         if command.endswith("&"):  # a long-running command: its output to a log, not to our pipe
             self.background += 1
             command = f"{command[:-1].rstrip()} > bg-{self.background}.log 2>&1 &"
-        marker = f"__done_{uuid.uuid4().hex}"
-        self.process.stdin.write(f"{command}\necho {marker} $?\n")
+        marker = f"__done_{uuid.uuid4().hex}".encode()
+        self.process.stdin.write(f"{command}\necho {marker.decode()} $?\n".encode())
         self.process.stdin.flush()
-        lines: list[str] = []
+        fd = self.process.stdout.fileno()
         deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            ready, _, _ = select.select([self.process.stdout], [], [], 1.0)
-            if not ready:
-                continue
-            line = self.process.stdout.readline()
-            if not line:
+        while True:
+            at = self._pending.find(marker)
+            if at >= 0 and b"\n" in self._pending[at:]:
+                output, rest = self._pending[:at], self._pending[at:]
+                line, _, self._pending = rest.partition(b"\n")
+                return int(line.split()[1]), output.decode(errors="replace")
+            left = deadline - time.monotonic()
+            if left <= 0:
                 break
-            if line.startswith(marker):
-                return int(line.split()[1]), "".join(lines)
-            lines.append(line)
-        raise TimeoutError(f"{command!r} did not finish within {timeout_s:.0f} s: {''.join(lines)[-500:]}")
+            ready, _, _ = select.select([fd], [], [], min(1.0, left))
+            if ready:
+                chunk = os.read(fd, 65536)
+                if not chunk:
+                    break  # the shell ended
+                self._pending += chunk
+        shown = self._pending.decode(errors="replace")[-500:]
+        raise TimeoutError(f"{command!r} did not finish within {timeout_s:.0f} s: {shown}")
 
     def close(self) -> None:
         try:  # the tour's background processes (server, agent, serve-model) are this shell's children

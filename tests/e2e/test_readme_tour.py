@@ -125,7 +125,7 @@ def tour(tmp_path: Path) -> Iterator[tuple[Shell, str, int]]:
         shell.close()
 
 
-@pytest.mark.timeout(600)  # ~60 s alone; a loaded 2-core CI machine has taken over 300 s (40 commands in a row)
+@pytest.mark.timeout(600)  # ~50 s alone; some 40 commands in a row, each slower on a loaded CI machine
 def test_the_readme_tour_runs_command_by_command(tour: tuple[Shell, str, int]) -> None:
     shell, kind, rows = tour
     api_port, upstream_port = free_port(), free_port()

@@ -41,14 +41,14 @@ def test_model_reaches_devices_and_telemetry_comes_back(fleet: LocalFleet) -> No
     for device in devices:
         fleet.provision(device)
     api.deploy("clf@1.0.0", devices)
-    agents = [fleet.start_agent(d, shard=f"{i}/2", duration_s=8) for i, d in enumerate(devices)]
-    for agent in agents:
-        assert agent.wait(60) == 0, agent.log_tail()
+    agents = [fleet.start_agent(d, shard=f"{i}/2") for i, d in enumerate(devices)]
 
-    def delivered() -> bool:
-        return all(api.telemetry(d)["batches"] > 0 for d in devices)
+    def windows(device: str) -> int:  # of the model it installed (the install may take a while on a busy host)
+        return sum(m["windows"] for m in api.telemetry(device)["models"] if m["model"] == "clf@1.0.0")
 
-    wait_until(delivered, 15, "telemetry from every device")
+    wait_until(lambda: all(windows(d) > 10 for d in devices), 90, "more than 10 windows from every device")
+    for agent in agents:  # SIGTERM: a device's agent stops cleanly, sending what it has
+        assert agent.stop(30) == 0, agent.log_tail()
     for device in devices:
         reported = api.device(device)["reported"]
         assert reported["active"] == "clf@1.0.0"

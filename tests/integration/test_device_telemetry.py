@@ -132,8 +132,14 @@ def test_device_telemetry_sums_exactly_what_the_agent_sent(started: LocalFleet, 
     fleet.provision("cam-01")
     api.deploy(MODEL, ["cam-01"])
     tap = tap_factory(["cam-01"])
-    agent = fleet.start_agent("cam-01", duration_s=10, telemetry_interval_s=0.5)
-    assert agent.wait(60) == 0, agent.log_tail()
+    agent = fleet.start_agent("cam-01", telemetry_interval_s=0.5)
+
+    def reported() -> bool:  # several batches of labelled windows (after an install that may take a while)
+        batches = tap.of("cam-01")
+        return len(batches) > 1 and sum(b.labelled for b in batches) > 10
+
+    wait_until(reported, 90, "several batches of labelled windows from cam-01")
+    assert agent.stop(30) == 0, agent.log_tail()  # SIGTERM: it sends its last batch and ends
     wait_stored(fleet, tap, "cam-01")
     sent = tap.of("cam-01")
 

@@ -61,7 +61,7 @@ def _fleet(fleet: LocalFleet, *candidates: tuple[str, int, bytes | None]) -> Non
         fleet.provision(device, tags={"site": "lab"})
     api.deploy("clf@1.0.0", DEVICES)
     for device in DEVICES:
-        fleet.start_agent(device, speed=20.0, duration_s=150, telemetry_interval_s=0.5)
+        fleet.start_agent(device, speed=20.0, duration_s=600, telemetry_interval_s=0.5)  # stopped at teardown
     wait_until(lambda: all(_active(fleet, d) == "clf@1.0.0" for d in DEVICES), 60, "version 1 everywhere")
     wait_until(lambda: all(api.telemetry(d)["batches"] > 2 for d in DEVICES), 30, "baseline telemetry")
 
@@ -80,7 +80,9 @@ def _run(fleet: LocalFleet, *args: str) -> dict[str, object]:
 def test_the_readme_gate_passes_the_same_model_and_stops_one_three_times_slower(fleet: LocalFleet) -> None:
     slow = slow_channel_mean_model(400)
     _fleet(fleet, ("2.0.0", 2, None), ("3.0.0", 3, slow))
-    common = ("--select", "site=lab", "--gate", README_GATE, "--window", "6", "--min-windows", "50",
+    # 100 windows at least: on a loaded machine a few stalled windows (a freshly started process, the scheduler)
+    # move the p95 of 50 by more than the gate's 20%
+    common = ("--select", "site=lab", "--gate", README_GATE, "--window", "10", "--min-windows", "100",
               "--install-timeout", "60")
 
     same = _run(fleet, "create", "clf@2.0.0", "--waves", "1,100%", *common)
@@ -90,7 +92,7 @@ def test_the_readme_gate_passes_the_same_model_and_stops_one_three_times_slower(
         gate = decision["values"]["gates"][0]
         assert gate["outcome"] == "pass" and gate["explanation"].startswith("passed: ")
         assert "not >" in gate["explanation"]  # the wording says what was decided, not the condition alone
-        assert decision["values"]["intervals"]["latency_p95_increase"]["n"] >= 50
+        assert decision["values"]["intervals"]["latency_p95_increase"]["n"] >= 100
     wait_until(lambda: all(_active(fleet, d) == "clf@2.0.0" for d in DEVICES), 60, "version 2 everywhere")
     time.sleep(2)  # some telemetry of version 2 for the next baseline
 

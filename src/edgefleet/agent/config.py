@@ -32,10 +32,10 @@ TLS_DIR = "tls"
 TLS_FIELDS = (("ca_cert", "ca.pem"), ("client_cert", "client.pem"), ("client_key", "client.key"))
 """Credentials fields (PEM text, or ``FIELD_file``: a path) and the files they are kept in under DATA_DIR/tls."""
 DEFAULT_TELEMETRY_INTERVAL_S = 300.0
-DEFAULT_HARD_EXAMPLES_PER_HOUR = 2
-"""Hard examples a device uplinks per hour unless told otherwise (``--hard-examples-per-hour``)."""
 """Seconds between telemetry batches: a device's uplink is metered; every 5 minutes keeps the demo stream's
 uplink under 1% of its raw sensor bytes (see BENCHMARKS.md). Demos and tests pass a short one explicitly."""
+DEFAULT_HARD_EXAMPLES_PER_HOUR = 2
+"""Hard examples a device uplinks per hour unless told otherwise (``--hard-examples-per-hour``)."""
 
 DOWNLOAD_ENV: dict[str, tuple[str, type[int] | type[float]]] = {
     "EDGEFLEET_DOWNLOAD_MAX_BYTES": ("max_bytes", int),

@@ -187,9 +187,10 @@ class KafkaExporter:
 
     async def _partition(self, producer: Any, topic: str, key: bytes) -> int:
         """The partition the producer's default partitioner gives ``key`` (cached per topic and key)."""
-        partitions = sorted(await producer.partitions_for(topic))
+        known = await producer.partitions_for(topic)  # the producer's metadata: a set, no request once known
         cached = self._partitions.get((topic, key))
-        if cached is None or cached[0] != len(partitions):
+        if cached is None or cached[0] != len(known):  # sorted only on a miss, not per message
+            partitions = sorted(known)
             cached = (len(partitions), self._partitioner(key, partitions, partitions))
             if len(self._partitions) > PARTITION_CACHE:
                 self._partitions.clear()

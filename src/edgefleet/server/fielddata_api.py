@@ -95,11 +95,11 @@ class FieldExportOut(BaseModel):
     npz: str
 
 
-def example_json(row: HardExampleRow) -> dict[str, Any]:
-    return {"id": row.id, "model": row.model, "device": row.device, "ts": row.ts, "predicted": row.predicted,
-            "confidence": row.confidence, "shape": row.shape, "label": row.label, "label_source": row.label_source,
-            "label_trust": label_trust(row.label_source if row.label is not None else None),
-            "labelled_at": row.labelled_at}
+def example_out(row: HardExampleRow) -> HardExampleOut:
+    return HardExampleOut(id=row.id, model=row.model, device=row.device, ts=row.ts, predicted=row.predicted,
+                          confidence=row.confidence, shape=row.shape, label=row.label, label_source=row.label_source,
+                          label_trust=label_trust(row.label_source if row.label is not None else None),
+                          labelled_at=row.labelled_at)
 
 
 def input_rank(manifest: dict[str, Any]) -> int | None:
@@ -127,7 +127,7 @@ def fielddata_router(store: Store) -> APIRouter:
         known_labels(name)
         rows = store.hard_examples(name, version=version, device=device, labelled=labelled,
                                    limit=max(1, min(limit, 100_000)))
-        return [HardExampleOut(**example_json(r)) for r in rows]
+        return [example_out(r) for r in rows]
 
     @router.post("/labels")
     def label(body: LabelIn) -> LabelledOut:
@@ -136,8 +136,7 @@ def fielddata_router(store: Store) -> APIRouter:
             if row is None:
                 raise HTTPException(404, f"unknown hard example {body.example}")
             check_label(row.name, body.label)
-            return LabelledOut(labelled=1,
-                               example=HardExampleOut(**example_json(store.label_example(body.example, body.label))))
+            return LabelledOut(labelled=1, example=example_out(store.label_example(body.example, body.label)))
         assert body.device is not None and body.start is not None and body.end is not None
         if store.get_device(body.device) is None:
             raise HTTPException(404, f"unknown device {body.device!r}")
